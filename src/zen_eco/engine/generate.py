@@ -1,0 +1,192 @@
+"""The engine: prefill + cached decode over token ids, and a text stream on top.
+
+`Sequence` knows nothing about text: it takes prompt ids, owns (or reuses) a KV cache and yields one
+sampled token per `step()`. A server steps many of them; `stream_generate` steps one and turns its
+tokens into text chunks with stop strings, never splitting a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from ..errors import ContextLengthError, ZenError
+from ..kv_cache import KVCache
+from ..model import Transformer
+from .sampling import Sampler, SamplingParams
+
+PREFILL_CHUNK = 512  # bounds the (T x S) attention scores and activations of one prefill call
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    if prompt_tokens == 0:
+        raise ZenError("the prompt is empty: give at least one token")
+    if prompt_tokens + max_new_tokens > context:
+        raise ContextLengthError(
+            f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: "
+            f"{prompt_tokens + max_new_tokens} exceeds the context of {context} tokens"
+        )
+
+
+class Sequence:
+    """One generation: prompt ids in, sampled ids out, one per `step()`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        max_new_tokens: int = 256,
+        stop_token_ids: Seq[int] = (),
+        cache: KVCache | None = None,
+        context: int | None = None,
+    ) -> None:
+        self.model = model
+        self.prompt_ids = list(prompt_ids)
+        self.params = params or SamplingParams()
+        self.context = context or model.config.max_position_embeddings
+        check_context(len(self.prompt_ids), max_new_tokens, self.context)
+        self.max_new_tokens = max_new_tokens
+        self.stop_token_ids = set(stop_token_ids)
+        self.cache = cache if cache is not None else model.new_cache(max_tokens=self.context)
+        self.sampler = Sampler(self.params, model.config.vocab_size, self.prompt_ids, model.device)
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.reused_tokens = 0
+        self._logits: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        """Run the prompt through the model, reusing whatever prefix the cache already holds."""
+        cache = self.cache
+        common = 0
+        for a, b in zip(cache.token_ids, self.prompt_ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(self.prompt_ids) - 1)  # at least one token must run, for its logits
+        cache.trim(common)
+        self.reused_tokens = common
+        rest = self.prompt_ids[common:]
+        device = self.model.device
+        for start in range(0, len(rest), PREFILL_CHUNK):
+            chunk = rest[start : start + PREFILL_CHUNK]
+            logits = self.model(torch.tensor([chunk], device=device), cache, last_only=True)
+            cache.token_ids.extend(chunk)
+        self._logits = logits[0, -1]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @torch.inference_mode()
+    def step(self) -> tuple[int, float]:
+        """Sample the next token (and run it through the model unless generation ends with it)."""
+        if self._logits is None:
+            self.prefill()
+        if self.finished:
+            raise ZenError("this sequence has finished")
+        token, logprob = self.sampler(self._logits)
+        self.sampler.accept(token)
+        self.output_ids.append(token)
+        if token in self.stop_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        else:
+            logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache)
+            self.cache.token_ids.append(token)
+            self._logits = logits[0, -1]
+        return token, logprob
+
+    def stop(self, reason: str = "stop") -> None:
+        self.finish_reason = reason
+
+
+@dataclass
+class GenerationChunk:
+    """One piece of a streamed generation."""
+
+    text: str  # new text since the previous chunk (may be empty while a character or stop string is pending)
+    token: int | None  # the token this chunk came from (None for the final flush)
+    logprob: float | None
+    finish_reason: str | None  # None while generating; "stop" (EOS or stop string) or "length" at the end
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float  # prompt tokens per second of prefill
+    generation_tps: float  # generated tokens per second of decode, after the first token
+    time_to_first_token: float  # seconds from the call to the first sampled token
+    reused_prompt_tokens: int = 0  # prompt tokens served from the KV cache (prefix reuse)
+
+
+@dataclass
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back any tail that might become one."""
+
+    stops: list[str]
+    text: str = ""
+    emitted: int = 0
+    hit: bool = field(default=False)
+
+    def feed(self, new: str) -> str:
+        self.text += new
+        search_from = max(0, self.emitted - max((len(s) for s in self.stops), default=0))
+        cut = min((i for s in self.stops if (i := self.text.find(s, search_from)) >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.emitted = self.text[self.emitted : cut], cut
+            return out
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        end = max(self.emitted, len(self.text) - hold)
+        out, self.emitted = self.text[self.emitted : end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+def stream_generate(
+    model: Transformer,
+    tokenizer,
+    prompt_ids: Seq[int],
+    params: SamplingParams | None = None,
+    max_new_tokens: int = 256,
+    stop: Seq[str] = (),
+    cache: KVCache | None = None,
+    context: int | None = None,
+) -> Iterator[GenerationChunk]:
+    t0 = time.perf_counter()
+    seq = Sequence(model, prompt_ids, params, max_new_tokens, tokenizer.eos_token_ids, cache, context)
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    matcher = _StopMatcher([s for s in stop if s])
+    seq.prefill()
+    t_prefill = time.perf_counter() - t0
+    prompt_tps = (len(seq.prompt_ids) - seq.reused_tokens) / max(t_prefill, 1e-9)
+    ttft = None
+    t_first = 0.0
+    while not seq.finished:
+        token, logprob = seq.step()
+        now = time.perf_counter()
+        if ttft is None:
+            ttft, t_first = now - t0, now
+        n = len(seq.output_ids)
+        gen_tps = (n - 1) / (now - t_first) if n > 1 else 0.0
+        text = "" if token in seq.stop_token_ids else matcher.feed(decoder.add(token))
+        if matcher.hit:
+            seq.stop("stop")
+        if seq.finished and not matcher.hit:
+            text += matcher.feed(decoder.flush())
+            text += "" if matcher.hit else matcher.flush()
+        yield GenerationChunk(
+            text, token, logprob, seq.finish_reason, len(seq.prompt_ids), n, prompt_tps, gen_tps, ttft,
+            seq.reused_tokens,
+        )

@@ -1,0 +1,78 @@
+"""The KV cache: one K and one V tensor per layer, grown in blocks, written in place.
+
+Layout per layer: (B, H_kv, capacity, D). Capacity grows by `block_size` tokens at a time, so a
+short chat does not reserve the whole context window, and never exceeds `max_tokens`. Separate
+tensors per layer (not one stacked tensor) keep each decode step's writes and reads contiguous.
+`length` is the number of valid positions; `trim(n)` forgets the tail (used for prefix reuse and
+for rolling back speculative or rejected tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ContextLengthError
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_tokens: int,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        block_size: int = 256,  # 256 tokens: few regrowths for a chat turn, little waste
+    ) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.max_tokens, self.batch_size, self.block_size = max_tokens, batch_size, block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.length = 0
+        self.capacity = 0
+        self.token_ids: list[int] = []  # what the cached positions hold, for prefix reuse (kept by the engine)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._grow_to(min(block_size, max_tokens))
+
+    def _grow_to(self, capacity: int) -> None:
+        shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        for new, old in zip(keys + values, self.keys + self.values):
+            new[:, :, : self.length].copy_(old[:, :, : self.length])
+        self.keys, self.values, self.capacity = keys, values, capacity
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for `new_tokens` more positions (call once per forward, before the layers write)."""
+        needed = self.length + new_tokens
+        if needed > self.max_tokens:
+            raise ContextLengthError(
+                f"KV cache holds at most {self.max_tokens} tokens; {self.length} are used and "
+                f"{new_tokens} more were asked for"
+            )
+        if needed > self.capacity:
+            blocks = -(-needed // self.block_size)
+            self._grow_to(min(blocks * self.block_size, self.max_tokens))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at positions [length, length+T); return the valid K, V views."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions valid (after every layer wrote them)."""
+        self.length += n
+
+    def trim(self, length: int) -> None:
+        """Keep only the first `length` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot trim a cache of {self.length} tokens to {length}")
+        self.length = length
+        del self.token_ids[length:]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

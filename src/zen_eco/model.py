@@ -1,0 +1,153 @@
+"""The decoder: one PyTorch module for the qwen3, qwen2 and llama architectures.
+
+Differences between the families are config flags (QK-norm, q/k/v/o bias, tied embeddings, GQA).
+Projections are fused (q|k|v into one matmul, gate|up into one) because at batch 1 each matmul
+call costs tens of microseconds of overhead on a CPU; the checkpoint loader does the fusing.
+RMSNorm computes in float32 and RoPE uses rotate-half, as transformers' Qwen3/Llama do, so fp32
+logits match theirs to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_cos_sin, rope_init
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, hidden)
+        cos: torch.Tensor,  # (T, D)
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None,  # (T, S) bool, True = may attend; None = plain causal
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
+        if T == 1 and mask is None:
+            # One query per head: fold the query heads that share a KV head into the query-length
+            # axis, so attention is two plain matmuls and K/V are never repeated.
+            rep = self.n_heads // self.n_kv_heads
+            out = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v)
+            out = out.reshape(B, 1, -1)
+        else:
+            causal = mask is None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        inv_freq, self.attention_scaling = rope_init(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, max_tokens: int | None = None, batch_size: int = 1) -> KVCache:
+        cfg = self.config
+        return KVCache(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+            max_tokens or cfg.max_position_embeddings, batch_size, self.dtype, self.device,
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64
+        cache: KVCache | None = None,
+        last_only: bool = False,  # return logits for the last position only (prefill for generation)
+    ) -> torch.Tensor:  # (B, T or 1, vocab) in float32
+        T = tokens.shape[1]
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.reserve(T)
+        positions = torch.arange(start, start + T, device=tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, self.attention_scaling, positions, self.dtype)
+        mask = None
+        if start > 0 and T > 1:  # new tokens attend to the whole cached prefix and causally to each other
+            key_pos = torch.arange(start + T, device=tokens.device)
+            mask = key_pos[None, :] <= positions[:, None]
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, mask)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
