@@ -1,0 +1,176 @@
+"""The Python API: `zen_eco.load(ref)` -> `ZenModel` with generate / chat / logits.
+
+    import zen_eco
+    m = zen_eco.load()                                  # the bundled default model
+    print(m.generate("Explain quantum computing", max_tokens=64).text)
+    for chunk in m.chat([{"role": "user", "content": "Hi"}], stream=True):
+        print(chunk.text, end="")
+
+`ZenModel` keeps one KV cache and reuses the longest common prefix between calls, so the second
+turn of a chat only computes the new tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .checkpoint import load_weights, open_checkpoint
+from .config import ModelConfig
+from .engine.generate import GenerationChunk, stream_generate
+from .engine.sampling import SamplingParams
+from .errors import ZenError
+from .kv_cache import KVCache
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ZenError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ZenError("device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 where the hardware computes it natively (recent x86 CPUs, Ampere+ GPUs), else fp16 on GPU, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ZenError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    time_to_first_token: float
+
+
+class ZenModel:
+    def __init__(self, model: Transformer, tokenizer, path: str, context: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self._cache: KVCache | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def _shared_cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = self.model.new_cache(max_tokens=self.context)
+        return self._cache
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        stream: bool = False,
+        stop: Sequence[str] | str = (),
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Any,
+    ) -> GenerationResult | Iterator[GenerationChunk]:
+        """Continue `prompt` (text, encoded with the tokenizer's BOS rule, or token ids).
+
+        Sampling: pass `sampling=SamplingParams(...)` or its fields as keywords
+        (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed).
+        """
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int = 512,
+        stream: bool = False,
+        stop: Sequence[str] | str = (),
+        sampling: SamplingParams | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        **sampling_kwargs: Any,
+    ) -> GenerationResult | Iterator[GenerationChunk]:
+        """Answer a conversation rendered with the checkpoint's own chat template."""
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **(template_kwargs or {}))
+        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs)
+
+    def _run(self, ids, max_tokens, stream, stop, sampling, sampling_kwargs):
+        if sampling is None:
+            sampling = SamplingParams(**sampling_kwargs)
+        elif sampling_kwargs:
+            raise ZenError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        chunks = stream_generate(self.model, self.tokenizer, ids, sampling, max_tokens, stops,
+                                 self._shared_cache(), self.context)
+        return chunks if stream else self._collect(chunks)
+
+    @staticmethod
+    def _collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
+        text, ids, last = [], [], None
+        for last in chunks:
+            text.append(last.text)
+            ids.append(last.token)
+        return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.generation_tokens,
+                                last.prompt_tps, last.generation_tps, last.time_to_first_token)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every position: (T,) ids -> (T, vocab) float32. No cache is kept."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.device).reshape(1, -1)
+        if ids.numel() == 0:
+            raise ZenError("logits() needs at least one token")
+        if ids.shape[1] > self.context:
+            raise ZenError(f"{ids.shape[1]} tokens exceed the context of {self.context}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ZenError(f"token ids must be in [0, {self.config.vocab_size})")
+        cache = self.model.new_cache(max_tokens=ids.shape[1])
+        out = [self.model(ids[:, i : i + 512], cache)[0] for i in range(0, ids.shape[1], 512)]
+        return torch.cat(out)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        if threads < 1:
+            raise ZenError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def load(
+    ref: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    context: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> ZenModel:
+    """Load a model: a GGUF file, a Hugging Face directory, a Hub id, or None for the bundled default."""
+    set_threads(threads)
+    dev = pick_device(device)
+    ckpt = open_checkpoint(ref)
+    tokenizer = ckpt.tokenizer()
+    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress)
+    if context is not None and context < 1:
+        raise ZenError(f"context must be >= 1, got {context}")
+    return ZenModel(model, tokenizer, str(ckpt.path), context)

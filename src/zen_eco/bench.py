@@ -1,0 +1,105 @@
+"""`zen-eco bench`: prefill tok/s, decode tok/s, time to first token and peak RSS of one model.
+
+The prompt is `prompt_tokens` random ids drawn with a fixed seed (the same ids every run, so two
+engines can be given identical input; `prompt_ids()` is shared with benchmarks/). Decoding feeds
+the greedy token back and never stops early, so every run decodes exactly `gen_tokens` tokens.
+Each figure is the best of `repeats` runs after one warm-up: the machine's noise only ever slows a
+run down.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+
+import torch
+
+BENCH_SEED = 1234
+
+
+def prompt_ids(n: int, vocab_size: int, seed: int = BENCH_SEED) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    # stay below 1000 ids from the top: special tokens live there in most vocabularies
+    return torch.randint(0, max(vocab_size - 1000, vocab_size // 2), (n,), generator=gen).tolist()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.inference_mode()
+def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, float]:
+    device = model.device
+    prompt = torch.tensor([ids], device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    best_prefill, best_ttft, best_decode = float("inf"), float("inf"), float("inf")
+    for run in range(repeats + 1):  # run 0 warms up allocators and kernels
+        cache = model.new_cache(max_tokens=len(ids) + gen_tokens + 1)
+        sync()
+        t0 = time.perf_counter()
+        logits = model(prompt, cache, last_only=True)
+        token = int(logits[0, -1].argmax())
+        sync()
+        t1 = time.perf_counter()
+        for _ in range(gen_tokens):
+            logits = model(torch.tensor([[token]], device=device), cache)
+            token = int(logits[0, -1].argmax())
+        sync()
+        t2 = time.perf_counter()
+        if run:
+            best_prefill = min(best_prefill, t1 - t0)
+            best_ttft = min(best_ttft, t1 - t0)
+            best_decode = min(best_decode, t2 - t1)
+    return {
+        "prefill_tok_s": len(ids) / best_prefill,
+        "decode_tok_s": gen_tokens / best_decode,
+        "ttft_ms": best_ttft * 1000,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
+              device: str, repeats: int, json_out: bool) -> dict:
+    from .api import pick_device, pick_dtype, set_threads
+    from .checkpoint import load_weights, open_checkpoint
+    from .errors import ZenError
+
+    if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
+        raise ZenError("prompt tokens, gen tokens and repeats must all be >= 1")
+    set_threads(threads)
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(model_ref)
+    model = load_weights(ckpt, pick_dtype(dtype, dev), dev)
+    load_s = time.perf_counter() - t0
+    if prompt_tokens + gen_tokens + 1 > model.config.max_position_embeddings:
+        raise ZenError(f"{prompt_tokens} + {gen_tokens} tokens exceed the model's context")
+    result = {
+        "engine": "zen-eco",
+        "model": str(ckpt.path),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "load_s": load_s,
+        **measure(model, prompt_ids(prompt_tokens, model.config.vocab_size), gen_tokens, repeats),
+    }
+    if json_out:
+        print(json.dumps(result))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['dtype']}, {result['device']}, {result['threads']} threads)")
+        for col in ("prefill tok/s", "decode tok/s", "first token ms", "peak RSS MB", "load s"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{result['prefill_tok_s']:.1f}", f"{result['decode_tok_s']:.1f}", f"{result['ttft_ms']:.0f}",
+                      f"{result['peak_rss_mb']:.0f}", f"{load_s:.1f}")
+        Console().print(table)
+    return result

@@ -1,0 +1,183 @@
+"""The `zen-eco` command: run, chat, info, init, bench.
+
+Flags follow llama.cpp where it has one (-m, -n, -t, -c, --temp, --top-k, --top-p, --min-p,
+--repeat-penalty, --seed). Errors we raise on purpose (ZenError) print one line and exit 1;
+heavy imports happen inside commands so `zen-eco --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Run Zen-Eco and other small decoder LLMs (GGUF or Hugging Face safetensors) on your own hardware.",
+)
+
+ModelOpt = typer.Option("default", "-m", "--model", help="GGUF file, Hugging Face directory, Hub id, or 'default' (bundled SmolLM2-135M-Instruct).")
+MaxTokensOpt = typer.Option(256, "-n", "--max-tokens", help="Most tokens to generate.")
+TempOpt = typer.Option(0.8, "--temperature", "--temp", help="Sampling temperature; 0 = greedy.")
+TopKOpt = typer.Option(40, "--top-k", help="Keep the k most likely tokens; 0 = off.")
+TopPOpt = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1.0 = off.")
+MinPOpt = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability; 0 = off.")
+RepeatOpt = typer.Option(1.0, "--repeat-penalty", "--repetition-penalty", help="CTRL-style penalty on tokens already seen; 1.0 = off.")
+PresenceOpt = typer.Option(0.0, "--presence-penalty", help="OpenAI presence penalty on generated tokens.")
+FrequencyOpt = typer.Option(0.0, "--frequency-penalty", help="OpenAI frequency penalty on generated tokens.")
+SeedOpt = typer.Option(None, "--seed", "-s", help="Random seed; same seed, same output.")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads (default: PyTorch's, one per core).")
+CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context window in tokens (default: the model's).")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+SystemOpt = typer.Option(None, "--system", help="System prompt.")
+StopOpt = typer.Option(None, "--stop", help="Stop string (repeatable).")
+
+
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed):
+    from .engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty, seed=seed)
+
+
+def _load(model, dtype, device, ctx_size, threads):
+    from .api import load
+
+    return load(model, dtype=dtype, device=device, context=ctx_size, threads=threads, progress=sys.stderr.isatty())
+
+
+def _stats(chunk) -> str:
+    return (f"prompt {chunk.prompt_tokens} tok at {chunk.prompt_tps:.1f} tok/s, generated {chunk.generation_tokens} tok "
+            f"at {chunk.generation_tps:.1f} tok/s, first token {chunk.time_to_first_token * 1000:.0f} ms")
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="The prompt. Chat models get it as a user message through their chat template."),
+    model: str = ModelOpt, max_tokens: int = MaxTokensOpt, temperature: float = TempOpt, top_k: int = TopKOpt,
+    top_p: float = TopPOpt, min_p: float = MinPOpt, repeat_penalty: float = RepeatOpt,
+    presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt, seed: Optional[int] = SeedOpt,
+    threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt, dtype: str = DtypeOpt,
+    device: str = DeviceOpt, system: Optional[str] = SystemOpt, stop: Optional[list[str]] = StopOpt,
+    raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text, without the chat template."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Print speed figures to stderr at the end."),
+) -> None:
+    """Generate one answer to PROMPT and stream it to the terminal."""
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
+    zm = _load(model, dtype, device, ctx_size, threads)
+    if raw or zm.tokenizer.chat_template is None:
+        chunks = zm.generate(prompt, max_tokens, stream=True, stop=stop or (), sampling=params)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        chunks = zm.chat(messages, max_tokens, stream=True, stop=stop or (), sampling=params)
+    last = None
+    for last in chunks:
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if verbose and last is not None:
+        typer.echo(_stats(last), err=True)
+
+
+@app.command()
+def chat(
+    model: str = ModelOpt, max_tokens: int = typer.Option(512, "-n", "--max-tokens", help="Most tokens per answer."),
+    temperature: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatOpt, presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt,
+    seed: Optional[int] = SeedOpt, threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt,
+    dtype: str = DtypeOpt, device: str = DeviceOpt, system: Optional[str] = SystemOpt,
+) -> None:
+    """Talk with the model. History is kept (and its KV cache reused); /clear forgets it, /exit or Ctrl-D leaves."""
+    from rich.console import Console
+
+    from .errors import ZenError
+
+    console = Console(stderr=True)
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
+    zm = _load(model, dtype, device, ctx_size, threads)
+    if zm.tokenizer.chat_template is None:
+        raise ZenError(f"{zm.path} has no chat template; use `zen-eco run --raw` for plain completion")
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    console.print(f"[dim]{zm.path} — /clear to forget, /exit to leave[/dim]")
+    while True:
+        try:
+            user = input(">>> ")
+        except EOFError:
+            break
+        if user.strip() in ("/exit", "/quit", "/bye"):
+            break
+        if user.strip() == "/clear":
+            history = list(base)
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        answer, last = [], None
+        try:
+            for last in zm.chat(history, max_tokens, stream=True, sampling=params):
+                answer.append(last.text)
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if last is not None:
+            console.print(f"[dim]{_stats(last)}, {last.reused_prompt_tokens} prompt tokens reused[/dim]")
+
+
+@app.command()
+def info(model: str = typer.Argument("default", help="Model reference or preset name.")) -> None:
+    """Describe a model or preset: architecture, shape, parameter count, format, tokenizer."""
+    from .info import describe
+
+    typer.echo(describe(model))
+
+
+@app.command()
+def init(
+    preset: str = typer.Argument(..., help="Preset name (zen-eco info lists them: zen-eco-4b, zen-eco-tiny, llama-tiny)."),
+    output: str = typer.Option(..., "-o", "--output", help="Directory to write (config.json + safetensors)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+) -> None:
+    """Write a random-initialised checkpoint of a preset in Hugging Face format (for tests and benchmarks)."""
+    from .init import init_checkpoint
+
+    path = init_checkpoint(preset, output, dtype=dtype, seed=seed, progress=sys.stderr.isatty())
+    typer.echo(str(path))
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument("default", help="Model reference."),
+    prompt_tokens: int = typer.Option(512, "-p", "--prompt-tokens", help="Prompt length for the prefill figure."),
+    gen_tokens: int = typer.Option(128, "-n", "--gen-tokens", help="Tokens to decode for the decode figure."),
+    threads: Optional[int] = ThreadsOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+    repeats: int = typer.Option(3, "-r", "--repeats", help="Runs per figure; the best is reported."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Measure prefill tok/s, decode tok/s, time to first token and peak RSS."""
+    from .bench import run_bench
+
+    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out)
+
+
+def main() -> None:
+    from .errors import ZenError
+
+    try:
+        app()
+    except ZenError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
