@@ -63,8 +63,20 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
     }
 
 
+def weights_summary(model) -> str:
+    """'int4 x120, int8 x1, bfloat16 rest': which linear layers run on packed kernels."""
+    from collections import Counter
+
+    from .quant import Int4Linear, Int8Linear
+
+    kinds = Counter("int4" if isinstance(m, Int4Linear) else "int8" for m in model.modules()
+                    if isinstance(m, (Int4Linear, Int8Linear)))
+    dense = str(model.dtype).removeprefix("torch.")
+    return ", ".join([f"{k} x{v}" for k, v in sorted(kinds.items())] + [f"{dense} rest" if kinds else dense])
+
+
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
-              device: str, repeats: int, json_out: bool) -> dict:
+              device: str, repeats: int, json_out: bool, quant: str = "auto") -> dict:
     from .api import pick_device, pick_dtype, set_threads
     from .checkpoint import load_weights, open_checkpoint
     from .errors import ZenError
@@ -75,7 +87,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
     dev = pick_device(device)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_ref)
-    model = load_weights(ckpt, pick_dtype(dtype, dev), dev)
+    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, quant=quant)
     load_s = time.perf_counter() - t0
     if prompt_tokens + gen_tokens + 1 > model.config.max_position_embeddings:
         raise ZenError(f"{prompt_tokens} + {gen_tokens} tokens exceed the model's context")
@@ -83,6 +95,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         "engine": "zen-eco",
         "model": str(ckpt.path),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "weights": weights_summary(model),
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
@@ -96,7 +109,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['dtype']}, {result['device']}, {result['threads']} threads)")
+        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['weights']}, {result['device']}, {result['threads']} threads)")
         for col in ("prefill tok/s", "decode tok/s", "first token ms", "peak RSS MB", "load s"):
             table.add_column(col, justify="right")
         table.add_row(f"{result['prefill_tok_s']:.1f}", f"{result['decode_tok_s']:.1f}", f"{result['ttft_ms']:.0f}",

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .rope import apply_rope, rope_cos_sin, rope_init
+from .rope import apply_rope_rolled, rope_cos_sin, rope_init, signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -46,20 +46,23 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, hidden)
         cos: torch.Tensor,  # (T, D)
-        sin: torch.Tensor,
+        sin: torch.Tensor,  # (T, D) with its first half negated (rope.signed_sin)
         cache: KVCache | None,
         layer: int,
         mask: torch.Tensor | None,  # (T, S) bool, True = may attend; None = plain causal
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        q_dim, kv_dim, _ = self.split
+        qk, v = self.wqkv(x).split((q_dim + kv_dim, kv_dim), dim=-1)
+        qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+            q = apply_rope_rolled(self.q_norm(q).transpose(1, 2), cos, sin)
+            k = apply_rope_rolled(self.k_norm(k).transpose(1, 2), cos, sin)
+        else:  # q and k are adjacent in the fused output: one RoPE call covers both
+            q, k = apply_rope_rolled(qk.transpose(1, 2), cos, sin).split((self.n_heads, self.n_kv_heads), dim=1)
+        # q: (B, H, T, D), k and v: (B, H_kv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
         if T == 1 and mask is None:
@@ -139,6 +142,7 @@ class Transformer(nn.Module):
             cache.reserve(T)
         positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.attention_scaling, positions, self.dtype)
+        sin = signed_sin(sin)
         mask = None
         if start > 0 and T > 1:  # new tokens attend to the whole cached prefix and causally to each other
             key_pos = torch.arange(start + T, device=tokens.device)

@@ -150,3 +150,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos/sin broadcastable (T, D) or (B, 1, T, D) — rotate-half (GPT-NeoX) convention: x*cos + rotate_half(x)*sin."""
     return x * cos + _rotate_half(x) * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, for `apply_rope_rolled` (computed once per forward)."""
+    first, second = sin.chunk(2, dim=-1)
+    return torch.cat((-first, second), dim=-1)
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Same result as `apply_rope`, in fewer ops for the decode hot path.
+
+    rotate_half(x) * sin = cat(-x2, x1) * cat(s1, s2) = roll(x, D/2) * cat(-s1, s2): the sign moves
+    from the data to the table, which is built once per forward instead of once per layer.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

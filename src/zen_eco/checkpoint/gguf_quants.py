@@ -256,3 +256,26 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *,
             stop = min(start + _CHUNK_BLOCKS, n_blocks)
             out[start:stop] = fn(blocks[start:stop])
     return out.reshape(shape)
+
+
+# --- 4-bit weights kept packed -------------------------------------------------
+
+Q4_TYPES = (2, 3)  # Q4_0, Q4_1: 32-element blocks, one (scale, offset) per block
+
+
+def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+    """Q4_0/Q4_1 bytes of a (N, K) matrix -> (codes uint8 (N, K), scale f32 (N, K/32), offset f32 (N, K/32))
+    with w = scale * code + offset, for kernels that keep the 4-bit codes (see zen_eco.quant)."""
+    if ggml_type not in Q4_TYPES or len(shape) != 2:
+        raise CheckpointError(f"{what}: not a Q4_0/Q4_1 matrix ({ggml_type_name(ggml_type)}, shape {tuple(shape)})")
+    n, k = shape
+    layout = GGML_TYPES[ggml_type]
+    if k % 32 or data.size != n * (k // 32) * layout.type_size:
+        raise CheckpointError(f"{what}: {layout.name} shape {tuple(shape)} does not match its {data.size} bytes")
+    blocks = np.ascontiguousarray(data.reshape(n * k // 32, layout.type_size))
+    d = _f16(blocks, 0)[:, 0]
+    if ggml_type == 2:  # Q4_0: w = d * (q - 8)
+        codes, offset = _nibbles(blocks[:, 2:]), -8.0 * d
+    else:  # Q4_1: w = d * q + m
+        codes, offset = _nibbles(blocks[:, 4:]), _f16(blocks, 2)[:, 0]
+    return codes.reshape(n, k), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)

@@ -14,8 +14,9 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..quant import Q4Weight
 from .gguf_file import GGUFFile
-from .gguf_quants import dequantize
+from .gguf_quants import Q4_TYPES, dequantize, q4_codes
 from .names import gguf_to_hf, hf_to_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -70,10 +71,9 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig
     )
 
 
-def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row order: per head, (pairs, 2) -> (2, pairs)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+def _unpermute_index(rows: int, n_heads: int) -> torch.Tensor:
+    """Row order undoing llama.cpp's Q/K permutation: per head, (pairs, 2) -> (2, pairs)."""
+    return torch.arange(rows).view(n_heads, rows // n_heads // 2, 2).transpose(1, 2).reshape(rows)
 
 
 class GGUFSource:
@@ -89,18 +89,43 @@ class GGUFSource:
     def names(self) -> set[str]:
         return {hf for n in self.file.tensors if (hf := gguf_to_hf(n)) is not None}
 
-    def get(self, name: str) -> torch.Tensor:
+    def _lookup(self, name: str):
         gname = hf_to_gguf(name)
         info = self.file.tensors.get(gname) if gname else None
         if info is None:
             raise CheckpointError(f"tensor {name!r} ({gname}) is not in {self.path}")
-        w = torch.from_numpy(dequantize(self.file.tensor_bytes(gname), info.ggml_type, info.shape))
-        if self.config.model_type == "llama":
-            if gname.endswith("attn_q.weight") or gname.endswith("attn_q.bias"):
-                w = _unpermute(w, self.config.num_attention_heads)
-            elif gname.endswith("attn_k.weight") or gname.endswith("attn_k.bias"):
-                w = _unpermute(w, self.config.num_key_value_heads)
-        return w
+        return gname, info
+
+    def _row_order(self, gname: str, rows: int) -> torch.Tensor | None:
+        if self.config.model_type != "llama":
+            return None
+        if ".attn_q." in gname:
+            return _unpermute_index(rows, self.config.num_attention_heads)
+        if ".attn_k." in gname:
+            return _unpermute_index(rows, self.config.num_key_value_heads)
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        gname, info = self._lookup(name)
+        w = torch.from_numpy(dequantize(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
+                                        what=f"{self.path}: {gname}"))
+        order = self._row_order(gname, w.shape[0])
+        return w if order is None else w[order]
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether the file stores this tensor in a quantized (not plain float) format."""
+        return self._lookup(name)[1].ggml_type not in (0, 1, 30)  # F32, F16, BF16
+
+    def get_q4(self, name: str) -> Q4Weight | None:
+        """The tensor's 4-bit codes, scales and offsets if it is stored as Q4_0/Q4_1, else None."""
+        gname, info = self._lookup(name)
+        if info.ggml_type not in Q4_TYPES or len(info.shape) != 2:
+            return None
+        codes, scale, offset = q4_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
+                                        what=f"{self.path}: {gname}")
+        q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
+        order = self._row_order(gname, info.shape[0])
+        return q if order is None else q.permute_rows(order)
 
     def close(self) -> None:
         self.file.close()

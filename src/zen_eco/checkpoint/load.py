@@ -17,6 +17,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
+from ..quant import Int4Linear, Int8Linear, Q4Weight, int4_supported
 from ..rope import rope_init
 from .names import INTERNAL_TO_HF
 from .resolve import resolve_model
@@ -54,8 +55,9 @@ def open_checkpoint(ref: str | os.PathLike | None) -> Checkpoint:
     if path.is_dir():
         from .safetensors_dir import SafetensorsSource
 
+        source = SafetensorsSource(path)  # first: a directory of pickles is refused as such
         config = ModelConfig.from_file(path / "config.json")
-        return Checkpoint(path, "safetensors", config, SafetensorsSource(path))
+        return Checkpoint(path, "safetensors", config, source)
     if not path.is_file():
         raise CheckpointError(f"{path} is neither a file nor a directory")
     with open(path, "rb") as f:
@@ -81,13 +83,26 @@ def _internal_tensors(config: ModelConfig):
                 yield pattern.format(layer), tuple(p.format(layer) for p in hf_patterns)
 
 
+QUANT_MODES = ("auto", "none")
+
+
 def load_weights(
     ckpt: Checkpoint,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    quant: str = "auto",
 ) -> Transformer:
+    """Build the model from `ckpt`.
+
+    quant="auto" keeps a GGUF file's Q4_0/Q4_1 matrices as packed 4-bit weights (and a quantized
+    output head as int8) where PyTorch has a fast kernel for them (CPU, bf16 activations); "none"
+    dequantizes everything to `dtype`.
+    """
+    if quant not in QUANT_MODES:
+        raise CheckpointError(f"unknown quant mode {quant!r}; use one of {', '.join(QUANT_MODES)}")
     config = ckpt.config
+    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict(keep_vars=True))
@@ -96,35 +111,79 @@ def load_weights(
     available = ckpt.source.names()
     table = dict(_internal_tensors(config))
     items = [(name, table[name]) for name in expected]  # KeyError = the name table misses a module: our bug
+    packed = quant == "auto" and hasattr(ckpt.source, "get_q4") and int4_supported(device, dtype)
     state: dict[str, torch.Tensor] = {}
     bar = _progress(progress, len(items), f"loading {ckpt.path.name}")
+
+    def read(name: str, hf_names: tuple[str, ...]) -> torch.Tensor:
+        absent = [h for h in hf_names if h not in available]
+        if absent:
+            raise CheckpointError(f"{ckpt.path}: tensor {absent[0]!r} is missing")
+        parts = [ckpt.source.get(h) for h in hf_names]
+        want = tuple(expected[name].shape)
+        for hf_name, part, part_want in zip(hf_names, parts, _part_shapes(config, want, len(parts))):
+            if tuple(part.shape) != part_want:  # each part on its own, before a fused cat can fail
+                raise CheckpointError(
+                    f"{ckpt.path}: {hf_name} has shape {tuple(part.shape)}, the config needs {part_want}"
+                )
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{ckpt.path}: tensor {hf_names[0]!r} has non-float dtype {tensor.dtype}")
+        return tensor.to(device=device, dtype=dtype)
+
     try:
         for name, hf_names in items:
-            absent = [h for h in hf_names if h not in available]
-            if absent:
-                raise CheckpointError(f"{ckpt.path}: tensor {absent[0]!r} is missing")
-            parts = [ckpt.source.get(h) for h in hf_names]
-            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            want = tuple(expected[name].shape)
-            if tuple(tensor.shape) != want:
-                raise CheckpointError(
-                    f"{ckpt.path}: {' + '.join(hf_names)} has shape {tuple(tensor.shape)}, the config needs {want}"
-                )
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{ckpt.path}: tensor {hf_names[0]!r} has non-float dtype {tensor.dtype}")
-            state[name] = tensor.to(device=device, dtype=dtype)
             bar.advance()
+            if name in state:
+                continue
+            module_name, kind = name.rsplit(".", 1)
+            if packed and kind == "weight" and module_name.startswith("layers."):
+                q4 = _packed_q4(ckpt.source, hf_names, tuple(expected[name].shape), available)
+                if q4 is not None:
+                    bias_name = module_name + ".bias"
+                    bias = read(bias_name, table[bias_name]) if bias_name in expected else None
+                    model.set_submodule(module_name, Int4Linear(q4, bias, dtype))
+                    state[bias_name] = state[name] = None  # done
+                    continue
+            state[name] = read(name, hf_names)
     finally:
         bar.close()
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
+    if packed and ckpt.source.is_quantized("lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"):
+        # The output head reads vocab x hidden weights every token; int8 per row keeps greedy output
+        # (4-bit here changes it within a few tokens).
+        model.lm_head = Int8Linear(model.lm_head.weight, None, dtype)
     inv_freq, model.attention_scaling = rope_init(config)
     model.inv_freq = inv_freq.to(device)
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise CheckpointError(f"{ckpt.path}: no weights for {leftover[0]!r}")
     return model.eval()
+
+
+def _part_shapes(config: ModelConfig, want: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
+    """The shape each of the `n` Hugging Face tensors fused (along dim 0) into a `want`-shaped one must have."""
+    if n == 1:
+        return [want]
+    if n == 3:  # q | k | v
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        rows = (q, kv, kv)
+    else:  # gate | up
+        rows = (want[0] // n,) * n
+    return [(r, *want[1:]) for r in rows]
+
+
+def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:
+    """The fused 4-bit weight if every part is stored as Q4_0/Q4_1, else None (then it is dequantized)."""
+    if any(h not in available for h in hf_names):
+        return None
+    parts = [source.get_q4(h) for h in hf_names]
+    if any(p is None for p in parts) or len({p.group_size for p in parts}) != 1:
+        return None
+    q4 = Q4Weight.cat(parts)
+    return q4 if tuple(q4.codes.shape) == shape else None
 
 
 class _progress:
