@@ -14,7 +14,7 @@ import torch
 from zen_eco.checkpoint import load_weights, open_checkpoint
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.checkpoint.gguf_quants import q4_codes
-from zen_eco.quant import Int4Linear, Int8Linear, Q4Weight, int4_supported
+from zen_eco.quant import Int4Linear, Q4Weight, int4_supported
 
 gguf = pytest.importorskip("gguf")
 needs_int4 = pytest.mark.skipif(not int4_supported(torch.device("cpu"), torch.bfloat16),
@@ -50,25 +50,17 @@ def test_int4_linear_matches_dense_matmul():
     assert _rel(layer(x.bfloat16()), ref) < 0.02
 
 
-def test_int8_linear_matches_dense_matmul():
-    torch.manual_seed(0)
-    w = torch.randn(64, 96) * 0.05
-    layer = Int8Linear(w, None, torch.bfloat16)
-    x = torch.randn(4, 96)
-    assert _rel(layer(x.bfloat16()), x @ w.t()) < 0.02
-
-
 @needs_int4
 def test_packed_default_model_tracks_fp32(smollm2_gguf_path):
-    """quant='auto' (int4 from the file's Q4_1 codes, int8 head, bf16 activations) vs exact fp32.
+    """quant='auto' (int4 from the file's Q4_1 codes, bf16 activations, fp32 residual) vs exact fp32.
 
     Bound: next-token agreement on >= 90% of positions of a 48-token text, and logits within 5%
-    relative — the size of bf16 activation rounding over 30 layers, measured ~2-3%.
+    relative — the size of bf16 activation rounding over 30 layers, measured ~2%.
     """
     ckpt = open_checkpoint(smollm2_gguf_path)
     packed = load_weights(ckpt, torch.bfloat16, quant="auto")
     exact = load_weights(ckpt, torch.float32, quant="none")
-    assert isinstance(packed.layers[0].mlp.w_down, Int4Linear) and isinstance(packed.lm_head, Int8Linear)
+    assert isinstance(packed.layers[0].mlp.w_down, Int4Linear) and isinstance(packed.lm_head, torch.nn.Linear)
     tok = ckpt.tokenizer()
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
                                    "and Berlin is the capital of Germany. Water boils at 100 degrees")])

@@ -64,15 +64,12 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
 
 
 def weights_summary(model) -> str:
-    """'int4 x120, int8 x1, bfloat16 rest': which linear layers run on packed kernels."""
-    from collections import Counter
+    """'int4 x120 + bfloat16': how many linear layers run on the packed 4-bit kernel, and the dense dtype."""
+    from .quant import Int4Linear
 
-    from .quant import Int4Linear, Int8Linear
-
-    kinds = Counter("int4" if isinstance(m, Int4Linear) else "int8" for m in model.modules()
-                    if isinstance(m, (Int4Linear, Int8Linear)))
+    packed = sum(isinstance(m, Int4Linear) for m in model.modules())
     dense = str(model.dtype).removeprefix("torch.")
-    return ", ".join([f"{k} x{v}" for k, v in sorted(kinds.items())] + [f"{dense} rest" if kinds else dense])
+    return f"int4 x{packed} + {dense}" if packed else dense
 
 
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,

@@ -25,10 +25,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        # Output in the weight's dtype: the residual stream may be float32 while matmuls run in bf16.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -147,7 +147,9 @@ class Transformer(nn.Module):
         if start > 0 and T > 1:  # new tokens attend to the whole cached prefix and causally to each other
             key_pos = torch.arange(start + T, device=tokens.device)
             mask = key_pos[None, :] <= positions[:, None]
-        x = self.embed(tokens)
+        # The residual stream stays float32 whatever the weights' dtype (as llama.cpp keeps it):
+        # rounding it to bf16 after each of dozens of layers is the largest error a bf16 run has.
+        x = self.embed(tokens).float()
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:

@@ -1,14 +1,13 @@
-"""Weight-only quantized linear layers on PyTorch's packed CPU kernels.
+"""Weight-only 4-bit linear layers on PyTorch's packed CPU kernel.
 
 At batch 1 a decoder is bound by reading its weights, and PyTorch's bf16 matmul on a CPU reaches
-only part of the memory bandwidth. Its packed int4 and int8 kernels read 4x / 2x fewer bytes and
-run near memory speed — with bf16 activations (with fp32 activations they are ~20x slower).
+only part of the memory bandwidth. Its packed int4 kernel reads 4x fewer bytes and runs near
+memory speed — with bf16 activations (with fp32 activations it is ~20x slower).
 
 - `Int4Linear`: 4-bit codes in groups of `group_size` along the input dimension,
   w = (code - 8) * scale + zero, one (scale, zero) per group and output row. GGUF Q4_0
   (w = d * (q - 8)) and Q4_1 (w = d * q + m) map onto it without requantizing: scale = d, and
   zero = 0 or m + 8d. Scales are held in the activation dtype (bf16), a rounding of ~2^-9 relative.
-- `Int8Linear`: symmetric int8 per output row, w = code * scale.
 """
 
 from __future__ import annotations
@@ -65,22 +64,5 @@ class Int4Linear(nn.Module):
         shape = x.shape[:-1]
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed,
                                                          self.group_size, self.scales_zeros)
-        out = out.view(*shape, self.out_features)
-        return out if self.bias is None else out + self.bias
-
-
-class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("codes", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(dtype))
-        self.register_buffer("bias", None if bias is None else bias.to(dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.codes, self.scales)
         out = out.view(*shape, self.out_features)
         return out if self.bias is None else out + self.bias

@@ -17,7 +17,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import Int4Linear, Int8Linear, Q4Weight, int4_supported
+from ..quant import Int4Linear, Q4Weight, int4_supported
 from ..rope import rope_init
 from .names import INTERNAL_TO_HF
 from .resolve import resolve_model
@@ -95,9 +95,10 @@ def load_weights(
 ) -> Transformer:
     """Build the model from `ckpt`.
 
-    quant="auto" keeps a GGUF file's Q4_0/Q4_1 matrices as packed 4-bit weights (and a quantized
-    output head as int8) where PyTorch has a fast kernel for them (CPU, bf16 activations); "none"
-    dequantizes everything to `dtype`.
+    quant="auto" keeps a GGUF file's Q4_0/Q4_1 layer matrices as packed 4-bit weights where PyTorch
+    has a fast kernel for them (CPU, bf16 activations); "none" dequantizes everything to `dtype`.
+    The output head stays in `dtype`: in bf16 it is as fast as int8 here and keeps near-tied
+    logits in order.
     """
     if quant not in QUANT_MODES:
         raise CheckpointError(f"unknown quant mode {quant!r}; use one of {', '.join(QUANT_MODES)}")
@@ -151,10 +152,6 @@ def load_weights(
     model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    if packed and ckpt.source.is_quantized("lm_head.weight" if not config.tie_word_embeddings else "model.embed_tokens.weight"):
-        # The output head reads vocab x hidden weights every token; int8 per row keeps greedy output
-        # (4-bit here changes it within a few tokens).
-        model.lm_head = Int8Linear(model.lm_head.weight, None, dtype)
     inv_freq, model.attention_scaling = rope_init(config)
     model.inv_freq = inv_freq.to(device)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]

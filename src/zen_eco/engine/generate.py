@@ -8,6 +8,7 @@ tokens into text chunks with stop strings, never splitting a UTF-8 character.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence as Seq
 
@@ -21,9 +22,16 @@ from .sampling import Sampler, SamplingParams
 PREFILL_CHUNK = 512  # bounds the (T x S) attention scores and activations of one prefill call
 
 
+# cache -> the mark of the Sequence whose tokens it holds now. Sequences that share one cache (the
+# API's prefix-reuse cache) see when another one has used it, and re-run their own tokens.
+_CACHE_OWNER: "weakref.WeakKeyDictionary[KVCache, object]" = weakref.WeakKeyDictionary()
+
+
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     if prompt_tokens == 0:
         raise ZenError("the prompt is empty: give at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ZenError(f"max_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if prompt_tokens + max_new_tokens > context:
         raise ContextLengthError(
             f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: "
@@ -57,26 +65,34 @@ class Sequence:
         self.finish_reason: str | None = None
         self.reused_tokens = 0
         self._logits: torch.Tensor | None = None
+        self._mark = object()  # identifies this sequence as the cache's owner
 
-    @torch.inference_mode()
-    def prefill(self) -> None:
-        """Run the prompt through the model, reusing whatever prefix the cache already holds."""
+    def _feed(self, ids: list[int]) -> int:
+        """Make the cache hold `ids`, reusing the prefix it already holds; set the next-token logits.
+        Returns the number of reused tokens."""
         cache = self.cache
+        _CACHE_OWNER.pop(cache, None)  # while the cache is being rewritten nobody owns it
         common = 0
-        for a, b in zip(cache.token_ids, self.prompt_ids):
+        for a, b in zip(cache.token_ids, ids):
             if a != b:
                 break
             common += 1
-        common = min(common, len(self.prompt_ids) - 1)  # at least one token must run, for its logits
+        common = min(common, len(ids) - 1)  # at least one token must run, for its logits
         cache.trim(common)
-        self.reused_tokens = common
-        rest = self.prompt_ids[common:]
+        rest = ids[common:]
         device = self.model.device
         for start in range(0, len(rest), PREFILL_CHUNK):
             chunk = rest[start : start + PREFILL_CHUNK]
             logits = self.model(torch.tensor([chunk], device=device), cache, last_only=True)
             cache.token_ids.extend(chunk)
         self._logits = logits[0, -1]
+        _CACHE_OWNER[cache] = self._mark
+        return common
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        """Run the prompt through the model, reusing whatever prefix the cache already holds."""
+        self.reused_tokens = self._feed(self.prompt_ids)
 
     @property
     def finished(self) -> bool:
@@ -96,10 +112,15 @@ class Sequence:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
+        elif _CACHE_OWNER.get(self.cache) is not self._mark:
+            # another sequence used the shared cache since our last step: bring our tokens back
+            self._feed(self.prompt_ids + self.output_ids)
         else:
+            _CACHE_OWNER.pop(self.cache, None)
             logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache)
             self.cache.token_ids.append(token)
             self._logits = logits[0, -1]
+            _CACHE_OWNER[self.cache] = self._mark
         return token, logprob
 
     def stop(self, reason: str = "stop") -> None:
@@ -184,7 +205,8 @@ def stream_generate(
         if matcher.hit:
             seq.stop("stop")
         if seq.finished and not matcher.hit:
-            text += matcher.feed(decoder.flush())
+            # an unfinished character cut off by the token limit is dropped, not sent as U+FFFD
+            text += matcher.feed(decoder.flush().rstrip("\ufffd"))
             text += "" if matcher.hit else matcher.flush()
         yield GenerationChunk(
             text, token, logprob, seq.finish_reason, len(seq.prompt_ids), n, prompt_tps, gen_tps, ttft,

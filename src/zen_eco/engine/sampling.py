@@ -33,6 +33,15 @@ class SamplingParams:
     seed: int | None = None  # None = a fresh random seed
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.top_k, bool):
+            raise SamplingError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise SamplingError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
         checks = [
             ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
             ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),

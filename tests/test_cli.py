@@ -1,0 +1,158 @@
+"""The `zen-eco` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zen_eco.init import init_checkpoint
+
+TIMEOUT = 180
+
+
+def zen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "zen_eco.cli", *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, cwd=cwd)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert len(err.splitlines()) == 1, proc.stderr
+    assert err.startswith("error:"), err
+    for needle in needles:
+        assert needle.lower() in err.lower(), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return init_checkpoint("llama-tiny", tmp_path_factory.mktemp("cli") / "tiny", dtype="float32")
+
+
+# --------------------------------------------------------------------------- the good paths
+
+
+def test_help():
+    proc = zen("--help")
+    assert proc.returncode == 0
+    for command in ("run", "chat", "info", "init", "bench"):
+        assert command in proc.stdout
+
+
+# "auto" is what users get (packed 4-bit layers, bf16 matmuls, fp32 residual); the first token of
+# this answer is a near-tie ('The' 25.33 vs 'L' 25.24 in exact fp32), so this also guards precision.
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_run_answers_through_the_chat_template_and_stops_at_end_of_turn(dtype):
+    proc = zen("run", "What is the capital of France?", "--temp", "0", "-n", "40", "-v", "--dtype", dtype)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "<|im_end|>" not in proc.stdout and "<|im_start|>" not in proc.stdout
+    assert "user" not in proc.stdout.lower()  # the template's role headers are not echoed
+    # -v reports the counts: the chat-rendered prompt is long, and the answer ended before 40 tokens (EOS)
+    m = re.search(r"prompt (\d+) tok .* generated (\d+) tok", proc.stderr)
+    assert m, proc.stderr
+    assert int(m.group(1)) > 20  # the bare question is 8 tokens; the template adds the system turn
+    assert int(m.group(2)) < 40
+
+
+def test_info_default_model():
+    proc = zen("info")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^architecture\s+llama$", proc.stdout, re.M)
+    assert re.search(r"^parameters\s+134,515,008 \(0\.13B\)$", proc.stdout, re.M)  # SmolLM2-135M
+    assert re.search(r"^format\s+gguf$", proc.stdout, re.M)
+    assert "chat template: yes" in proc.stdout
+
+
+def test_info_preset_4b():
+    proc = zen("info", "zen-eco-4b")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^architecture\s+qwen3$", proc.stdout, re.M)
+    assert "4,022,468,096 (4.02B)" in proc.stdout  # Qwen3-4B's count
+
+
+def test_init_then_bench_json(tmp_path):
+    out = tmp_path / "ckpt"
+    proc = zen("init", "llama-tiny", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+    proc = zen("bench", str(out), "-p", "16", "-n", "4", "-r", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["prompt_tokens"] == 16 and result["gen_tokens"] == 4
+
+    proc = zen("init", "llama-tiny", "-o", str(out))  # now not empty
+    assert_one_line_error(proc, "not empty")
+
+
+# --------------------------------------------------------------------------- bad input: one line, no traceback
+
+
+def test_truncated_gguf(smollm2_gguf_path, tmp_path):
+    data = smollm2_gguf_path.read_bytes()
+    bad = tmp_path / "half.gguf"
+    bad.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(zen("run", "hi", "-m", str(bad)), "half.gguf", "end of the file")
+
+
+def test_random_bytes(tmp_path):
+    bad = tmp_path / "noise.bin"
+    bad.write_bytes(os.urandom(2048))
+    assert_one_line_error(zen("run", "hi", "-m", str(bad)), "noise.bin", "not a GGUF")
+
+
+def test_lying_safetensors_header(tiny, tmp_path):
+    d = tmp_path / "lie"
+    shutil.copytree(tiny, d)
+    header = {"model.embed_tokens.weight": {"dtype": "F32", "shape": [512, 64], "data_offsets": [0, 131072]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+    assert_one_line_error(zen("run", "hi", "-m", str(d)), "model.safetensors")
+
+
+def test_unknown_architecture(tiny, tmp_path):
+    d = tmp_path / "mamba"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"model_type": "mamba"}))
+    assert_one_line_error(zen("info", str(d)), "mamba", "llama", "qwen2", "qwen3")
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(zen("run", "hi", "-m", str(tmp_path / "nope.gguf")), "nope.gguf", "no model")
+
+
+def test_prompt_longer_than_context():
+    err = assert_one_line_error(zen("run", "word " * 60, "-c", "32", "-n", "8"), "context")
+    assert "32" in err
+
+
+def test_pickle_only_directory_is_refused_and_never_unpickled(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    marker = tmp_path / "UNPICKLED"
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Bomb()}))
+    assert_one_line_error(zen("run", "hi", "-m", str(d)), "pytorch_model.bin", "safetensors")
+    assert not marker.exists()
