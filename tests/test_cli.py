@@ -101,7 +101,20 @@ def test_init_then_bench_json(tmp_path):
     assert_one_line_error(proc, "not empty")
 
 
+def test_bench_default_model_reports_packed_weights():
+    """The default GGUF under --quant auto runs its 4-bit layers packed (210 Q4_1 tensors fuse into 120 layers)."""
+    proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["weights"] == "int4 x120 + bfloat16"
+    proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "none")
+    assert json.loads(proc.stdout)["weights"] == "bfloat16"
+
+
 # --------------------------------------------------------------------------- bad input: one line, no traceback
+
+
+def test_unknown_quant_mode():
+    assert_one_line_error(zen("run", "hi", "--quant", "int3"), "int3", "auto, none")
 
 
 def test_truncated_gguf(smollm2_gguf_path, tmp_path):

@@ -164,13 +164,17 @@ def load(
     context: int | None = None,
     threads: int | None = None,
     progress: bool = False,
+    quant: str = "auto",
 ) -> ZenModel:
-    """Load a model: a GGUF file, a Hugging Face directory, a Hub id, or None for the bundled default."""
+    """Load a model: a GGUF file, a Hugging Face directory, a Hub id, or None for the bundled default.
+
+    quant="auto" keeps a GGUF file's 4-bit (Q4_0/Q4_1) matrices packed where a fast kernel exists
+    (CPU with bf16); quant="none" dequantizes every weight to `dtype`."""
     set_threads(threads)
     dev = pick_device(device)
     ckpt = open_checkpoint(ref)
     tokenizer = ckpt.tokenizer()
-    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress)
+    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress, quant=quant)
     if context is not None and context < 1:
         raise ZenError(f"context must be >= 1, got {context}")
     return ZenModel(model, tokenizer, str(ckpt.path), context)

@@ -31,6 +31,7 @@ ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads (default: P
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context window in tokens (default: the model's).")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+QuantOpt = typer.Option("auto", "--quant", help="auto: keep a GGUF's 4-bit weights packed where a fast kernel exists (CPU, bf16); none: dequantize all.")
 SystemOpt = typer.Option(None, "--system", help="System prompt.")
 StopOpt = typer.Option(None, "--stop", help="Stop string (repeatable).")
 
@@ -43,10 +44,11 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty
                           frequency_penalty=frequency_penalty, seed=seed)
 
 
-def _load(model, dtype, device, ctx_size, threads):
+def _load(model, dtype, device, ctx_size, threads, quant):
     from .api import load
 
-    return load(model, dtype=dtype, device=device, context=ctx_size, threads=threads, progress=sys.stderr.isatty())
+    return load(model, dtype=dtype, device=device, context=ctx_size, threads=threads, progress=sys.stderr.isatty(),
+                quant=quant)
 
 
 def _stats(chunk) -> str:
@@ -61,13 +63,14 @@ def run(
     top_p: float = TopPOpt, min_p: float = MinPOpt, repeat_penalty: float = RepeatOpt,
     presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt, seed: Optional[int] = SeedOpt,
     threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt, dtype: str = DtypeOpt,
-    device: str = DeviceOpt, system: Optional[str] = SystemOpt, stop: Optional[list[str]] = StopOpt,
+    device: str = DeviceOpt, quant: str = QuantOpt, system: Optional[str] = SystemOpt,
+    stop: Optional[list[str]] = StopOpt,
     raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text, without the chat template."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Print speed figures to stderr at the end."),
 ) -> None:
     """Generate one answer to PROMPT and stream it to the terminal."""
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
-    zm = _load(model, dtype, device, ctx_size, threads)
+    zm = _load(model, dtype, device, ctx_size, threads, quant)
     if raw or zm.tokenizer.chat_template is None:
         chunks = zm.generate(prompt, max_tokens, stream=True, stop=stop or (), sampling=params)
     else:
@@ -88,7 +91,7 @@ def chat(
     temperature: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     repeat_penalty: float = RepeatOpt, presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt,
     seed: Optional[int] = SeedOpt, threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt,
-    dtype: str = DtypeOpt, device: str = DeviceOpt, system: Optional[str] = SystemOpt,
+    dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt, system: Optional[str] = SystemOpt,
 ) -> None:
     """Talk with the model. History is kept (and its KV cache reused); /clear forgets it, /exit or Ctrl-D leaves."""
     from rich.console import Console
@@ -97,7 +100,7 @@ def chat(
 
     console = Console(stderr=True)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
-    zm = _load(model, dtype, device, ctx_size, threads)
+    zm = _load(model, dtype, device, ctx_size, threads, quant)
     if zm.tokenizer.chat_template is None:
         raise ZenError(f"{zm.path} has no chat template; use `zen-eco run --raw` for plain completion")
     base = [{"role": "system", "content": system}] if system else []
@@ -157,14 +160,14 @@ def bench(
     model: str = typer.Argument("default", help="Model reference."),
     prompt_tokens: int = typer.Option(512, "-p", "--prompt-tokens", help="Prompt length for the prefill figure."),
     gen_tokens: int = typer.Option(128, "-n", "--gen-tokens", help="Tokens to decode for the decode figure."),
-    threads: Optional[int] = ThreadsOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt,
     repeats: int = typer.Option(3, "-r", "--repeats", help="Runs per figure; the best is reported."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Measure prefill tok/s, decode tok/s, time to first token and peak RSS."""
     from .bench import run_bench
 
-    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out)
+    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out, quant)
 
 
 def main() -> None:
