@@ -14,7 +14,7 @@ import torch
 from zen_eco.checkpoint import load_weights, open_checkpoint
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.checkpoint.gguf_quants import q4_codes
-from zen_eco.quant import Int4Linear, Q4Weight, int4_supported
+from zen_eco.quant import DENSE_MIN_ROWS, Int4Linear, Q4Weight, int4_supported
 
 gguf = pytest.importorskip("gguf")
 needs_int4 = pytest.mark.skipif(not int4_supported(torch.device("cpu"), torch.bfloat16),
@@ -48,6 +48,34 @@ def test_int4_linear_matches_dense_matmul():
     ref = x @ q.dequantize().t() + bias
     assert layer(x.bfloat16()).shape == (3, 5, n)
     assert _rel(layer(x.bfloat16()), ref) < 0.02
+
+
+@needs_int4
+@pytest.mark.parametrize("n", [64, 192, 960])
+def test_prompt_path_unpacks_the_same_weight(n):
+    """Many rows go through unpack + dense GEMM, few through the packed kernel: same weight either way."""
+    torch.manual_seed(n)
+    k, g = 256, 32
+    q = Q4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // g) * 0.02,
+                 torch.randn(n, k // g) * 0.05)
+    layer = Int4Linear(q, None, torch.bfloat16)
+    assert layer.can_unpack
+    assert torch.equal(layer._unpack_codes(), q.codes)
+    # dense_weight rounds (code - 8) * scale + zero to bf16 once: within bf16's 2^-8 relative step
+    assert torch.allclose(layer.dense_weight(torch.float32), q.dequantize(), rtol=2**-7, atol=1e-3)
+    x = torch.randn(DENSE_MIN_ROWS + 3, k).bfloat16()
+    many = layer(x)  # dense path
+    few = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])  # packed kernel, one row at a time
+    assert _rel(many, few) < 0.01
+
+
+@needs_int4
+def test_rows_not_in_blocks_of_64_keep_the_packed_kernel():
+    q = Q4Weight(torch.randint(0, 16, (96, 64), dtype=torch.uint8), torch.rand(96, 2), torch.randn(96, 2))
+    layer = Int4Linear(q, None, torch.bfloat16)
+    assert not layer.can_unpack
+    x = torch.randn(DENSE_MIN_ROWS * 2, 64)
+    assert _rel(layer(x.bfloat16()), x @ q.dequantize().t()) < 0.02
 
 
 @needs_int4

@@ -32,6 +32,7 @@ class KVCache:
         self.length = 0
         self.capacity = 0
         self.token_ids: list[int] = []  # what the cached positions hold, for prefix reuse (kept by the engine)
+        self.owner: object | None = None  # the engine Sequence whose tokens the cache holds now
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._grow_to(min(block_size, max_tokens))

@@ -127,6 +127,10 @@ def load_weights(
                 raise CheckpointError(
                     f"{ckpt.path}: {hf_name} has shape {tuple(part.shape)}, the config needs {part_want}"
                 )
+        if (len(parts) > 1 or parts[0].dtype != dtype or device.type != "cpu") and hasattr(ckpt.source, "read"):
+            # This tensor gets copied anyway: read it into owned memory instead of touching the mapping,
+            # so the file's pages for it never become resident next to the copy.
+            parts = [ckpt.source.read(h) for h in hf_names]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if not tensor.is_floating_point():
             raise CheckpointError(f"{ckpt.path}: tensor {hf_names[0]!r} has non-float dtype {tensor.dtype}")

@@ -1,12 +1,16 @@
 """Tensors from a Hugging Face checkpoint directory: config.json + *.safetensors (sharded or not).
 
-Files are memory-mapped by `safetensors`; nothing is read until a tensor is asked for. Pickle
-checkpoints (`pytorch_model.bin`) are refused: loading them can run arbitrary code.
+`safetensors` validates each file's header and memory-maps it: `get()` returns tensors backed by
+the file's pages, read on first touch. A tensor the loader changes anyway (fused with others, or
+cast to another dtype) is instead `read()` with plain file I/O into memory it owns, so its mapped
+pages are never touched and the process does not hold the same bytes twice (peak RSS ~ model size).
+Pickle checkpoints (`pytorch_model.bin`) are refused: loading them can run arbitrary code.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -15,6 +19,16 @@ from safetensors import SafetensorError, safe_open
 from ..errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """The JSON header and the offset where tensor data starts (safe_open has validated both)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
 
 
 class SafetensorsSource:
@@ -35,6 +49,7 @@ class SafetensorsSource:
             hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded, convert them to safetensors)" if pickles else ""
             raise CheckpointError(f"no *.safetensors files in {directory}{hint}")
         self._handles = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
         self._where: dict[str, str] = {}
         for name in files:
             path = directory / name
@@ -46,6 +61,7 @@ class SafetensorsSource:
             except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from None
             self._handles[name] = handle
+            self._headers[name] = _header(path)
             for key in keys:
                 self._where[key] = name
         if weight_map is not None:
@@ -63,6 +79,26 @@ class SafetensorsSource:
             raise CheckpointError(f"tensor {name!r} is not in {self.directory}") from None
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.directory}: {exc}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor in memory it owns, read with file I/O (its mapped pages stay untouched)."""
+        shard = self._where.get(name)
+        if shard is None:
+            raise CheckpointError(f"tensor {name!r} is not in {self.directory}")
+        header, base = self._headers[shard]
+        info = header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"tensor {name!r} has unsupported dtype {info['dtype']}; supported: {', '.join(_DTYPES)}")
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=dtype)
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        with open(self.directory / shard, "rb") as f:
+            f.seek(base + begin)
+            got = f.readinto(buf) if buf is not None else 0
+        if got != end - begin:
+            raise CheckpointError(f"{self.directory / shard}: tensor {name!r} is truncated ({got} of {end - begin} bytes)")
+        return out
 
     def close(self) -> None:
         self._handles.clear()

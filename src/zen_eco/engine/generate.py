@@ -8,7 +8,6 @@ tokens into text chunks with stop strings, never splitting a UTF-8 character.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence as Seq
 
@@ -20,11 +19,6 @@ from ..model import Transformer
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds the (T x S) attention scores and activations of one prefill call
-
-
-# cache -> the mark of the Sequence whose tokens it holds now. Sequences that share one cache (the
-# API's prefix-reuse cache) see when another one has used it, and re-run their own tokens.
-_CACHE_OWNER: "weakref.WeakKeyDictionary[KVCache, object]" = weakref.WeakKeyDictionary()
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
@@ -65,13 +59,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.reused_tokens = 0
         self._logits: torch.Tensor | None = None
-        self._mark = object()  # identifies this sequence as the cache's owner
 
     def _feed(self, ids: list[int]) -> int:
         """Make the cache hold `ids`, reusing the prefix it already holds; set the next-token logits.
         Returns the number of reused tokens."""
         cache = self.cache
-        _CACHE_OWNER.pop(cache, None)  # while the cache is being rewritten nobody owns it
+        cache.owner = None  # while the cache is being rewritten nobody owns it
         common = 0
         for a, b in zip(cache.token_ids, ids):
             if a != b:
@@ -86,7 +79,7 @@ class Sequence:
             logits = self.model(torch.tensor([chunk], device=device), cache, last_only=True)
             cache.token_ids.extend(chunk)
         self._logits = logits[0, -1]
-        _CACHE_OWNER[cache] = self._mark
+        cache.owner = self
         return common
 
     @torch.inference_mode()
@@ -112,15 +105,16 @@ class Sequence:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
-        elif _CACHE_OWNER.get(self.cache) is not self._mark:
-            # another sequence used the shared cache since our last step: bring our tokens back
+        elif self.cache.owner is not self:
+            # Sequences may share one cache (the API's prefix-reuse cache): if another one used it
+            # since our last step, bring our tokens back (reusing the common prefix).
             self._feed(self.prompt_ids + self.output_ids)
         else:
-            _CACHE_OWNER.pop(self.cache, None)
+            self.cache.owner = None
             logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache)
             self.cache.token_ids.append(token)
             self._logits = logits[0, -1]
-            _CACHE_OWNER[self.cache] = self._mark
+            self.cache.owner = self
         return token, logprob
 
     def stop(self, reason: str = "stop") -> None:
