@@ -19,10 +19,10 @@ from zen_eco.init import init_checkpoint
 TIMEOUT = 180
 
 
-def zen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def zen(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "zen_eco.cli", *args], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, cwd=cwd)
+                          timeout=TIMEOUT, env=env, cwd=cwd, input=stdin)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -65,6 +65,22 @@ def test_run_answers_through_the_chat_template_and_stops_at_end_of_turn(dtype):
     assert m, proc.stderr
     assert int(m.group(1)) > 20  # the bare question is 8 tokens; the template adds the system turn
     assert int(m.group(2)) < 40
+
+
+def test_chat_keeps_history_and_reuses_its_cache():
+    """Two turns on stdin: the second prompt holds the first turn (history: it is longer by at least
+    the first answer), only its new tokens are computed (the stats line reports the reused ones),
+    and /exit ends the session cleanly."""
+    proc = zen("chat", "--temp", "0", "-n", "24", "--dtype", "float32",
+               stdin="My name is Ada. Say hello to me.\nWhat is my name?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(">>>") == 3 and "Traceback" not in proc.stderr
+    stats = re.findall(r"prompt (\d+) tok .*?generated (\d+) tok .*?(\d+) prompt tokens reused", proc.stderr)
+    assert len(stats) == 2, proc.stderr
+    (p1, g1, r1), (p2, _, r2) = [tuple(map(int, row)) for row in stats]
+    assert r1 == 0
+    assert p2 >= p1 + g1  # turn 1's question and answer are in turn 2's prompt
+    assert r2 >= p1  # ...and were not computed again
 
 
 def test_info_default_model():

@@ -130,7 +130,7 @@ def chat(
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
         if last is not None:
-            console.print(f"[dim]{_stats(last)}, {last.reused_prompt_tokens} prompt tokens reused[/dim]")
+            console.print(f"[dim]{_stats(last)}, {last.reused_prompt_tokens} prompt tokens reused[/dim]", soft_wrap=True)
 
 
 @app.command()
