@@ -112,7 +112,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        inv_freq, self.attention_scaling = rope_init(cfg)
+        with torch.device("cpu"):  # a few floats; also when the model is built on the meta device
+            inv_freq, self.attention_scaling = rope_init(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property

@@ -8,17 +8,18 @@ before anything is assigned: a checkpoint that lies about its shapes fails with 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
 from ..quant import Int4Linear, Q4Weight, int4_supported
-from ..rope import rope_init
 from .names import INTERNAL_TO_HF
 from .resolve import resolve_model
 
@@ -104,7 +105,7 @@ def load_weights(
         raise CheckpointError(f"unknown quant mode {quant!r}; use one of {', '.join(QUANT_MODES)}")
     config = ckpt.config
     device = torch.device(device)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = Transformer(config)
     expected = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
@@ -156,8 +157,7 @@ def load_weights(
     model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    inv_freq, model.attention_scaling = rope_init(config)
-    model.inv_freq = inv_freq.to(device)
+    model.inv_freq = model.inv_freq.to(device)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise CheckpointError(f"{ckpt.path}: no weights for {leftover[0]!r}")
@@ -174,6 +174,20 @@ def _part_shapes(config: ModelConfig, want: tuple[int, ...], n: int) -> list[tup
     else:  # gate | up
         rows = (want[0] // n,) * n
     return [(r, *want[1:]) for r in rows]
+
+
+@contextmanager
+def _no_random_init():
+    """Weights come from the checkpoint: skip drawing random ones. (On the meta device the first
+    draw imports torch's Python reference kernels, which alone takes ~2 s of every load.)"""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset
 
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:
