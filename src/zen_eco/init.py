@@ -2,6 +2,7 @@
 
 Weights are drawn layer by layer (normal, std 0.02 as transformers initialises; norms at 1) and
 written in shards of at most ~2 GB, so a 4B model never needs more than one shard in memory.
+Presets with Qwen3's vocabulary also get Qwen3's tokenizer files, so the directory loads and runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 from .api import DTYPES
 from .config import preset
 from .errors import ZenError
+from .tokenizer.qwen import qwen3_ranks_file, write_qwen3_tokenizer
+
+QWEN3_PADDED_VOCAB = 151936  # Qwen3's embedding rows: 151,669 tokens padded up
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -59,6 +63,10 @@ def init_checkpoint(preset_name: str, output: str | Path, dtype: str = "bfloat16
     cfg = preset(preset_name)
     if dtype not in DTYPES:
         raise ZenError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    # Presets with Qwen3's (padded) vocabulary get Qwen3's tokenizer; find it before writing weights.
+    qwen_vocab = cfg.vocab_size == QWEN3_PADDED_VOCAB
+    if qwen_vocab:
+        qwen3_ranks_file()
     torch_dtype = DTYPES[dtype]
     out = Path(output)
     if out.exists() and any(out.iterdir()):
@@ -98,4 +106,8 @@ def init_checkpoint(preset_name: str, output: str | Path, dtype: str = "bfloat16
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = cfg.to_dict() | {"torch_dtype": dtype if dtype in ("float32", "bfloat16", "float16") else str(torch_dtype).split(".")[1]}
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    if qwen_vocab:
+        write_qwen3_tokenizer(out)
+        ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": 151643}
+        (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
     return out

