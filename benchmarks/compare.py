@@ -1,0 +1,149 @@
+"""zen-eco against transformers and llama.cpp on the same model, prompt ids, token counts and threads.
+
+    python benchmarks/compare.py [MODEL] [-t THREADS] [-p 512] [-n 128] [--dtype bfloat16]
+                                 [--engines zen-eco,transformers,llama.cpp]
+
+MODEL is a GGUF file (transformers reads it with `gguf_file=`, llama.cpp natively), a Hugging Face
+directory (zen-eco and transformers only), or `default`. Each engine runs in its own subprocess (so
+peak RSS is its own), one after the other in the same invocation; all decode greedily with their KV
+cache for exactly the same token counts, and report the best of `--repeats` runs after a warm-up.
+Prints a markdown table with each engine's ratio to zen-eco. llama.cpp is optional: it needs
+`pip install llama-cpp-python` (compiles llama.cpp, ~10 min on 2 cores) and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+
+def hf_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int, dtype: str, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    from zen_eco.bench import peak_rss_mb, prompt_ids
+    from zen_eco.checkpoint import resolve_model
+
+    torch.set_num_threads(threads)
+    path = resolve_model(model_ref)
+    torch_dtype = getattr(torch, dtype)
+    t0 = time.perf_counter()
+    if path.is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt_ids(prompt_tokens, model.config.vocab_size)])
+    best_prefill = best_decode = float("inf")
+    with torch.inference_mode():
+        for run in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            for _ in range(gen_tokens):
+                out = model(token, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t2 = time.perf_counter()
+            if run:
+                best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+    return {"engine": f"transformers {transformers.__version__}", "dtype": dtype, "threads": threads,
+            "prefill_tok_s": prompt_tokens / best_prefill, "decode_tok_s": gen_tokens / best_decode,
+            "ttft_ms": best_prefill * 1000, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+
+
+def llamacpp_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:
+    import llama_cpp
+
+    from zen_eco.bench import peak_rss_mb, prompt_ids
+    from zen_eco.checkpoint import resolve_model
+
+    path = resolve_model(model_ref)
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + gen_tokens + 16, n_batch=prompt_tokens,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(prompt_tokens, llm.n_vocab())
+    best_prefill = best_decode = float("inf")
+    for run in range(repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        t1 = time.perf_counter()
+        for _ in range(gen_tokens):
+            llm.eval([token])
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+        t2 = time.perf_counter()
+        if run:
+            best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+    return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "dtype": "file's own",
+            "threads": threads, "prefill_tok_s": prompt_tokens / best_prefill, "decode_tok_s": gen_tokens / best_decode,
+            "ttft_ms": best_prefill * 1000, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+
+
+def _run(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="default")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    ap.add_argument("-n", "--gen-tokens", type=int, default=128)
+    ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", help="dtype for both engines")
+    ap.add_argument("--engines", default="zen-eco,transformers,llama.cpp",
+                    help="comma-separated; llama.cpp is skipped when llama-cpp-python is not installed")
+    ap.add_argument("--worker", choices=["transformers", "llama.cpp"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sizes = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--repeats", str(args.repeats)]
+    if args.worker == "transformers":
+        print(json.dumps(hf_worker(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.dtype, args.repeats)))
+        return
+    if args.worker == "llama.cpp":
+        print(json.dumps(llamacpp_worker(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.repeats)))
+        return
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp skipped: pip install llama-cpp-python to include it", file=sys.stderr)
+        engines.remove("llama.cpp")
+    results = []
+    for engine in engines:
+        if engine == "zen-eco":
+            results.append(_run([sys.executable, "-m", "zen_eco.cli", "bench", args.model, "-t", str(args.threads),
+                                 "--dtype", args.dtype, "--json", "-p", str(args.prompt_tokens),
+                                 "-n", str(args.gen_tokens), "-r", str(args.repeats)]))
+        elif engine in ("transformers", "llama.cpp"):
+            results.append(_run([sys.executable, __file__, args.model, "-t", str(args.threads), "--dtype", args.dtype,
+                                 "--worker", engine, *sizes]))
+        else:
+            sys.exit(f"unknown engine {engine!r}; use zen-eco, transformers, llama.cpp")
+    print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}")
+    print("| engine | weights | prefill tok/s | decode tok/s | first token ms | peak RSS MB | load s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['engine']} | {r.get('weights', r['dtype'])} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+              f"{r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |")
+    ours = next((r for r in results if r["engine"] == "zen-eco"), None)
+    if ours is not None:
+        for r in results:
+            if r is not ours:
+                print(f"| **zen-eco / {r['engine'].split(' ')[0]}** | | {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x | "
+                      f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x | {r['ttft_ms'] / ours['ttft_ms']:.2f}x faster | "
+                      f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x | |")
+
+
+if __name__ == "__main__":
+    main()
