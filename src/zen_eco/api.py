@@ -8,6 +8,11 @@
 
 `ZenModel` keeps one KV cache and reuses the longest common prefix between calls, so the second
 turn of a chat only computes the new tokens.
+
+Thinking mode (models whose tokenizer has `<think>`/`</think>`, e.g. Zen-Eco and Qwen3): on by
+default; `enable_thinking=False` turns it off, `/think` and `/no_think` in user messages switch it
+per turn (the latest wins), `thinking_budget=N` caps it at N tokens. Results and chunks carry
+`reasoning` and `content` next to the raw `text`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from .checkpoint import load_weights, open_checkpoint
 from .config import ModelConfig
 from .engine.generate import GenerationChunk, stream_generate
-from .engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams, params_for_mode
+from .engine.thinking import check_thinking_budget, resolve_thinking, thinking_tokens
 from .errors import ZenError
 from .kv_cache import KVCache
 from .model import Transformer
@@ -66,6 +72,8 @@ class GenerationResult:
     prompt_tps: float
     generation_tps: float
     time_to_first_token: float
+    reasoning: str = ""  # the thinking block's text (without the tags); "" when the model did not think
+    content: str = ""  # the answer: `text` without the thinking block (all of `text` for other models)
 
 
 class ZenModel:
@@ -80,6 +88,18 @@ class ZenModel:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    @property
+    def supports_thinking(self) -> bool:
+        """Whether the tokenizer has `<think>` and `</think>` (Zen-Eco, Qwen3): thinking mode applies."""
+        return thinking_tokens(self.tokenizer) is not None
+
+    def thinking_mode(self, messages: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None,
+                      thinking_budget: int | None = None) -> bool | None:
+        """Whether a call with these arguments thinks; None for models without thinking tokens."""
+        if not self.supports_thinking:
+            return None
+        return resolve_thinking(messages or [], enable_thinking, thinking_budget)
+
     def _shared_cache(self) -> KVCache:
         if self._cache is None:
             self._cache = self.model.new_cache(max_tokens=self.context)
@@ -92,15 +112,23 @@ class ZenModel:
         stream: bool = False,
         stop: Sequence[str] | str = (),
         sampling: SamplingParams | None = None,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
         **sampling_kwargs: Any,
     ) -> GenerationResult | Iterator[GenerationChunk]:
         """Continue `prompt` (text, encoded with the tokenizer's BOS rule, or token ids).
 
         Sampling: pass `sampling=SamplingParams(...)` or its fields as keywords
         (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed).
+        For a model with thinking tokens, temperature/top_k/top_p/min_p not given follow the thinking
+        mode's defaults (see `engine.sampling.mode_defaults`); `thinking_budget` caps a `<think>` block
+        the model writes (or the prompt opens), and `enable_thinking=False` reports all text as content.
         """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs)
+        check_thinking_budget(thinking_budget)
+        mode = self.thinking_mode(None, enable_thinking, thinking_budget)
+        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs, mode, thinking_budget,
+                         enable_thinking)
 
     def chat(
         self,
@@ -110,30 +138,52 @@ class ZenModel:
         stop: Sequence[str] | str = (),
         sampling: SamplingParams | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
         **sampling_kwargs: Any,
     ) -> GenerationResult | Iterator[GenerationChunk]:
-        """Answer a conversation rendered with the checkpoint's own chat template."""
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **(template_kwargs or {}))
-        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs)
+        """Answer a conversation rendered with the checkpoint's own chat template.
 
-    def _run(self, ids, max_tokens, stream, stop, sampling, sampling_kwargs):
+        Thinking (models with `<think>`/`</think>` only): on unless `enable_thinking=False` (also
+        accepted in `template_kwargs`) or `thinking_budget=0`; otherwise the latest `/think` or
+        `/no_think` in the user messages decides. The template gets `enable_thinking` accordingly;
+        `thinking_budget=N` (0..131072) closes the block after N thinking tokens."""
+        template_kwargs = dict(template_kwargs or {})
+        check_thinking_budget(thinking_budget)
+        if enable_thinking is None:
+            enable_thinking = template_kwargs.get("enable_thinking")
+        mode = self.thinking_mode(messages, enable_thinking, thinking_budget)
+        if mode is not None:
+            template_kwargs["enable_thinking"] = mode
+        elif enable_thinking is not None:
+            template_kwargs.setdefault("enable_thinking", enable_thinking)  # templates that read it anyway
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)
+        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs, mode, thinking_budget,
+                         enable_thinking)
+
+    def _run(self, ids, max_tokens, stream, stop, sampling, sampling_kwargs, mode=None, thinking_budget=None,
+             enable_thinking=None):
         if sampling is None:
-            sampling = SamplingParams(**sampling_kwargs)
+            sampling = params_for_mode(mode, **sampling_kwargs)
         elif sampling_kwargs:
             raise ZenError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
         stops = [stop] if isinstance(stop, str) else list(stop)
         chunks = stream_generate(self.model, self.tokenizer, ids, sampling, max_tokens, stops,
-                                 self._shared_cache(), self.context)
+                                 self._shared_cache(), self.context, enable_thinking=enable_thinking,
+                                 thinking_budget=thinking_budget)
         return chunks if stream else self._collect(chunks)
 
     @staticmethod
     def _collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
-        text, ids, last = [], [], None
+        text, reasoning, content, ids, last = [], [], [], [], None
         for last in chunks:
             text.append(last.text)
+            reasoning.append(last.reasoning)
+            content.append(last.content)
             ids.append(last.token)
         return GenerationResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.generation_tokens,
-                                last.prompt_tps, last.generation_tps, last.time_to_first_token)
+                                last.prompt_tps, last.generation_tps, last.time_to_first_token,
+                                "".join(reasoning), "".join(content))
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:

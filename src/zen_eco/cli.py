@@ -19,10 +19,17 @@ app = typer.Typer(
 
 ModelOpt = typer.Option("default", "-m", "--model", help="GGUF file, Hugging Face directory, Hub id, or 'default' (bundled SmolLM2-135M-Instruct).")
 MaxTokensOpt = typer.Option(256, "-n", "--max-tokens", help="Most tokens to generate.")
-TempOpt = typer.Option(0.8, "--temperature", "--temp", help="Sampling temperature; 0 = greedy.")
-TopKOpt = typer.Option(40, "--top-k", help="Keep the k most likely tokens; 0 = off.")
-TopPOpt = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1.0 = off.")
-MinPOpt = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability; 0 = off.")
+# Not given: 0.8 / 40 / 0.95 / 0.05, or for models with thinking tokens Qwen3's per-mode values
+# (thinking 0.6 / 20 / 0.95 / 0; non-thinking 0.7 / 20 / 0.8 / 0), see engine.sampling.mode_defaults.
+_MODE = "thinking models: per mode"
+TempOpt = typer.Option(None, "--temperature", "--temp", show_default=False,
+                       help=f"Sampling temperature; 0 = greedy. [default: 0.8; {_MODE}, 0.6 thinking / 0.7 not]")
+TopKOpt = typer.Option(None, "--top-k", show_default=False,
+                       help=f"Keep the k most likely tokens; 0 = off. [default: 40; {_MODE}, 20]")
+TopPOpt = typer.Option(None, "--top-p", show_default=False,
+                       help=f"Nucleus sampling mass; 1.0 = off. [default: 0.95; {_MODE}, 0.95 thinking / 0.8 not]")
+MinPOpt = typer.Option(None, "--min-p", show_default=False,
+                       help=f"Drop tokens below min_p x the top probability; 0 = off. [default: 0.05; {_MODE}, 0]")
 RepeatOpt = typer.Option(1.0, "--repeat-penalty", "--repetition-penalty", help="CTRL-style penalty on tokens already seen; 1.0 = off.")
 PresenceOpt = typer.Option(0.0, "--presence-penalty", help="OpenAI presence penalty on generated tokens.")
 FrequencyOpt = typer.Option(0.0, "--frequency-penalty", help="OpenAI frequency penalty on generated tokens.")
@@ -34,14 +41,71 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 QuantOpt = typer.Option("auto", "--quant", help="auto: keep a GGUF's 4-bit weights packed where a fast kernel exists (CPU, bf16); none: dequantize all.")
 SystemOpt = typer.Option(None, "--system", help="System prompt.")
 StopOpt = typer.Option(None, "--stop", help="Stop string (repeatable).")
+ThinkOpt = typer.Option(None, "--think/--no-think", show_default=False,
+                        help="Thinking mode for models with <think> tokens (Zen-Eco, Qwen3). [default: on; "
+                             "/think and /no_think in a message switch it]")
+BudgetOpt = typer.Option(None, "--thinking-budget", metavar="N",
+                         help="Most thinking tokens before the model is made to answer; 0 = no thinking.")
+HideOpt = typer.Option(False, "--hide-thinking", help="Print only the answer, not the thinking.")
 
 
-def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed):
-    from .engine.sampling import SamplingParams
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed,
+              thinking_budget=None) -> dict:
+    """The sampling keywords the user gave (flags left out are filled per thinking mode by the API),
+    checked now so that bad flags fail before the model loads."""
+    from .engine.sampling import params_for_mode
+    from .engine.thinking import check_thinking_budget
 
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                          frequency_penalty=frequency_penalty, seed=seed)
+    check_thinking_budget(thinking_budget)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    kwargs.update(repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, seed=seed)
+    params_for_mode(None, **kwargs)
+    return kwargs
+
+
+class _ThinkingPrinter:
+    """Writes a stream's chunks to stdout: the thinking first (dimmed on a terminal; between <think>
+    and </think> lines when piped, so it stays apart from the answer; left out with --hide-thinking),
+    then the answer. `content` collects the answer's pieces."""
+
+    def __init__(self, hide: bool) -> None:
+        from rich.console import Console
+
+        self.hide = hide
+        self.tty = sys.stdout.isatty()
+        self.console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+        self.thinking = False  # inside a shown thinking block
+        self.content: list[str] = []
+
+    def _end_thinking(self) -> None:
+        if self.thinking:
+            sys.stdout.write("\n\n" if self.tty else "\n</think>\n\n")
+            self.thinking = False
+
+    def write(self, chunk) -> None:
+        if chunk.reasoning and not self.hide:
+            if not self.thinking and not self.content:
+                self.thinking = True
+                if not self.tty:
+                    sys.stdout.write("<think>\n")
+            if self.tty:
+                self.console.print(chunk.reasoning, style="dim", end="")
+            else:
+                sys.stdout.write(chunk.reasoning)
+        if chunk.content:
+            self._end_thinking()
+            self.content.append(chunk.content)
+            sys.stdout.write(chunk.content)
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.thinking and not self.tty:
+            sys.stdout.write("\n</think>")
+        self.thinking = False
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _load(model, dtype, device, ctx_size, threads, quant):
@@ -67,20 +131,22 @@ def run(
     stop: Optional[list[str]] = StopOpt,
     raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text, without the chat template."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Print speed figures to stderr at the end."),
+    think: Optional[bool] = ThinkOpt, thinking_budget: Optional[int] = BudgetOpt, hide_thinking: bool = HideOpt,
 ) -> None:
     """Generate one answer to PROMPT and stream it to the terminal."""
-    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed,
+                       thinking_budget)
     zm = _load(model, dtype, device, ctx_size, threads, quant)
+    thinking = dict(enable_thinking=think, thinking_budget=thinking_budget)
     if raw or zm.tokenizer.chat_template is None:
-        chunks = zm.generate(prompt, max_tokens, stream=True, stop=stop or (), sampling=params)
+        chunks = zm.generate(prompt, max_tokens, stream=True, stop=stop or (), **thinking, **params)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        chunks = zm.chat(messages, max_tokens, stream=True, stop=stop or (), sampling=params)
-    last = None
+        chunks = zm.chat(messages, max_tokens, stream=True, stop=stop or (), **thinking, **params)
+    last, out = None, _ThinkingPrinter(hide_thinking)
     for last in chunks:
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(last)
+    out.end()
     if verbose and last is not None:
         typer.echo(_stats(last), err=True)
 
@@ -92,14 +158,19 @@ def chat(
     repeat_penalty: float = RepeatOpt, presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt,
     seed: Optional[int] = SeedOpt, threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt,
     dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt, system: Optional[str] = SystemOpt,
+    think: Optional[bool] = ThinkOpt, thinking_budget: Optional[int] = BudgetOpt, hide_thinking: bool = HideOpt,
 ) -> None:
-    """Talk with the model. History is kept (and its KV cache reused); /clear forgets it, /exit or Ctrl-D leaves."""
+    """Talk with the model. History is kept (and its KV cache reused); /clear forgets it, /exit or Ctrl-D leaves.
+
+    Thinking models show their thinking dimmed (--hide-thinking leaves it out); only answers are kept
+    in the history. Type /think or /no_think in a message to switch thinking from then on."""
     from rich.console import Console
 
     from .errors import ZenError
 
     console = Console(stderr=True)
-    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed)
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed,
+                       thinking_budget)
     zm = _load(model, dtype, device, ctx_size, threads, quant)
     if zm.tokenizer.chat_template is None:
         raise ZenError(f"{zm.path} has no chat template; use `zen-eco run --raw` for plain completion")
@@ -119,16 +190,16 @@ def chat(
         if not user.strip():
             continue
         history.append({"role": "user", "content": user})
-        answer, last = [], None
+        last, out = None, _ThinkingPrinter(hide_thinking)
         try:
-            for last in zm.chat(history, max_tokens, stream=True, sampling=params):
-                answer.append(last.text)
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
+            for last in zm.chat(history, max_tokens, stream=True, enable_thinking=think,
+                                thinking_budget=thinking_budget, **params):
+                out.write(last)
         except KeyboardInterrupt:
             pass
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
+        out.end()
+        # only the answer is kept: earlier turns' thinking is dropped (as Qwen3's template does anyway)
+        history.append({"role": "assistant", "content": "".join(out.content)})
         if last is not None:
             console.print(f"[dim]{_stats(last)}, {last.reused_prompt_tokens} prompt tokens reused[/dim]", soft_wrap=True)
 

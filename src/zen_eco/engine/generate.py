@@ -3,11 +3,17 @@
 `Sequence` knows nothing about text: it takes prompt ids, owns (or reuses) a KV cache and yields one
 sampled token per `step()`. A server steps many of them; `stream_generate` steps one and turns its
 tokens into text chunks with stop strings, never splitting a UTF-8 character.
+
+A `Sequence` can also be told tokens to emit instead of sampling (`force(ids)`: they are run through
+the model as if generated and count as output). The thinking budget uses it: a `ThinkingBudget`
+hook watches every output token and queues `</think>`'s close-out when the budget is spent, so any
+loop that steps sequences (this one or a server's) enforces it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence as Seq
 
@@ -17,6 +23,8 @@ from ..errors import ContextLengthError, ZenError
 from ..kv_cache import KVCache
 from ..model import Transformer
 from .sampling import Sampler, SamplingParams
+from .thinking import (ReasoningParser, ThinkingBudget, check_thinking_budget, prompt_opens_thinking,
+                       thinking_tokens)
 
 PREFILL_CHUNK = 512  # bounds the (T x S) attention scores and activations of one prefill call
 
@@ -45,6 +53,7 @@ class Sequence:
         stop_token_ids: Seq[int] = (),
         cache: KVCache | None = None,
         context: int | None = None,
+        thinking: ThinkingBudget | None = None,
     ) -> None:
         self.model = model
         self.prompt_ids = list(prompt_ids)
@@ -59,6 +68,13 @@ class Sequence:
         self.finish_reason: str | None = None
         self.reused_tokens = 0
         self._logits: torch.Tensor | None = None
+        self.thinking = thinking  # a hook that may queue forced tokens after each output token
+        self._forced: deque[int] = deque(thinking.initial() if thinking is not None else ())
+        self.forced_tokens = 0  # output tokens that were forced rather than sampled
+
+    def force(self, ids: Seq[int]) -> None:
+        """Queue tokens that the next steps emit instead of sampling (in order)."""
+        self._forced.extend(ids)
 
     def _feed(self, ids: list[int]) -> int:
         """Make the cache hold `ids`, reusing the prefix it already holds; set the next-token logits.
@@ -98,9 +114,16 @@ class Sequence:
             self.prefill()
         if self.finished:
             raise ZenError("this sequence has finished")
-        token, logprob = self.sampler(self._logits)
+        if self._forced:
+            token = self._forced.popleft()
+            logprob = float(torch.log_softmax(self._logits.float(), dim=-1)[token])
+            self.forced_tokens += 1
+        else:
+            token, logprob = self.sampler(self._logits)
         self.sampler.accept(token)
         self.output_ids.append(token)
+        if self.thinking is not None:
+            self._forced.extend(self.thinking.observe(token))
         if token in self.stop_token_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.max_new_tokens:
@@ -135,6 +158,8 @@ class GenerationChunk:
     generation_tps: float  # generated tokens per second of decode, after the first token
     time_to_first_token: float  # seconds from the call to the first sampled token
     reused_prompt_tokens: int = 0  # prompt tokens served from the KV cache (prefix reuse)
+    reasoning: str = ""  # the part of `text` inside the <think> block (tags and surrounding whitespace left out)
+    content: str = ""  # the part of `text` that is the answer (all of it when the model does not think)
 
 
 @dataclass
@@ -178,9 +203,24 @@ def stream_generate(
     stop: Seq[str] = (),
     cache: KVCache | None = None,
     context: int | None = None,
+    enable_thinking: bool | None = None,
+    thinking_budget: int | None = None,
 ) -> Iterator[GenerationChunk]:
+    """Stream the answer to `prompt_ids` as text chunks.
+
+    For a tokenizer with `<think>`/`</think>`, every chunk also splits its text into `reasoning` and
+    `content` (`enable_thinking=False`: all content, unless the prompt itself opened `<think>`), and
+    `thinking_budget=N` caps the thinking at N tokens (see `engine.thinking`)."""
     t0 = time.perf_counter()
-    seq = Sequence(model, prompt_ids, params, max_new_tokens, tokenizer.eos_token_ids, cache, context)
+    tokens = thinking_tokens(tokenizer)
+    start_in_thinking = tokens is not None and prompt_opens_thinking(prompt_ids, tokens, tokenizer.eos_token_ids)
+    parser = ReasoningParser(enabled=tokens is not None and (enable_thinking is not False or start_in_thinking),
+                             start_in_thinking=start_in_thinking)
+    budget = None
+    check_thinking_budget(thinking_budget)
+    if thinking_budget is not None and tokens is not None:
+        budget = ThinkingBudget.for_tokenizer(tokenizer, thinking_budget, start_in_thinking)
+    seq = Sequence(model, prompt_ids, params, max_new_tokens, tokenizer.eos_token_ids, cache, context, budget)
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     matcher = _StopMatcher([s for s in stop if s])
     seq.prefill()
@@ -202,7 +242,11 @@ def stream_generate(
             # an unfinished character cut off by the token limit is dropped, not sent as U+FFFD
             text += matcher.feed(decoder.flush().rstrip("\ufffd"))
             text += "" if matcher.hit else matcher.flush()
+        reasoning, content = parser.feed(text)
+        if seq.finished:
+            rest = parser.finish()
+            reasoning, content = reasoning + rest[0], content + rest[1]
         yield GenerationChunk(
             text, token, logprob, seq.finish_reason, len(seq.prompt_ids), n, prompt_tps, gen_tps, ttft,
-            seq.reused_tokens,
+            seq.reused_tokens, reasoning, content,
         )

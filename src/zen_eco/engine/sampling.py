@@ -9,6 +9,11 @@ Penalties:
   divided by it when positive and multiplied when negative. 1.0 = off.
 - presence_penalty / frequency_penalty (OpenAI): subtract `presence` once for every token that
   occurs in the output so far, and `frequency` times its count. 0.0 = off.
+
+Per-mode defaults: for models with thinking tokens (`<think>`/`</think>`) the API and CLI fill
+temperature / top-p / top-k / min-p the caller did not set with Qwen3's recommendation for the mode
+(`mode_defaults`): thinking T 0.6, top-p 0.95, top-k 20, min-p 0; non-thinking T 0.7, top-p 0.8,
+top-k 20, min-p 0. Other models keep `SamplingParams`' own defaults.
 """
 
 from __future__ import annotations
@@ -62,6 +67,23 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+
+
+def mode_defaults(thinking: bool | None) -> dict[str, float]:
+    """The sampling fields to use when the caller set none: per thinking mode, or {} (None: the
+    model has no thinking mode, so `SamplingParams`' defaults apply)."""
+    if thinking is None:
+        return {}
+    return dict(THINKING_DEFAULTS if thinking else NON_THINKING_DEFAULTS)
+
+
+def params_for_mode(thinking: bool | None, **given) -> SamplingParams:
+    """`SamplingParams(**given)` with the fields not given filled from `mode_defaults(thinking)`."""
+    return SamplingParams(**(mode_defaults(thinking) | given))
 
 
 class Sampler:
