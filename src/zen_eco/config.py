@@ -1,8 +1,9 @@
 """Model configuration: one typed dataclass whose field names are config.json's.
 
-`ModelConfig.from_dict` accepts a Hugging Face config.json (qwen3, qwen2, llama), in either RoPE
-spelling (`rope_theta` + `rope_scaling`, or the newer `rope_parameters`), and drops keys it does
-not use. Presets live in `PRESETS`, each citing where its numbers come from.
+`ModelConfig.from_dict` accepts a Hugging Face config.json (qwen3, qwen2, llama, gemma3_text), in
+either RoPE spelling (`rope_theta` + `rope_scaling`, or the newer `rope_parameters`, also Gemma 3's
+per-layer-type form), and drops keys it does not use. Presets live in `PRESETS`, each citing where
+its numbers come from.
 """
 
 from __future__ import annotations
@@ -15,12 +16,26 @@ from typing import Any
 
 from .errors import ConfigError
 
-# model_type -> what that family's attention looks like. Everything else is shared.
+# model_type -> how that family differs from a plain llama block. Everything else is shared.
+#   qk_norm:     RMSNorm over each query/key head before RoPE
+#   gemma_norms: RMSNorm weights stored as offsets from 1 (the scale is 1 + w), and a second norm on
+#                each sublayer's output before it joins the residual stream (four norms per layer)
+#   embed_scale: token embeddings multiplied by sqrt(hidden_size)
 ARCHITECTURES: dict[str, dict[str, bool]] = {
-    "qwen3": {"qk_norm": True},
-    "qwen2": {"qk_norm": False},
-    "llama": {"qk_norm": False},
+    "qwen3": {"qk_norm": True, "gemma_norms": False, "embed_scale": False},
+    "qwen2": {"qk_norm": False, "gemma_norms": False, "embed_scale": False},
+    "llama": {"qk_norm": False, "gemma_norms": False, "embed_scale": False},
+    # Gemma 3's text decoder (also the language model inside the multimodal `gemma3` checkpoints).
+    # Its other differences are config fields: GELU-tanh MLP, query_pre_attn_scalar, sliding-window
+    # layers with their own RoPE base, final logit soft-capping (unset in Gemma 3).
+    "gemma3_text": {"qk_norm": True, "gemma_norms": True, "embed_scale": True},
 }
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Fields only some architectures use: left out of to_dict() while unset, so configs we write for the
+# other families stay as they were.
+_OPTIONAL_FIELDS = ("query_pre_attn_scalar", "sliding_window", "layer_types", "rope_local_base_freq",
+                    "final_logit_softcapping")
 
 
 @dataclass
@@ -40,7 +55,17 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # bias on q/k/v/o (llama, qwen3); qwen2 always has q/k/v bias and no o bias
     mlp_bias: bool = False
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # "silu" | "gelu_pytorch_tanh" (Gemma's config.json calls it hidden_activation)
+    # Attention logits are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
+    query_pre_attn_scalar: float | None = None
+    # Per layer "full_attention" or "sliding_attention" (None: all full). A sliding layer attends to
+    # the last `sliding_window` positions only, itself included.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    rope_local_base_freq: float | None = None  # RoPE base of sliding layers (None: rope_theta, same scaling)
+    # cap * tanh(logits / cap) on the output logits. (Gemma 3 configs also carry attn_logit_softcapping,
+    # but transformers' and llama.cpp's Gemma 3 never apply it; neither do we, so it is not read.)
+    final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str | None = None  # dtype the checkpoint was saved in; informational
@@ -52,8 +77,28 @@ class ModelConfig:
             )
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: silu")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.model_type == "gemma3_text":  # transformers' Gemma3TextConfig defaults
+            if self.query_pre_attn_scalar is None:
+                self.query_pre_attn_scalar = 256
+            if self.rope_local_base_freq is None:
+                self.rope_local_base_freq = 10_000.0
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(f"layer_types must list one type per layer ({self.num_hidden_layers}), "
+                                  f"got {self.layer_types!r}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ConfigError(f"unknown layer type {bad[0]!r}; supported: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and (
+                    not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
+                    or self.sliding_window <= 0):
+                raise ConfigError(f"sliding layers need a positive integer sliding_window, got {self.sliding_window!r}")
+        for name in ("query_pre_attn_scalar", "rope_local_base_freq", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number or null, got {value!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -69,6 +114,26 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         return ARCHITECTURES[self.model_type]["qk_norm"]
+
+    @property
+    def gemma_norms(self) -> bool:
+        return ARCHITECTURES[self.model_type]["gemma_norms"]
+
+    @property
+    def embed_scale(self) -> float | None:
+        """What token embeddings are multiplied by (None: nothing)."""
+        return self.hidden_size**0.5 if ARCHITECTURES[self.model_type]["embed_scale"] else None
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Softmax scale of attention logits (None: the usual head_dim ** -0.5)."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar**-0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """How many positions (itself included) layer `layer` attends to; None: all before it."""
+        if self.layer_types is not None and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def qkv_bias(self) -> bool:
@@ -93,7 +158,7 @@ class ModelConfig:
         attn += h if self.o_bias else 0
         attn += 2 * d if self.qk_norm else 0
         mlp = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+        per_layer = attn + mlp + (4 if self.gemma_norms else 2) * h  # RMSNorm weights
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + self.num_hidden_layers * per_layer + h + head
@@ -106,8 +171,32 @@ class ModelConfig:
         if "model_type" not in data:
             arch = (data.get("architectures") or [None])[0]
             raise ConfigError(f"config.json has no model_type (architectures={arch!r})")
+        if data["model_type"] == "gemma3":
+            raise ConfigError("model_type 'gemma3' is the multimodal Gemma 3 wrapper; only its text decoder "
+                              "(model_type 'gemma3_text', or a gemma3 GGUF file) is supported")
+        if data.get("use_bidirectional_attention"):
+            raise ConfigError("use_bidirectional_attention (an encoder-style model) is not supported")
+        if "hidden_activation" in data:  # Gemma's name for it (older Gemma configs carry both; this one rules)
+            data["hidden_act"] = data.pop("hidden_activation")
+        if data["model_type"] == "gemma3_text" and data.get("layer_types") is None:
+            # Older Gemma 3 configs give a period instead: every `pattern`-th layer is global.
+            pattern = data.get("sliding_window_pattern", data.get("_sliding_window_pattern", 6))
+            if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+                raise ConfigError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
+            layers = data.get("num_hidden_layers", cls.num_hidden_layers)
+            if isinstance(layers, int):
+                data["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                       for i in range(layers)]
         # Newer transformers write RoPE settings as one dict; fold it into the classic two fields.
         params = data.pop("rope_parameters", None)
+        if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+            # Per layer type (Gemma 3): full-attention layers carry the scaling, sliding ones only a base.
+            local = params.get("sliding_attention") or {}
+            if local.get("rope_type", local.get("type", "default")) != "default":
+                raise ConfigError(f"RoPE scaling on sliding-window layers is not supported: {local!r}")
+            if "rope_theta" in local:
+                data["rope_local_base_freq"] = local["rope_theta"]
+            params = params["full_attention"]
         if isinstance(params, dict):
             params = dict(params)
             if "rope_theta" in params:
@@ -136,11 +225,22 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """config.json as transformers writes it for this architecture."""
         out = dataclasses.asdict(self)
+        for name in _OPTIONAL_FIELDS:
+            if out[name] is None:
+                del out[name]
+        if self.model_type == "gemma3_text":
+            out["hidden_activation"] = out.pop("hidden_act")
+            out["rope_parameters"] = {
+                "full_attention": {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_base_freq},
+            }
+            del out["rope_theta"], out["rope_scaling"], out["rope_local_base_freq"]
         out["architectures"] = [ARCH_CLASS[self.model_type]]
         return out
 
 
-ARCH_CLASS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCH_CLASS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def _preset(**kw: Any) -> ModelConfig:

@@ -1,6 +1,8 @@
-"""The decoder: one PyTorch module for the qwen3, qwen2 and llama architectures.
+"""The decoder: one PyTorch module for the qwen3, qwen2, llama and gemma3 architectures.
 
-Differences between the families are config flags (QK-norm, q/k/v/o bias, tied embeddings, GQA).
+Differences between the families are config flags (QK-norm, q/k/v/o bias, tied embeddings, GQA;
+for Gemma 3: (1 + w) norms before and after each sublayer, scaled embeddings, GELU-tanh, a custom
+attention scale, sliding-window layers with their own RoPE table, optional final logit soft-capping).
 Projections are fused (q|k|v into one matmul, gate|up into one) because at batch 1 each matmul
 call costs tens of microseconds of overhead on a CPU; the checkpoint loader does the fusing.
 RMSNorm computes in float32 and RoPE uses rotate-half, as transformers' Qwen3/Llama do, so fp32
@@ -8,6 +10,8 @@ logits match theirs to rounding.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -19,28 +23,34 @@ from .rope import apply_rope_rolled, rope_cos_sin, rope_init, signed_sin
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        # unit_offset (Gemma): the checkpoint stores w and the scale is 1 + w, taken in float32.
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Output in the weight's dtype: the residual stream may be float32 while matmuls run in bf16.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(self.weight.dtype)
         return self.weight * x32.to(self.weight.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.gemma_norms) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.gemma_norms) if cfg.qk_norm else None
+        self.scale = cfg.attention_scale  # None: SDPA's default, head_dim ** -0.5
+        self.window = cfg.layer_window(layer)  # None: attend to every earlier position
 
     def forward(
         self,
@@ -49,7 +59,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # (T, D) with its first half negated (rope.signed_sin)
         cache: KVCache | None,
         layer: int,
-        mask: torch.Tensor | None,  # (T, S) bool, True = may attend; None = plain causal
+        mask: torch.Tensor | None,  # (T, S) bool, True = may attend; None = plain causal (within the window)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim, _ = self.split
@@ -65,15 +75,18 @@ class Attention(nn.Module):
         # q: (B, H, T, D), k and v: (B, H_kv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
+        if T == 1 and mask is None and self.window is not None and k.shape[2] > self.window:
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]  # a sliding layer sees the last `window` keys
         if T == 1 and mask is None:
             # One query per head: fold the query heads that share a KV head into the query-length
             # axis, so attention is two plain matmuls and K/V are never repeated.
             rep = self.n_heads // self.n_kv_heads
-            out = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v)
+            out = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v, scale=self.scale)
             out = out.reshape(B, 1, -1)
         else:
             causal = mask is None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                                 enable_gqa=True)
             out = out.transpose(1, 2).reshape(B, T, -1)
         return self.wo(out)
 
@@ -83,23 +96,31 @@ class MLP(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.w_down(gate * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)  # noqa: E731
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg)
+        # Gemma also normalises each sublayer's output before adding it to the residual stream.
+        self.attn_post_norm = norm() if cfg.gemma_norms else None
+        self.mlp_post_norm = norm() if cfg.gemma_norms else None
 
     def forward(self, x, cos, sin, cache, layer, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        x = x + (h if self.attn_post_norm is None else self.attn_post_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.mlp_post_norm is None else self.mlp_post_norm(h))
 
 
 class Transformer(nn.Module):
@@ -107,14 +128,22 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Sliding-window layers may have their own RoPE (Gemma 3: base rope_local_base_freq, unscaled).
+        self.windows = sorted({w for i in range(cfg.num_hidden_layers) if (w := cfg.layer_window(i)) is not None})
+        self.local_rope = bool(self.windows) and cfg.rope_local_base_freq is not None
         with torch.device("cpu"):  # a few floats; also when the model is built on the meta device
             inv_freq, self.attention_scaling = rope_init(cfg)
+            if self.local_rope:
+                local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_base_freq, rope_scaling=None)
+                inv_freq_local, self.local_attention_scaling = rope_init(local)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if self.local_rope:
+            self.register_buffer("inv_freq_local", inv_freq_local, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,18 +172,34 @@ class Transformer(nn.Module):
             cache.reserve(T)
         positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.attention_scaling, positions, self.dtype)
-        sin = signed_sin(sin)
-        mask = None
-        if start > 0 and T > 1:  # new tokens attend to the whole cached prefix and causally to each other
+        rope = (cos, signed_sin(sin))
+        local_rope = rope
+        if self.local_rope:
+            cos, sin = rope_cos_sin(self.inv_freq_local, self.local_attention_scaling, positions, self.dtype)
+            local_rope = (cos, signed_sin(sin))
+        # Masks: None means plain causal (decode steps of sliding layers slice their keys instead).
+        masks: dict[int | None, torch.Tensor | None] = {None: None}
+        if T > 1:
             key_pos = torch.arange(start + T, device=tokens.device)
-            mask = key_pos[None, :] <= positions[:, None]
+            if start > 0:  # new tokens attend to the whole cached prefix and causally to each other
+                masks[None] = key_pos[None, :] <= positions[:, None]
+            for w in self.windows:  # ... and sliding layers only to the last w positions
+                masks[w] = masks[None] if start + T <= w else (
+                    (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - w))
         # The residual stream stays float32 whatever the weights' dtype (as llama.cpp keeps it):
         # rounding it to bf16 after each of dozens of layers is the largest error a bf16 run has.
-        x = self.embed(tokens).float()
+        x = self.embed(tokens)
+        if self.config.embed_scale is not None:  # scaled in the weights' dtype, as the reference does
+            x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
+        x = x.float()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, mask)
+            window = layer.attn.window
+            cos, sin = local_rope if window is not None else rope
+            x = layer(x, cos, sin, cache, i, masks.get(window))
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap

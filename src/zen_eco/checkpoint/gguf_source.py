@@ -2,7 +2,12 @@
 
 llama.cpp's converter reorders the rows of Q and K for the `llama` architecture (its RoPE pairs
 adjacent dimensions, Hugging Face's pairs the two halves); we undo that here so one model and one
-RoPE serve every source. qwen2/qwen3 files use the half-split layout already.
+RoPE serve every source. qwen2/qwen3/gemma3 files use the half-split layout already.
+
+gemma3: llama.cpp's converter stores every RMSNorm weight as 1 + w (its kernel multiplies by the
+weight, Gemma's by 1 + w); we subtract the 1 again, as transformers does, so the tensors we hand out
+are Hugging Face's. What llama.cpp hard-codes rather than writes into the file (the sliding-window
+period 6, the local RoPE base 10000, the attention scale) we fill in the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from .gguf_file import GGUFFile
 from .gguf_quants import Q4_TYPES, dequantize, q4_codes
 from .names import gguf_to_hf, hf_to_gguf
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+# GGUF general.architecture -> our model_type, where they differ.
+MODEL_TYPES = {"gemma3": "gemma3_text"}
 # Tensors some converters add that our model derives itself.
 IGNORED_TENSORS = ("rope_freqs.weight",)
 
@@ -51,8 +58,11 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig
         if orig is not None:
             rope_scaling["original_max_position_embeddings"] = orig
     eos = _get(md, "tokenizer.ggml.eos_token_id", int, None)
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":
+        gemma = _gemma3_fields(md, hidden, heads)
     return ModelConfig(
-        model_type=arch,
+        model_type=MODEL_TYPES.get(arch, arch),
         vocab_size=tensors["token_embd.weight"].shape[0],
         hidden_size=hidden,
         intermediate_size=_get(md, f"{arch}.feed_forward_length", int),
@@ -68,7 +78,36 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig
         attention_bias=arch != "qwen2" and "blk.0.attn_q.bias" in tensors,
         bos_token_id=_get(md, "tokenizer.ggml.bos_token_id", int, None),
         eos_token_id=eos,
+        **gemma,
     )
+
+
+def _gemma3_fields(md: dict[str, Any], hidden: int, heads: int) -> dict[str, Any]:
+    """The Gemma 3 config fields, from the file where it has them and llama.cpp's constants where not."""
+    layers = _get(md, "gemma3.block_count", int)
+    head_dim = _get(md, "gemma3.attention.key_length", int, hidden // heads if heads else 0)
+    pattern = _get(md, "gemma3.attention.sliding_window_pattern", (int, list), 6)
+    if isinstance(pattern, list):  # newer converters: one flag per layer, true = sliding
+        if len(pattern) != layers or not all(isinstance(p, bool) for p in pattern):
+            raise CheckpointError(f"GGUF metadata 'gemma3.attention.sliding_window_pattern' is malformed: {pattern!r}")
+        sliding = pattern
+    else:
+        if pattern <= 0:
+            raise CheckpointError(f"GGUF metadata 'gemma3.attention.sliding_window_pattern' must be positive: {pattern}")
+        sliding = [bool((i + 1) % pattern) for i in range(layers)]
+    fields: dict[str, Any] = dict(
+        hidden_act="gelu_pytorch_tanh",
+        sliding_window=_get(md, "gemma3.attention.sliding_window", int),
+        layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+        rope_local_base_freq=float(_get(md, "gemma3.rope.freq_base_swa", (int, float), 10_000.0)),
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (62 layers), whose
+        # query_pre_attn_scalar is hidden_size / heads.
+        query_pre_attn_scalar=hidden // heads if layers == 62 and heads else head_dim,
+    )
+    cap = _get(md, "gemma3.final_logit_softcapping", (int, float), None)
+    if cap is not None:
+        fields["final_logit_softcapping"] = float(cap)
+    return fields
 
 
 def _unpermute_index(rows: int, n_heads: int) -> torch.Tensor:
@@ -82,15 +121,17 @@ class GGUFSource:
         self.file = GGUFFile(path)
         self.metadata = self.file.metadata
         self.config = config_from_gguf(self.metadata, self.file.tensors)
-        unknown = [n for n in self.file.tensors if gguf_to_hf(n) is None and n not in IGNORED_TENSORS]
+        self.model_type = self.config.model_type
+        unknown = [n for n in self.file.tensors
+                   if gguf_to_hf(n, self.model_type) is None and n not in IGNORED_TENSORS]
         if unknown:
             raise CheckpointError(f"{path}: tensors this architecture does not have, e.g. {unknown[0]!r}")
 
     def names(self) -> set[str]:
-        return {hf for n in self.file.tensors if (hf := gguf_to_hf(n)) is not None}
+        return {hf for n in self.file.tensors if (hf := gguf_to_hf(n, self.model_type)) is not None}
 
     def _lookup(self, name: str):
-        gname = hf_to_gguf(name)
+        gname = hf_to_gguf(name, self.model_type)
         info = self.file.tensors.get(gname) if gname else None
         if info is None:
             raise CheckpointError(f"tensor {name!r} ({gname}) is not in {self.path}")
@@ -109,6 +150,8 @@ class GGUFSource:
         gname, info = self._lookup(name)
         w = torch.from_numpy(dequantize(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
                                         what=f"{self.path}: {gname}"))
+        if self.config.gemma_norms and gname.endswith("norm.weight"):
+            w = w - 1.0  # stored as 1 + w (see the module docstring)
         order = self._row_order(gname, w.shape[0])
         return w if order is None else w[order]
 

@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
 from ..quant import Int4Linear, Q4Weight, int4_supported
-from .names import INTERNAL_TO_HF
+from .names import internal_to_hf
 from .resolve import resolve_model
 
 GGUF_MAGIC = b"GGUF"
@@ -75,11 +75,12 @@ def open_checkpoint(ref: str | os.PathLike | None) -> Checkpoint:
 
 def _internal_tensors(config: ModelConfig):
     """Yield (internal name, HF names) for every tensor the model has, layer by layer."""
-    for pattern, hf_patterns in INTERNAL_TO_HF.items():
+    table = internal_to_hf(config.model_type)
+    for pattern, hf_patterns in table.items():
         if "{}" not in pattern:
             yield pattern, hf_patterns
     for layer in range(config.num_hidden_layers):
-        for pattern, hf_patterns in INTERNAL_TO_HF.items():
+        for pattern, hf_patterns in table.items():
             if "{}" in pattern:
                 yield pattern.format(layer), tuple(p.format(layer) for p in hf_patterns)
 
@@ -157,7 +158,8 @@ def load_weights(
     model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.inv_freq = model.inv_freq.to(device)
+    for name, buffer in list(model.named_buffers(recurse=False)):  # RoPE frequencies (built on the CPU)
+        setattr(model, name, buffer.to(device))
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise CheckpointError(f"{ckpt.path}: no weights for {leftover[0]!r}")
