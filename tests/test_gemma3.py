@@ -280,6 +280,14 @@ def test_real_file_config(gemma3):
     assert cfg.num_parameters() == 268_098_176  # Gemma 3 270M
 
 
+def test_info_describes_the_sliding_layers(gemma3_gguf_path):
+    from zen_eco.info import describe
+
+    text = describe(str(gemma3_gguf_path))
+    assert "sliding window    512 tokens in 15 of 18 layers" in text
+    assert "Q4_K x27" in text and "Q6_K x9" in text
+
+
 def test_real_file_tensors_bit_identical_to_gguf_py(gemma3_gguf_path):
     gguf = pytest.importorskip("gguf")
     from gguf.quants import dequantize as ref_dequantize

@@ -7,6 +7,14 @@ from collections import Counter
 from .config import PRESETS, ModelConfig, preset
 
 
+def _window_lines(cfg: ModelConfig) -> list[str]:
+    windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
+    sliding = [w for w in windows if w is not None]
+    if not sliding:
+        return []
+    return [f"sliding window    {sliding[0]} tokens in {len(sliding)} of {len(windows)} layers"]
+
+
 def _config_lines(cfg: ModelConfig) -> list[str]:
     n = cfg.num_parameters()
     rope = cfg.rope_scaling or {"rope_type": "default"}
@@ -22,6 +30,7 @@ def _config_lines(cfg: ModelConfig) -> list[str]:
         f"context           {cfg.max_position_embeddings}",
         f"rope              theta {cfg.rope_theta:g}, {rope.get('rope_type', rope.get('type'))}",
         f"tied embeddings   {cfg.tie_word_embeddings}",
+        *_window_lines(cfg),
         f"kv cache / token  {2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2:,} bytes in bf16",
     ]
 
