@@ -44,7 +44,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
+        self.q_dim, self.kv_dim = q_dim, kv_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.gemma_norms) if cfg.qk_norm else None
@@ -62,8 +62,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,  # (T, S) bool, True = may attend; None = plain causal (within the window)
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q_dim, kv_dim, _ = self.split
-        qk, v = self.wqkv(x).split((q_dim + kv_dim, kv_dim), dim=-1)
+        qk, v = self.wqkv(x).split((self.q_dim + self.kv_dim, self.kv_dim), dim=-1)
         qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:

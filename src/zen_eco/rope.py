@@ -141,15 +141,10 @@ def rope_cos_sin(
     return cos.to(dtype), sin.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dim: pairs dim i with dim i + D/2 (GPT-NeoX layout)."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin broadcastable (T, D) or (B, 1, T, D) — rotate-half (GPT-NeoX) convention: x*cos + rotate_half(x)*sin."""
-    return x * cos + _rotate_half(x) * sin
+    """x: (B, H, T, D); cos/sin broadcastable (T, D) or (B, 1, T, D) — rotate-half (GPT-NeoX)
+    convention: x*cos + rotate_half(x)*sin, where rotate_half(x1, x2) = (-x2, x1)."""
+    return apply_rope_rolled(x, cos, signed_sin(sin))
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -159,9 +154,9 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Same result as `apply_rope`, in fewer ops for the decode hot path.
+    """`apply_rope` with the sin table already signed (the model builds it once per forward).
 
     rotate_half(x) * sin = cat(-x2, x1) * cat(s1, s2) = roll(x, D/2) * cat(-s1, s2): the sign moves
-    from the data to the table, which is built once per forward instead of once per layer.
+    from the data to the table, so each layer does one roll instead of chunk, negate and cat.
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

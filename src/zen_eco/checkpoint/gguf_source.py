@@ -155,10 +155,6 @@ class GGUFSource:
         order = self._row_order(gname, w.shape[0])
         return w if order is None else w[order]
 
-    def is_quantized(self, name: str) -> bool:
-        """Whether the file stores this tensor in a quantized (not plain float) format."""
-        return self._lookup(name)[1].ggml_type not in (0, 1, 30)  # F32, F16, BF16
-
     def get_q4(self, name: str) -> Q4Weight | None:
         """The tensor's 4-bit codes, scales and offsets if it is stored as Q4_0/Q4_1, else None."""
         gname, info = self._lookup(name)

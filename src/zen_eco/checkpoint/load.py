@@ -20,10 +20,9 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
 from ..quant import Int4Linear, Q4Weight, int4_supported
+from .gguf_file import GGUF_MAGIC
 from .names import internal_to_hf
 from .resolve import resolve_model
-
-GGUF_MAGIC = b"GGUF"
 
 
 class TensorSource(Protocol):
