@@ -10,6 +10,7 @@ for rolling back speculative or rejected tokens).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ContextLengthError
 
@@ -63,6 +64,20 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               window: int | None) -> torch.Tensor:
+        """One decode step of attention: store k, v (1, H_kv, 1, D) and attend q (1, H, 1, D) to every
+        cached position (the last `window` ones for a sliding layer). Returns (1, H, D).
+
+        The query heads that share a KV head are folded into the query-length axis, so attention is
+        two plain matmuls and K/V are never repeated. A quantized cache overrides this method."""
+        keys, values = self.update(layer, k, v)
+        if window is not None and keys.shape[2] > window:
+            keys, values = keys[:, :, -window:], values[:, :, -window:]
+        h_kv, d = keys.shape[1], keys.shape[3]
+        out = F.scaled_dot_product_attention(q.view(1, h_kv, -1, d), keys, values, scale=scale)
+        return out.reshape(1, -1, d)
 
     def advance(self, n: int) -> None:
         """Mark n more positions valid (after every layer wrote them)."""

@@ -55,9 +55,9 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, hidden)
-        cos: torch.Tensor,  # (T, D)
-        sin: torch.Tensor,  # (T, D) with its first half negated (rope.signed_sin)
-        cache: KVCache | None,
+        cos: torch.Tensor,  # (T, D), or (B, 1, 1, D) for a batched decode step
+        sin: torch.Tensor,  # like cos, with its first half negated (rope.signed_sin)
+        cache: KVCache | list[KVCache] | None,  # a list: batched decode, row b continues cache b
         layer: int,
         mask: torch.Tensor | None,  # (T, S) bool, True = may attend; None = plain causal (within the window)
     ) -> torch.Tensor:
@@ -72,21 +72,19 @@ class Attention(nn.Module):
         else:  # q and k are adjacent in the fused output: one RoPE call covers both
             q, k = apply_rope_rolled(qk.transpose(1, 2), cos, sin).split((self.n_heads, self.n_kv_heads), dim=1)
         # q: (B, H, T, D), k and v: (B, H_kv, T, D)
+        if T == 1 and mask is None and cache is not None:
+            caches = cache if isinstance(cache, list) else [cache]
+            rows = [c.attend(layer, q[b : b + 1], k[b : b + 1], v[b : b + 1], self.scale, self.window)
+                    for b, c in enumerate(caches)]
+            return self.wo((rows[0] if B == 1 else torch.cat(rows)).reshape(B, 1, -1))
+        if isinstance(cache, list):
+            raise ValueError("a list of caches (batched decode) takes one new token per row")
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
-        if T == 1 and mask is None and self.window is not None and k.shape[2] > self.window:
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]  # a sliding layer sees the last `window` keys
-        if T == 1 and mask is None:
-            # One query per head: fold the query heads that share a KV head into the query-length
-            # axis, so attention is two plain matmuls and K/V are never repeated.
-            rep = self.n_heads // self.n_kv_heads
-            out = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v, scale=self.scale)
-            out = out.reshape(B, 1, -1)
-        else:
-            causal = mask is None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                                 enable_gqa=True)
-            out = out.transpose(1, 2).reshape(B, T, -1)
+        causal = mask is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B, T, -1)
         return self.wo(out)
 
 
@@ -162,20 +160,33 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,  # (B, T) int64
-        cache: KVCache | None = None,
+        cache: KVCache | list[KVCache] | None = None,
         last_only: bool = False,  # return logits for the last position only (prefill for generation)
     ) -> torch.Tensor:  # (B, T or 1, vocab) in float32
-        T = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            cache.reserve(T)
-        positions = torch.arange(start, start + T, device=tokens.device)
+        """Run `tokens` after what `cache` holds. A list of B caches is a batched decode step (T = 1):
+        row b is the next token of the sequence held by cache b, at that cache's own position, so
+        sequences of different lengths share one pass through the weights."""
+        B, T = tokens.shape
+        caches = cache if isinstance(cache, list) else [cache] if cache is not None else []
+        if isinstance(cache, list) and (T != 1 or len(cache) != B):
+            raise ValueError(f"batched decode needs one token per cache: got tokens {tuple(tokens.shape)} for {len(cache)} caches")
+        for c in caches:
+            c.reserve(T)
+        if isinstance(cache, list):
+            start = 0
+            positions = torch.tensor([[c.length] for c in caches], device=tokens.device)  # (B, 1)
+        else:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.attention_scaling, positions, self.dtype)
         rope = (cos, signed_sin(sin))
         local_rope = rope
         if self.local_rope:
             cos, sin = rope_cos_sin(self.inv_freq_local, self.local_attention_scaling, positions, self.dtype)
             local_rope = (cos, signed_sin(sin))
+        if positions.dim() == 2:  # (B, 1, D) tables broadcast over the heads as (B, 1, 1, D)
+            rope = tuple(t.unsqueeze(1) for t in rope)
+            local_rope = tuple(t.unsqueeze(1) for t in local_rope)
         # Masks: None means plain causal (decode steps of sliding layers slice their keys instead).
         masks: dict[int | None, torch.Tensor | None] = {None: None}
         if T > 1:
@@ -195,8 +206,8 @@ class Transformer(nn.Module):
             window = layer.attn.window
             cos, sin = local_rope if window is not None else rope
             x = layer(x, cos, sin, cache, i, masks.get(window))
-        if cache is not None:
-            cache.advance(T)
+        for c in caches:
+            c.advance(T)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x)).float()
