@@ -148,6 +148,17 @@ class ZenModel:
         accepted in `template_kwargs`) or `thinking_budget=0`; otherwise the latest `/think` or
         `/no_think` in the user messages decides. The template gets `enable_thinking` accordingly;
         `thinking_budget=N` (0..131072) closes the block after N thinking tokens."""
+        if enable_thinking is None:
+            enable_thinking = (template_kwargs or {}).get("enable_thinking")
+        ids, mode = self.chat_prompt(messages, enable_thinking, thinking_budget, template_kwargs)
+        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs, mode, thinking_budget,
+                         enable_thinking)
+
+    def chat_prompt(self, messages: list[dict[str, Any]], enable_thinking: bool | None = None,
+                    thinking_budget: int | None = None, template_kwargs: dict[str, Any] | None = None,
+                    ) -> tuple[list[int], bool | None]:
+        """The prompt ids for a conversation and its thinking mode (None: the model has none), by
+        the rules of `chat`; a server renders requests with this and generates with its scheduler."""
         template_kwargs = dict(template_kwargs or {})
         check_thinking_budget(thinking_budget)
         if enable_thinking is None:
@@ -157,9 +168,7 @@ class ZenModel:
             template_kwargs["enable_thinking"] = mode
         elif enable_thinking is not None:
             template_kwargs.setdefault("enable_thinking", enable_thinking)  # templates that read it anyway
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)
-        return self._run(ids, max_tokens, stream, stop, sampling, sampling_kwargs, mode, thinking_budget,
-                         enable_thinking)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs), mode
 
     def _run(self, ids, max_tokens, stream, stop, sampling, sampling_kwargs, mode=None, thinking_budget=None,
              enable_thinking=None):

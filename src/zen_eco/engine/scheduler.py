@@ -79,9 +79,10 @@ class Handle:
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def get(self, timeout: float | None = None) -> GenerationChunk | None:
-        """The next chunk, or None at the end; raises the request's error if it failed."""
-        item = self.chunks.get(timeout=timeout)
+    def get(self, timeout: float | None = None, block: bool = True) -> GenerationChunk | None:
+        """The next chunk, or None at the end; raises the request's error if it failed (and
+        queue.Empty when nothing came within `timeout`, or at once with block=False)."""
+        item = self.chunks.get(block=block, timeout=timeout)
         if item is _DONE:
             return None
         if isinstance(item, BaseException):

@@ -1,0 +1,1 @@
+"""`zen-eco serve`: an OpenAI- and Ollama-compatible HTTP server over the continuous-batching scheduler."""
