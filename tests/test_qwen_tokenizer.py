@@ -1,8 +1,9 @@
 """The Zen-Eco (= Qwen3) tokenizer built offline from Qwen's BPE ranks, and its chat template.
 
 References:
-* tests/data/qwen3_reference.json: token ids, each with its source (published, recalled from
-  public dumps, or structural);
+* tests/data/qwen3_reference.json: token ids published by others and made by the reference
+  tokenizer (llama.cpp's Qwen2 vocab test, transformers' Qwen2 / Qwen2.5-VL / Qwen2-Audio tests,
+  Qwen3's tokenizer_config), each naming its source and the commit it was read at;
 * tiktoken running the same ranks file with the same split regex: an independent BPE
   implementation, so our merges-from-ranks conversion is checked on real text;
 * chat prompts: strings written here from Qwen3's documented ChatML-with-thinking format.
@@ -88,6 +89,11 @@ def test_sizes_and_special_tokens(tok):
     not_special = set(ref["special_flag_false"])
     for i, t in added.items():
         assert t.special == (t.content not in not_special), t.content
+
+
+def test_every_reference_names_a_source():
+    for case in REFERENCE["encode"] + [REFERENCE["special_tokens"]]:
+        assert any(case["source"].startswith(key) for key in REFERENCE["sources"]), case
 
 
 @pytest.mark.parametrize("case", REFERENCE["encode"], ids=lambda c: repr(c["text"])[:30])

@@ -4,10 +4,26 @@
 either RoPE spelling (`rope_theta` + `rope_scaling`, or the newer `rope_parameters`, also Gemma 3's
 per-layer-type form), and drops keys it does not use. Presets live in `PRESETS`, each citing where
 its numbers come from.
+
+Long context (when YaRN is on). Qwen3 — and so Zen-Eco — was pretrained on 32,768-token sequences
+and ships with 40,960 positions of plain RoPE (32K context + 8K of output). Longer windows need RoPE
+scaling, and Qwen documents static YaRN for it (QwenLM/Qwen3 docs, "Enabling Long Context": factor 4.0
+over original_max_position_embeddings 32768 for 131,072 tokens). Static YaRN rescales every position,
+short prompts included, which Qwen notes may cost quality on short texts; so the rule, written out in
+`rope_scaling_for_window`, is the one Qwen gives for vLLM, SGLang and transformers:
+  * a window of at most 40,960 positions keeps plain RoPE (`zen-eco-4b`);
+  * a longer window switches YaRN on with original_max_position_embeddings 32768 and
+    factor = window / 32768, so factor x original covers the window exactly (131,072 -> 4.0, as Qwen
+    documents; 32K prompt + 128K thinking = 163,840 -> 5.0, `zen-eco-4b-thinking`), and
+    max_position_embeddings = window (what Qwen's own config.json example sets; transformers 4.52.3,
+    Qwen's docs note, took the factor from max_position_embeddings / original: the same number then).
+A larger rope base (rope_theta) would also cover 160K, but only for a model trained at that base:
+the weights were trained at 1e6, and YaRN is the extension Qwen validated for them without training.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -244,21 +260,52 @@ ARCH_CLASS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama":
 
 
 def _preset(**kw: Any) -> ModelConfig:
-    return ModelConfig(**kw)
+    return ModelConfig(**copy.deepcopy(kw))  # a config of its own: editing it leaves PRESETS alone
+
+
+# Qwen3's pretraining sequence length (YaRN's original_max_position_embeddings) and the positions its
+# config.json serves with plain RoPE (32K prompt + 8K output). QwenLM/Qwen3 docs, "Enabling Long Context".
+QWEN3_NATIVE_CONTEXT = 32_768
+QWEN3_PLAIN_ROPE_POSITIONS = 40_960
+
+
+def rope_scaling_for_window(window: int, native: int = QWEN3_NATIVE_CONTEXT,
+                            plain_limit: int = QWEN3_PLAIN_ROPE_POSITIONS) -> dict[str, Any] | None:
+    """The RoPE scaling a model pretrained on `native` tokens needs for a `window`-token context.
+
+    None (plain RoPE) up to `plain_limit` positions; beyond it static YaRN with factor window / native,
+    so that factor x native == window (see the module docstring for why).
+    """
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ConfigError(f"context window must be a positive integer, got {window!r}")
+    if window <= plain_limit:
+        return None
+    return {"rope_type": "yarn", "factor": window / native, "original_max_position_embeddings": native}
 
 
 # Each preset cites its source. zen-eco-4b is Qwen3-4B's shape (Qwen/Qwen3-4B config.json);
 # the tiny ones exist so tests and benchmarks run in seconds.
+# Qwen/Qwen3-4B config.json: 36 layers, hidden 2560, 32/8 heads, head_dim 128, ffn 9728,
+# vocab 151936, rope_theta 1e6, tied embeddings, eps 1e-6, 40960 positions (32K usable context).
+_ZEN_ECO_4B: dict[str, Any] = dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+    num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=[151645, 151643],
+    torch_dtype="bfloat16",
+)
+# A 32K prompt plus the largest thinking budget (131,072 tokens, the engine's thinking_budget limit).
+THINKING_WINDOW = QWEN3_NATIVE_CONTEXT + 131_072  # 163,840
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # Qwen/Qwen3-4B config.json: 36 layers, hidden 2560, 32/8 heads, head_dim 128, ffn 9728,
-    # vocab 151936, rope_theta 1e6, tied embeddings, eps 1e-6, 40960 positions (32K usable context).
-    "zen-eco-4b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=[151645, 151643],
-        torch_dtype="bfloat16",
-    ),
+    "zen-eco-4b": _ZEN_ECO_4B,
+    # The same weights' shape with positions for THINKING_WINDOW tokens: past 40,960, so by
+    # rope_scaling_for_window YaRN is on, factor 163,840 / 32,768 = 5.0 over the 32K-trained base
+    # (attention factor 0.1 ln 5 + 1 = 1.161). Same parameters; only RoPE and the window differ.
+    "zen-eco-4b-thinking": {
+        **_ZEN_ECO_4B, "max_position_embeddings": THINKING_WINDOW,
+        "rope_scaling": rope_scaling_for_window(THINKING_WINDOW),
+    },
     # Test-size qwen3 with the real Qwen3 vocabulary, so the real tokenizer can drive it.
     "zen-eco-tiny": dict(
         model_type="qwen3", vocab_size=151936, hidden_size=64, intermediate_size=128,

@@ -15,9 +15,17 @@ def _window_lines(cfg: ModelConfig) -> list[str]:
     return [f"sliding window    {sliding[0]} tokens in {len(sliding)} of {len(windows)} layers"]
 
 
+def _rope_line(cfg: ModelConfig) -> str:
+    """`theta 1e+06, default` or, when scaled, the type and its parameters as config.json spells them."""
+    rope = dict(cfg.rope_scaling or {"rope_type": "default"})
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    params = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in rope.items())
+    return f"theta {cfg.rope_theta:g}, {kind}" + (f" ({params})" if params else "")
+
+
 def _config_lines(cfg: ModelConfig) -> list[str]:
     n = cfg.num_parameters()
-    rope = cfg.rope_scaling or {"rope_type": "default"}
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, 2 bytes each
     return [
         f"architecture      {cfg.model_type}",
         f"parameters        {n:,} ({n / 1e9:.2f}B)",
@@ -28,10 +36,11 @@ def _config_lines(cfg: ModelConfig) -> list[str]:
         f"qk-norm           {cfg.qk_norm}",
         f"vocabulary        {cfg.vocab_size}",
         f"context           {cfg.max_position_embeddings}",
-        f"rope              theta {cfg.rope_theta:g}, {rope.get('rope_type', rope.get('type'))}",
+        f"rope              {_rope_line(cfg)}",
         f"tied embeddings   {cfg.tie_word_embeddings}",
         *_window_lines(cfg),
-        f"kv cache / token  {2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2:,} bytes in bf16",
+        f"kv cache / token  {kv_token:,} bytes in bf16",
+        f"kv cache, full    {kv_token * cfg.max_position_embeddings / 1e9:.2f} GB in bf16 at {cfg.max_position_embeddings:,} tokens",
     ]
 
 
