@@ -104,3 +104,20 @@ def gguf_craft() -> SimpleNamespace:
         kv_array=_kv_array, tensor_info=_tensor_info, build=_build, parts=_valid_parts,
         valid=lambda: _build(**_valid_parts()),
     )
+
+
+def opens_thinking_tiny(directory: Path):
+    """A random `zen-eco-tiny` (the real Qwen3 tokenizer), float32, whose chat template opens
+    `<think>` in the prompt when thinking is on (as Qwen3's thinking-only releases do), so its random
+    output always has a reasoning part to route."""
+    import zen_eco
+    from zen_eco.init import init_checkpoint
+    from zen_eco.tokenizer.qwen import QWEN3_CHAT_TEMPLATE
+
+    d = init_checkpoint("zen-eco-tiny", directory, dtype="float32")
+    tail = "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    assert tail in QWEN3_CHAT_TEMPLATE
+    opens = QWEN3_CHAT_TEMPLATE.replace(tail, "{%- if enable_thinking is not defined or enable_thinking -%}"
+                                        "{{- '<think>' ~ NL -}}{%- endif -%}" + tail)
+    (d / "chat_template.jinja").write_text(opens, encoding="utf-8")
+    return zen_eco.load(str(d), dtype="float32", device="cpu")

@@ -7,7 +7,8 @@
         print(chunk.text, end="")
 
 `ZenModel` keeps one KV cache and reuses the longest common prefix between calls, so the second
-turn of a chat only computes the new tokens.
+turn of a chat only computes the new tokens. `load(..., kv_cache="int8" | "int4" | "int2")` stores
+that cache quantized (see `kv_quant`; default "bf16": the model's own dtype).
 
 Thinking mode (models whose tokenizer has `<think>`/`</think>`, e.g. Zen-Eco and Qwen3): on by
 default; `enable_thinking=False` turns it off, `/think` and `/no_think` in user messages switch it
@@ -30,6 +31,7 @@ from .engine.sampling import SamplingParams, params_for_mode
 from .engine.thinking import check_thinking_budget, resolve_thinking, thinking_tokens
 from .errors import ZenError
 from .kv_cache import KVCache
+from .kv_quant import check_kv_format
 from .model import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -77,11 +79,13 @@ class GenerationResult:
 
 
 class ZenModel:
-    def __init__(self, model: Transformer, tokenizer, path: str, context: int | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer, path: str, context: int | None = None,
+                 kv_cache: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.kv_cache = None if kv_cache is None else check_kv_format(kv_cache)  # None: the model's kv_format
         self._cache: KVCache | None = None
 
     @property
@@ -102,7 +106,7 @@ class ZenModel:
 
     def _shared_cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(max_tokens=self.context)
+            self._cache = self.model.new_cache(max_tokens=self.context, kv_format=self.kv_cache)
         return self._cache
 
     def generate(
@@ -204,7 +208,7 @@ class ZenModel:
             raise ZenError(f"{ids.shape[1]} tokens exceed the context of {self.context}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ZenError(f"token ids must be in [0, {self.config.vocab_size})")
-        cache = self.model.new_cache(max_tokens=ids.shape[1])
+        cache = self.model.new_cache(max_tokens=ids.shape[1], kv_format=self.kv_cache)
         out = [self.model(ids[:, i : i + 512], cache)[0] for i in range(0, ids.shape[1], 512)]
         return torch.cat(out)
 
@@ -224,16 +228,25 @@ def load(
     threads: int | None = None,
     progress: bool = False,
     quant: str = "auto",
+    kv_cache: str = "bf16",
 ) -> ZenModel:
     """Load a model: a GGUF file, a Hugging Face directory, a Hub id, or None for the bundled default.
 
+    kv_cache: how KV caches store keys and values — "bf16" (the model's dtype), "int8", "int4" or
+    "int2" (KIVI-style 2-bit; see zen_eco.kv_quant for formats and measured quality). It becomes the
+    model's `kv_format`, so every cache made for it (the API's, a server's) uses it.
+
     quant="auto" keeps a GGUF file's 4-bit (Q4_0/Q4_1) matrices packed where a fast kernel exists
-    (CPU with bf16); quant="none" dequantizes every weight to `dtype`."""
+    (CPU with bf16) and a `zen-eco quantize` checkpoint as stored; quant="none" dequantizes every
+    weight to `dtype`; "int8", "int4" (group 32), "int4-g64", "int4-g128" quantize the layers'
+    matrices while loading (see `checkpoint.load_weights`)."""
     set_threads(threads)
+    kv_cache = check_kv_format(kv_cache)  # before the weights load: fail fast
     dev = pick_device(device)
     ckpt = open_checkpoint(ref)
     tokenizer = ckpt.tokenizer()
     model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress, quant=quant)
     if context is not None and context < 1:
         raise ZenError(f"context must be >= 1, got {context}")
+    model.kv_format = kv_cache
     return ZenModel(model, tokenizer, str(ckpt.path), context)

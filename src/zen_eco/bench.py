@@ -73,19 +73,22 @@ def weights_summary(model) -> str:
 
 
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
-              device: str, repeats: int, json_out: bool, quant: str = "auto") -> dict:
+              device: str, repeats: int, json_out: bool, quant: str = "auto", kv_cache: str = "bf16") -> dict:
     from .api import pick_device, pick_dtype, set_threads
     from .checkpoint import load_weights, open_checkpoint
     from .errors import ZenError
+    from .kv_quant import check_kv_format
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
         raise ZenError("prompt tokens, gen tokens and repeats must all be >= 1")
     set_threads(threads)
+    kv_cache = check_kv_format(kv_cache)
     dev = pick_device(device)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_ref)
     model = load_weights(ckpt, pick_dtype(dtype, dev), dev, quant=quant)
     load_s = time.perf_counter() - t0
+    model.kv_format = kv_cache
     if prompt_tokens + gen_tokens + 1 > model.config.max_position_embeddings:
         raise ZenError(f"{prompt_tokens} + {gen_tokens} tokens exceed the model's context")
     result = {
@@ -93,6 +96,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         "model": str(ckpt.path),
         "dtype": str(model.dtype).removeprefix("torch."),
         "weights": weights_summary(model),
+        "kv_cache": kv_cache,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
@@ -106,7 +110,8 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['weights']}, {result['device']}, {result['threads']} threads)")
+        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['weights']}, KV {kv_cache}, {result['device']}, "
+                            f"{result['threads']} threads)")
         for col in ("prefill tok/s", "decode tok/s", "first token ms", "peak RSS MB", "load s"):
             table.add_column(col, justify="right")
         table.add_row(f"{result['prefill_tok_s']:.1f}", f"{result['decode_tok_s']:.1f}", f"{result['ttft_ms']:.0f}",

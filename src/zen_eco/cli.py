@@ -1,4 +1,4 @@
-"""The `zen-eco` command: run, chat, info, init, bench.
+"""The `zen-eco` command: run, chat, info, init, bench, quantize, perplexity.
 
 Flags follow llama.cpp where it has one (-m, -n, -t, -c, --temp, --top-k, --top-p, --min-p,
 --repeat-penalty, --seed). Errors we raise on purpose (ZenError) print one line and exit 1;
@@ -38,7 +38,11 @@ ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads (default: P
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context window in tokens (default: the model's).")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-QuantOpt = typer.Option("auto", "--quant", help="auto: keep a GGUF's 4-bit weights packed where a fast kernel exists (CPU, bf16); none: dequantize all.")
+QuantOpt = typer.Option("auto", "--quant", help="auto: a quantized checkpoint as stored, a GGUF's 4-bit weights packed where a fast "
+                        "kernel exists (CPU, bf16); none: dequantize all; int8, int4 (group 32), int4-g64, int4-g128: "
+                        "quantize the layers' weights while loading.")
+KvCacheOpt = typer.Option("bf16", "--kv-cache", help="How the KV cache stores keys and values: bf16 (the model's dtype), "
+                          "int8, int4 or int2 (KIVI-style 2-bit; the 160K-token window in ~4 GB for zen-eco-4b).")
 SystemOpt = typer.Option(None, "--system", help="System prompt.")
 StopOpt = typer.Option(None, "--stop", help="Stop string (repeatable).")
 ThinkOpt = typer.Option(None, "--think/--no-think", show_default=False,
@@ -108,11 +112,11 @@ class _ThinkingPrinter:
         sys.stdout.flush()
 
 
-def _load(model, dtype, device, ctx_size, threads, quant):
+def _load(model, dtype, device, ctx_size, threads, quant, kv_cache="bf16"):
     from .api import load
 
     return load(model, dtype=dtype, device=device, context=ctx_size, threads=threads, progress=sys.stderr.isatty(),
-                quant=quant)
+                quant=quant, kv_cache=kv_cache)
 
 
 def _stats(chunk) -> str:
@@ -127,7 +131,7 @@ def run(
     top_p: float = TopPOpt, min_p: float = MinPOpt, repeat_penalty: float = RepeatOpt,
     presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt, seed: Optional[int] = SeedOpt,
     threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt, dtype: str = DtypeOpt,
-    device: str = DeviceOpt, quant: str = QuantOpt, system: Optional[str] = SystemOpt,
+    device: str = DeviceOpt, quant: str = QuantOpt, kv_cache: str = KvCacheOpt, system: Optional[str] = SystemOpt,
     stop: Optional[list[str]] = StopOpt,
     raw: bool = typer.Option(False, "--raw", help="Continue the prompt as plain text, without the chat template."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Print speed figures to stderr at the end."),
@@ -136,7 +140,7 @@ def run(
     """Generate one answer to PROMPT and stream it to the terminal."""
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed,
                        thinking_budget)
-    zm = _load(model, dtype, device, ctx_size, threads, quant)
+    zm = _load(model, dtype, device, ctx_size, threads, quant, kv_cache)
     thinking = dict(enable_thinking=think, thinking_budget=thinking_budget)
     if raw or zm.tokenizer.chat_template is None:
         chunks = zm.generate(prompt, max_tokens, stream=True, stop=stop or (), **thinking, **params)
@@ -157,8 +161,8 @@ def chat(
     temperature: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     repeat_penalty: float = RepeatOpt, presence_penalty: float = PresenceOpt, frequency_penalty: float = FrequencyOpt,
     seed: Optional[int] = SeedOpt, threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt,
-    dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt, system: Optional[str] = SystemOpt,
-    think: Optional[bool] = ThinkOpt, thinking_budget: Optional[int] = BudgetOpt, hide_thinking: bool = HideOpt,
+    dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt, kv_cache: str = KvCacheOpt,
+    system: Optional[str] = SystemOpt, think: Optional[bool] = ThinkOpt, thinking_budget: Optional[int] = BudgetOpt, hide_thinking: bool = HideOpt,
 ) -> None:
     """Talk with the model. History is kept (and its KV cache reused); /clear forgets it, /exit or Ctrl-D leaves.
 
@@ -171,7 +175,7 @@ def chat(
     console = Console(stderr=True)
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed,
                        thinking_budget)
-    zm = _load(model, dtype, device, ctx_size, threads, quant)
+    zm = _load(model, dtype, device, ctx_size, threads, quant, kv_cache)
     if zm.tokenizer.chat_template is None:
         raise ZenError(f"{zm.path} has no chat template; use `zen-eco run --raw` for plain completion")
     base = [{"role": "system", "content": system}] if system else []
@@ -232,13 +236,70 @@ def bench(
     prompt_tokens: int = typer.Option(512, "-p", "--prompt-tokens", help="Prompt length for the prefill figure."),
     gen_tokens: int = typer.Option(128, "-n", "--gen-tokens", help="Tokens to decode for the decode figure."),
     threads: Optional[int] = ThreadsOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt,
-    repeats: int = typer.Option(3, "-r", "--repeats", help="Runs per figure; the best is reported."),
+    kv_cache: str = KvCacheOpt, repeats: int = typer.Option(3, "-r", "--repeats", help="Runs per figure; the best is reported."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Measure prefill tok/s, decode tok/s, time to first token and peak RSS."""
     from .bench import run_bench
 
-    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out, quant)
+    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out, quant, kv_cache)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Hugging Face directory (config.json + safetensors) or Hub id."),
+    to: str = typer.Option(..., "--to", help="int8 (per output channel, symmetric) or int4 (groups, asymmetric)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="int4 group size: 32 (default), 64 or 128."),
+    output: str = typer.Option(..., "-o", "--output", help="Directory to write; must not exist or be empty."),
+) -> None:
+    """Write a weight-only INT8/INT4 checkpoint (safetensors + quantization_config) that loads without re-quantizing."""
+    from .quantize import quantize_checkpoint
+
+    typer.echo(str(quantize_checkpoint(model, output, to, group_size, progress=sys.stderr.isatty())))
+
+
+@app.command()
+def perplexity(
+    model: str = typer.Argument("default", help="Model reference."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Window length in tokens; each window is scored on its second half."),
+    tokens: int = typer.Option(32768, "--tokens", help="Use the first N tokens of the text."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text file, plain or .gz (default: WikiText-2 test, ../shared/data/wikitext2_test.raw.gz)."),
+    threads: Optional[int] = ThreadsOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt,
+) -> None:
+    """Perplexity over consecutive CTX-token windows, computed the way llama.cpp's llama-perplexity does."""
+    from .perplexity import default_text_path, perplexity as run_perplexity, read_text
+
+    body = read_text(text if text is not None else default_text_path())  # before the model: fail fast
+    zm = _load(model, dtype, device, None, threads, quant)
+    typer.echo(str(run_perplexity(zm, body, ctx, tokens, progress=sys.stderr.isatty())))
+
+
+@app.command()
+def serve(
+    model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]", show_default=False,
+                                              help="Model reference (the same as -m)."),
+    model: str = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 serves every interface."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 = any free one."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ZEN_ECO_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on /v1 and /api routes."),
+    cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", show_default=False,
+                                                    help="Browser origin allowed to call the API (repeatable; '*' = any)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together in one step."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond the batch; more get 429."),
+    max_tokens: Optional[int] = typer.Option(None, "-n", "--max-tokens", show_default=False,
+                                             help="Cap on tokens one request generates (default: the context)."),
+    name: Optional[str] = typer.Option(None, "--model-name", show_default=False,
+                                       help="Model id in /v1/models (default: the file or directory name)."),
+    threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt, dtype: str = DtypeOpt,
+    device: str = DeviceOpt, quant: str = QuantOpt,
+) -> None:
+    """Serve the model over HTTP: OpenAI (/v1) and Ollama (/api) APIs, a chat page at /, /health, /metrics."""
+    from .serve.app import serve_model
+
+    serve_model(model_arg or model, host=host, port=port, api_key=api_key, cors_origins=cors_origin,
+                max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, name=name, dtype=dtype,
+                device=device, context=ctx_size, threads=threads, quant=quant)
 
 
 def main() -> None:

@@ -40,11 +40,17 @@ class KVCache:
 
     def _grow_to(self, capacity: int) -> None:
         shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        for new, old in zip(keys + values, self.keys + self.values):
-            new[:, :, : self.length].copy_(old[:, :, : self.length])
-        self.keys, self.values, self.capacity = keys, values, capacity
+        # One tensor at a time, the old one dropped before the next is made: growing holds the cache
+        # plus one layer's copy, not two caches (at 32K tokens of zen-eco-4b: +0.13 GB, not +4.8 GB).
+        for store in (self.keys, self.values):
+            for i in range(self.num_layers):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if i < len(store):
+                    new[:, :, : self.length].copy_(store[i][:, :, : self.length])
+                    store[i] = new
+                else:
+                    store.append(new)
+        self.capacity = capacity
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for `new_tokens` more positions (call once per forward, before the layers write)."""

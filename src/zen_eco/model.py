@@ -150,10 +150,14 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def new_cache(self, max_tokens: int | None = None, batch_size: int = 1) -> KVCache:
+    kv_format = "bf16"  # how new_cache stores K/V unless told: kv_quant.KV_FORMATS; zen_eco.load(kv_cache=) sets it
+
+    def new_cache(self, max_tokens: int | None = None, batch_size: int = 1, kv_format: str | None = None) -> KVCache:
+        from .kv_quant import make_kv_cache
+
         cfg = self.config
-        return KVCache(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+        return make_kv_cache(
+            kv_format or self.kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
             max_tokens or cfg.max_position_embeddings, batch_size, self.dtype, self.device,
         )
 

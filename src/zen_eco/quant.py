@@ -1,33 +1,53 @@
-"""Weight-only 4-bit linear layers on PyTorch's packed CPU kernel.
+"""Weight-only quantized linear layers (INT4 group-wise, INT8 per output channel) and their quantizers.
 
 At batch 1 a decoder is bound by reading its weights, and PyTorch's bf16 matmul on a CPU reaches
-only part of the memory bandwidth. Its packed int4 kernel reads 4x fewer bytes and runs near
-memory speed — with bf16 activations (with fp32 activations it is ~20x slower).
+only part of the memory bandwidth. Its packed int4 and int8 kernels read 4x / 2x fewer bytes and
+run near memory speed — with bf16 activations (with fp32 activations they are ~10-20x slower).
 
 - `Int4Linear`: 4-bit codes in groups of `group_size` along the input dimension,
   w = (code - 8) * scale + zero, one (scale, zero) per group and output row. GGUF Q4_0
   (w = d * (q - 8)) and Q4_1 (w = d * q + m) map onto it without requantizing: scale = d, and
   zero = 0 or m + 8d. Scales are held in the activation dtype (bf16), a rounding of ~2^-9 relative.
+- `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row.
 
-The packed kernel is made for few rows (decode). For a prompt it is compute-bound and slow, so from
-`DENSE_MIN_ROWS` rows on a layer unpacks its weight to bf16 for that one call and uses the dense
-GEMM (which uses the CPU's matrix units); the bf16 copy lives only for the call.
+Kernels: CPU `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`; CUDA `_weight_int4pack_mm`
+(bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
+Everywhere else — CUDA int8, other devices, dtypes or shapes — a layer keeps portable codes and
+casts / dequantizes its weight for each call: correct everywhere, a memory saving but no speed-up.
+The CUDA paths follow PyTorch's signatures but have not run on a GPU here (tests marked `gpu`).
+
+The packed kernels are made for few rows (decode). For a prompt they are compute-bound and slow, so
+from `DENSE_MIN_ROWS` rows on (bf16; 2 rows for other dtypes, whose kernels are far slower per row)
+a CPU layer dequantizes its weight for that one call and uses the dense GEMM (which uses the CPU's
+matrix units); the dense copy lives only for the call.
+
+Quantizers (`quantize_int4`, `quantize_int8`) are round-to-nearest over each group's min/max (int4)
+or each row's absolute max (int8). They round scales to float16 first — the precision a quantized
+checkpoint stores — and compute codes against the rounded scales, so quantizing while loading and
+loading a written checkpoint give bit-identical layers.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError
+
 DENSE_MIN_ROWS = 128  # measured on SmolLM2's 3072x576 gate|up: packed ~30 us/row, unpack + GEMM ~4 ms flat
+SCALE_DTYPE = torch.float16  # how scales and minimums are stored (as GGUF's Q4_1/Q8_0 do)
+GROUP_SIZES = (32, 64, 128)  # int4 group sizes the CPU and CUDA kernels both take
+_QUANT_ELEMENTS = 2**24  # weights quantized at once
 
 
 @dataclass
 class Q4Weight:
-    """A 4-bit weight as stored in a GGUF file: w[r, c] = scale[r, c // group] * codes[r, c] + offset[r, c // group]."""
+    """A 4-bit weight: w[r, c] = scale[r, c // group] * codes[r, c] + offset[r, c // group]."""
 
     codes: torch.Tensor  # (N, K) uint8 in [0, 15]
     scale: torch.Tensor  # (N, K // group) float32
@@ -51,35 +71,224 @@ class Q4Weight:
         return Q4Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "offset")))
 
 
+@dataclass
+class Q8Weight:
+    """An 8-bit weight: w[r, c] = scale[r] * codes[r, c]."""
+
+    codes: torch.Tensor  # (N, K) int8 in [-127, 127]
+    scale: torch.Tensor  # (N,) float32
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+    @staticmethod
+    def cat(parts: list["Q8Weight"]) -> "Q8Weight":
+        return Q8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded to the stored scale precision, back in float32."""
+    out = x.to(SCALE_DTYPE).float()
+    if not torch.isfinite(out).all():
+        raise ValueError(f"weights beyond the range of {SCALE_DTYPE} scales (or not finite)")
+    return out
+
+
+def _row_chunks(w: torch.Tensor) -> list[torch.Tensor]:
+    # ~16M elements at a time: bounds the float temporaries of a large matrix to ~64 MB each
+    return list(w.split(max(1, _QUANT_ELEMENTS // w.shape[1])))
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> Q4Weight:
+    """Asymmetric round-to-nearest per group of `group_size` input columns: scale = (max - min) / 15."""
+    n, k = w.shape
+    if group_size not in GROUP_SIZES or k % group_size:
+        raise ValueError(f"group size {group_size} must be one of {GROUP_SIZES} and divide {k} columns")
+    codes, scales, mins = [], [], []
+    for rows in _row_chunks(w):
+        g = rows.float().view(rows.shape[0], k // group_size, group_size)
+        lo, hi = torch.aminmax(g, dim=-1)
+        scale, lo = _stored((hi - lo) / 15), _stored(lo)
+        q = (g - lo[..., None]).div_(torch.where(scale > 0, scale, 1.0)[..., None]).round_().clamp_(0, 15)
+        codes.append(q.to(torch.uint8).view(rows.shape[0], k))
+        scales.append(scale)
+        mins.append(lo)
+        del q
+    return Q4Weight(_joined(codes), _joined(scales), _joined(mins))
+
+
+def quantize_int8(w: torch.Tensor) -> Q8Weight:
+    """Symmetric round-to-nearest per output row: scale = max |w| / 127."""
+    codes, scales = [], []
+    for rows in _row_chunks(w):
+        rows = rows.float()
+        lo, hi = torch.aminmax(rows, dim=1)
+        scale = _stored(torch.maximum(-lo, hi) / 127)
+        q = (rows / torch.where(scale > 0, scale, 1.0)[:, None]).round_().clamp_(-127, 127)
+        codes.append(q.to(torch.int8))
+        scales.append(scale)
+        del q
+    return Q8Weight(_joined(codes), _joined(scales))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What quant="int8" / "int4[-gN]" asks for. Applies to the layers' linear matrices; an untied
+    output head always gets int8 (int4 there visibly changes greedy output), a tied one stays the
+    embedding's float table, and the embedding is never quantized (a lookup reads few rows)."""
+
+    bits: int  # 8 or 4
+    group_size: int | None = None  # int4: input columns per (scale, min); int8: None, one scale per row
+
+    @property
+    def name(self) -> str:
+        return "int8" if self.bits == 8 else f"int4-g{self.group_size}"
+
+    def quantize(self, w: torch.Tensor) -> "Q4Weight | Q8Weight":
+        return quantize_int8(w) if self.bits == 8 else quantize_int4(w, self.group_size)
+
+    def for_weight(self, name: str) -> "QuantSpec | None":
+        """The spec the model weight `name` (our module naming) gets under this one; None: it stays float."""
+        module, _, kind = name.rpartition(".")
+        if kind != "weight":
+            return None
+        if module == "lm_head":  # only asked for when untied
+            return HEAD_SPEC
+        parts = module.split(".", 2)
+        return self if parts[0] == "layers" and len(parts) == 3 and parts[2] in LAYER_LINEARS else None
+
+
+HEAD_SPEC = QuantSpec(8)
+LAYER_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")  # our fused layer matrices
+QUANT_MODES = ("auto", "none", "int8", "int4", "int4-g64", "int4-g128")  # "int4" = "int4-g32"
+
+
+def parse_quant(mode: str, group_size: int | None = None) -> "str | QuantSpec":
+    """'auto' | 'none' | a QuantSpec from 'int8', 'int4', 'int4-gN' (or 'int4' with `group_size`)."""
+    text = str(mode).strip().lower()
+    if text in ("auto", "none", "int8"):
+        if group_size is not None:
+            raise CheckpointError(f"a group size applies to int4 only, not to {mode!r}")
+        return QuantSpec(8) if text == "int8" else text
+    m = re.fullmatch(r"int4(?:-g(\d+))?", text)
+    if m is None:
+        raise CheckpointError(f"unknown quant mode {mode!r}; use one of {', '.join(QUANT_MODES)}")
+    size = int(m[1]) if m[1] else group_size or GROUP_SIZES[0]
+    if m[1] and group_size is not None and group_size != size:
+        raise CheckpointError(f"{mode!r} and group size {group_size} disagree")
+    if size not in GROUP_SIZES:
+        raise CheckpointError(f"int4 group size {size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+    return QuantSpec(4, size)
+
+
+def quantized_linear(weight: "Q4Weight | Q8Weight", bias: torch.Tensor | None, dtype: torch.dtype,
+                     device: torch.device | str) -> nn.Module:
+    cls = Int4Linear if isinstance(weight, Q4Weight) else Int8Linear
+    return cls(weight, bias, dtype, device)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> (N, K/2) bytes: column 2j in the low nibble, 2j + 1 in the high one."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: (N, K/2) bytes -> (N, K) codes."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fast packed CPU kernel applies (what quant="auto" keeps GGUF 4-bit weights packed for)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+def _dense_min_rows(dtype: torch.dtype) -> int:
+    return DENSE_MIN_ROWS if dtype == torch.bfloat16 else 2
+
+
+def _int4_backend(device: torch.device, dtype: torch.dtype, n: int) -> str:
+    if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "cpu"
+    if device.type == "cuda" and dtype == torch.bfloat16 and n % 8 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return "cuda"
+    return "dense"
+
+
+def _cuda_packed(weight: Q4Weight, scales_zeros: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """tinygemm's packing of `weight` for `_weight_int4pack_mm`, or None where the kernel refuses this
+    shape or GPU, or disagrees with the plain math on a test row (then the layer uses the fallback)."""
+    k = weight.codes.shape[1]
+    tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)  # inner k-tiles: K % (16 * tiles) == 0
+    if tiles is None:
+        return None
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0)).to(device, scales_zeros.dtype)
+    try:
+        # its input: (N, K/2) bytes with column 2j in the high nibble
+        hi_first = (weight.codes[:, 0::2] << 4) | weight.codes[:, 1::2]
+        packed = torch.ops.aten._convert_weight_to_int4pack(hi_first.to(device), tiles)
+        got = torch.ops.aten._weight_int4pack_mm(x, packed, weight.group_size, scales_zeros).float()
+    except (RuntimeError, NotImplementedError):
+        return None
+    ref = x.float() @ weight.dequantize().to(device).t()
+    return packed if (got - ref).norm() <= 0.02 * ref.norm() else None
+
+
+def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(N, K) uint8 codes back from PyTorch's private CPU int4 packing: rows go in blocks of 64, and
+    each block is bytes [K/2][2][32] where byte (kp, parity, r) holds column 2*kp + parity of row r
+    in its low nibble and of row r + 32 in its high nibble."""
+    p = packed.view(n // 64, k // 2, 2, 32)
+    halves = torch.stack((p & 15, p >> 4), dim=1)  # (N/64, 2, K/2, 2, 32)
+    return halves.permute(0, 1, 4, 2, 3).reshape(n, k)
+
+
+@lru_cache(maxsize=None)
+def _cpu_layout_known(k: int) -> bool:
+    """Whether `_unpack_cpu` reads this PyTorch's packing right for K = k: checked once per K on
+    random codes (the packing depends on shapes, not values), as the layout is private."""
+    codes = torch.randint(0, 16, (128, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return torch.equal(_unpack_cpu(packed, 128, k), codes)
+
+
 class Int4Linear(nn.Module):
-    def __init__(self, weight: Q4Weight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    """y = x W^T (+ b) for a 4-bit `Q4Weight`. backend: "cpu" / "cuda" (packed kernels) or "dense"
+    (portable nibble codes, dequantized per call; also what kernel=False asks for)."""
+
+    def __init__(self, weight: Q4Weight, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", kernel: bool = True) -> None:
         super().__init__()
+        device = torch.device(device)
         n, k = weight.codes.shape
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32).contiguous(), 1)
+        self.backend = _int4_backend(device, dtype, n) if kernel else "dense"
         zero = weight.offset + 8 * weight.scale
-        self.register_buffer("packed", packed)
-        # (K // group, N, 2): the kernel's layout for per-group (scale, zero)
-        self.register_buffer("scales_zeros", torch.stack([weight.scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
-        self.register_buffer("bias", None if bias is None else bias.to(dtype))
-        # The unpacking below reads PyTorch's private packed layout: use it only if it round-trips.
-        self.can_unpack = n % 64 == 0 and torch.equal(self._unpack_codes(), weight.codes)
+        # (K // group, N, 2): the kernels' layout for per-group (scale, zero)
+        scales_zeros = torch.stack([weight.scale, zero], -1).transpose(0, 1).contiguous().to(device, dtype)
+        packed = None
+        if self.backend == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32).contiguous(), 1)
+        elif self.backend == "cuda":
+            packed = _cuda_packed(weight, scales_zeros, device)
+        if packed is None:
+            self.backend, packed = "dense", pack_nibbles(weight.codes)
+        self.register_buffer("packed", packed.to(device))
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        self.can_unpack = self.backend == "dense" or self.backend == "cpu" and n % 64 == 0 and _cpu_layout_known(k)
 
     def _unpack_codes(self) -> torch.Tensor:
-        """The (N, K) uint8 codes back from the CPU packing: rows go in blocks of 64, and each block is
-        bytes [K/2][2][32] where byte (kp, parity, r) holds column 2*kp + parity of row r in its low
-        nibble and of row r + 32 in its high nibble."""
-        n, k = self.out_features, self.in_features
-        p = self.packed.view(n // 64, k // 2, 2, 32)
-        halves = torch.stack((p & 15, p >> 4), dim=1)  # (N/64, 2, K/2, 2, 32)
-        return halves.permute(0, 1, 4, 2, 3).reshape(n, k)
+        """The (N, K) uint8 codes back from `packed` (where `can_unpack`)."""
+        if self.backend == "dense":
+            return unpack_nibbles(self.packed)
+        return _unpack_cpu(self.packed, self.out_features, self.in_features)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the packed buffers."""
+        """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the stored buffers."""
         n, k, g = self.out_features, self.in_features, self.group_size
         scale, zero = self.scales_zeros.to(dtype).unbind(-1)  # (K/g, N) each
         scale, zero = scale.t().contiguous()[..., None], zero.t().contiguous()[..., None]  # (N, K/g, 1)
@@ -88,10 +297,42 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.can_unpack and x2.shape[0] >= DENSE_MIN_ROWS:
-            out = F.linear(x2, self.dense_weight(x.dtype))
-        else:
+        x2 = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
+        if self.backend == "dense" or (self.can_unpack and x2.shape[0] >= _dense_min_rows(x2.dtype)):
+            out = F.linear(x2, self.dense_weight(x2.dtype))
+        elif self.backend == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
+        out = out.view(*shape, self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) for an 8-bit `Q8Weight`: `_weight_int8pack_mm` on the CPU for few rows; else
+    (x @ codes^T) * scale with the codes cast to the activation dtype for the call."""
+
+    def __init__(self, weight: Q8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", kernel: bool = True) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = weight.codes.shape
+        self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
+        self.register_buffer("scales", weight.scale.to(device, dtype))  # (N,)
+        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        # CPU only: PyTorch's CUDA version (2.9+) gives each output to one thread walking K with
+        # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
+        self.kernel = kernel and device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.codes.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        if self.kernel and x2.shape[0] < _dense_min_rows(x2.dtype):
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
+        else:  # the scale is per output row, so it can wait until after the matmul
+            out = F.linear(x2, self.codes.to(x2.dtype)) * self.scales
         out = out.view(*shape, self.out_features)
         return out if self.bias is None else out + self.bias

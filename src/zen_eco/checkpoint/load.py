@@ -1,8 +1,10 @@
 """Open a checkpoint and turn its tensors into a ready `Transformer`.
 
 The model is built on the meta device and each weight is assigned as it is converted, one layer at
-a time, so peak memory stays near the final model size. Shapes are checked against the config
-before anything is assigned: a checkpoint that lies about its shapes fails with the tensor's name.
+a time, so peak memory stays near the final model size — also when quantizing while loading: each
+matrix is read in float32, quantized and dropped before the next is read. Shapes are checked
+against the config before anything is assigned: a checkpoint that lies about its shapes fails with
+the tensor's name.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import Int4Linear, Q4Weight, int4_supported
+from ..quant import Q4Weight, Q8Weight, QuantSpec, int4_supported, parse_quant, quantized_linear
 from .gguf_file import GGUF_MAGIC
 from .names import internal_to_hf
+from .quantized import QuantizedSource, read_quantization
 from .resolve import resolve_model
 
 
@@ -38,6 +41,7 @@ class Checkpoint:
     config: ModelConfig
     source: TensorSource
     gguf_metadata: dict[str, Any] | None = None
+    quantization: QuantSpec | None = None  # how a `zen-eco quantize` checkpoint stores its linears
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer
@@ -57,7 +61,10 @@ def open_checkpoint(ref: str | os.PathLike | None) -> Checkpoint:
 
         source = SafetensorsSource(path)  # first: a directory of pickles is refused as such
         config = ModelConfig.from_file(path / "config.json")
-        return Checkpoint(path, "safetensors", config, source)
+        spec = read_quantization(path)
+        if spec is None:
+            return Checkpoint(path, "safetensors", config, source)
+        return Checkpoint(path, f"safetensors ({spec.name})", config, QuantizedSource(source, spec), quantization=spec)
     if not path.is_file():
         raise CheckpointError(f"{path} is neither a file nor a directory")
     with open(path, "rb") as f:
@@ -84,9 +91,6 @@ def _internal_tensors(config: ModelConfig):
                 yield pattern.format(layer), tuple(p.format(layer) for p in hf_patterns)
 
 
-QUANT_MODES = ("auto", "none")
-
-
 def load_weights(
     ckpt: Checkpoint,
     dtype: torch.dtype = torch.float32,
@@ -96,13 +100,22 @@ def load_weights(
 ) -> Transformer:
     """Build the model from `ckpt`.
 
-    quant="auto" keeps a GGUF file's Q4_0/Q4_1 layer matrices as packed 4-bit weights where PyTorch
-    has a fast kernel for them (CPU, bf16 activations); "none" dequantizes everything to `dtype`.
-    The output head stays in `dtype`: in bf16 it is as fast as int8 here and keeps near-tied
-    logits in order.
+    quant (see zen_eco.quant.QUANT_MODES):
+      "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1 layer matrices
+              stay packed 4-bit where PyTorch has a fast kernel for them (CPU, bf16 activations);
+              everything else is `dtype`.
+      "none"  every weight dequantized to `dtype`.
+      "int8", "int4" (= "int4-g32"), "int4-g64", "int4-g128": the layers' linear matrices quantized
+              while loading, an untied output head int8 (see QuantSpec). A quantized checkpoint only
+              loads under its own spec (as stored) or "auto"/"none".
+    Under "auto" and "none" the output head stays in `dtype`: in bf16 it is as fast as int8 here and
+    keeps near-tied logits in order.
     """
-    if quant not in QUANT_MODES:
-        raise CheckpointError(f"unknown quant mode {quant!r}; use one of {', '.join(QUANT_MODES)}")
+    mode = parse_quant(quant)
+    stored = ckpt.quantization
+    if stored is not None and isinstance(mode, QuantSpec) and mode != stored:
+        raise CheckpointError(f"{ckpt.path} is already quantized ({stored.name}); load it with quant "
+                              f"'auto' (as stored) or 'none', not {quant!r}")
     config = ckpt.config
     device = torch.device(device)
     with torch.device("meta"), _no_random_init():
@@ -113,11 +126,14 @@ def load_weights(
     available = ckpt.source.names()
     table = dict(_internal_tensors(config))
     items = [(name, table[name]) for name in expected]  # KeyError = the name table misses a module: our bug
-    packed = quant == "auto" and hasattr(ckpt.source, "get_q4") and int4_supported(device, dtype)
+    gguf_packed = mode == "auto" and hasattr(ckpt.source, "get_q4") and int4_supported(device, dtype)
+    use_stored = stored is not None and mode != "none"
+    on_the_fly = mode if isinstance(mode, QuantSpec) and stored is None else None
     state: dict[str, torch.Tensor] = {}
-    bar = _progress(progress, len(items), f"loading {ckpt.path.name}")
+    bar = _progress(progress, len(items), f"loading {ckpt.path.name}" + (f" as {mode.name}" if on_the_fly else ""))
 
-    def read(name: str, hf_names: tuple[str, ...]) -> torch.Tensor:
+    def read(name: str, hf_names: tuple[str, ...], to: torch.dtype = dtype, on: torch.device = device,
+             owned: bool = False) -> torch.Tensor:
         absent = [h for h in hf_names if h not in available]
         if absent:
             raise CheckpointError(f"{ckpt.path}: tensor {absent[0]!r} is missing")
@@ -128,14 +144,34 @@ def load_weights(
                 raise CheckpointError(
                     f"{ckpt.path}: {hf_name} has shape {tuple(part.shape)}, the config needs {part_want}"
                 )
-        if (len(parts) > 1 or parts[0].dtype != dtype or device.type != "cpu") and hasattr(ckpt.source, "read"):
+        if (owned or len(parts) > 1 or parts[0].dtype != to or on.type != "cpu") and hasattr(ckpt.source, "read"):
             # This tensor gets copied anyway: read it into owned memory instead of touching the mapping,
             # so the file's pages for it never become resident next to the copy.
             parts = [ckpt.source.read(h) for h in hf_names]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if not tensor.is_floating_point():
             raise CheckpointError(f"{ckpt.path}: tensor {hf_names[0]!r} has non-float dtype {tensor.dtype}")
-        return tensor.to(device=device, dtype=dtype)
+        return tensor.to(device=on, dtype=to)
+
+    def quantized(name: str, hf_names: tuple[str, ...]) -> Q4Weight | Q8Weight | None:
+        """This weight in its quantized form, or None if it stays float."""
+        shape = tuple(expected[name].shape)
+        if use_stored:
+            return _stored_weight(ckpt, hf_names, shape)
+        if gguf_packed and name.startswith("layers."):
+            return _packed_q4(ckpt.source, hf_names, shape, available)
+        spec = on_the_fly.for_weight(name) if on_the_fly is not None else None
+        if spec is None:
+            return None
+        w = read(name, hf_names, torch.float32, torch.device("cpu"), owned=True)  # checkpoint precision
+        try:
+            return spec.quantize(w)
+        except ValueError as exc:
+            raise CheckpointError(f"{ckpt.path}: cannot quantize {', '.join(hf_names)} {tuple(w.shape)} "
+                                  f"to {spec.name}: {exc}") from None
+        finally:
+            del w
+            release_freed_memory()
 
     try:
         for name, hf_names in items:
@@ -143,14 +179,13 @@ def load_weights(
             if name in state:
                 continue
             module_name, kind = name.rsplit(".", 1)
-            if packed and kind == "weight" and module_name.startswith("layers."):
-                q4 = _packed_q4(ckpt.source, hf_names, tuple(expected[name].shape), available)
-                if q4 is not None:
-                    bias_name = module_name + ".bias"
-                    bias = read(bias_name, table[bias_name]) if bias_name in expected else None
-                    model.set_submodule(module_name, Int4Linear(q4, bias, dtype))
-                    state[bias_name] = state[name] = None  # done
-                    continue
+            weight = quantized(name, hf_names) if kind == "weight" and len(expected[name].shape) == 2 else None
+            if weight is not None:
+                bias_name = module_name + ".bias"
+                bias = read(bias_name, table[bias_name]) if bias_name in expected else None
+                model.set_submodule(module_name, quantized_linear(weight, bias, dtype, device))
+                state[bias_name] = state[name] = None  # done
+                continue
             state[name] = read(name, hf_names)
     finally:
         bar.close()
@@ -165,6 +200,20 @@ def load_weights(
     return model.eval()
 
 
+def _stored_weight(ckpt: Checkpoint, hf_names: tuple[str, ...], shape: tuple[int, ...]) -> Q4Weight | Q8Weight | None:
+    """The fused quantized weight of a `zen-eco quantize` checkpoint, or None where it stores floats."""
+    parts = [ckpt.source.get_quantized(h) for h in hf_names]
+    if all(p is None for p in parts):
+        return None
+    if (any(p is None for p in parts) or len({type(p) for p in parts}) > 1
+            or len({getattr(p, "group_size", 0) for p in parts}) > 1):
+        raise CheckpointError(f"{ckpt.path}: {', '.join(hf_names)} are not all stored alike")
+    q = type(parts[0]).cat(parts)
+    if tuple(q.codes.shape) != shape:
+        raise CheckpointError(f"{ckpt.path}: {', '.join(hf_names)} hold {tuple(q.codes.shape)} codes, the config needs {shape}")
+    return q
+
+
 def _part_shapes(config: ModelConfig, want: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
     """The shape each of the `n` Hugging Face tensors fused (along dim 0) into a `want`-shaped one must have."""
     if n == 1:
@@ -175,6 +224,23 @@ def _part_shapes(config: ModelConfig, want: tuple[int, ...], n: int) -> list[tup
     else:  # gate | up
         rows = (want[0] // n,) * n
     return [(r, *want[1:]) for r in rows]
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps
+    freed blocks below its mmap threshold (which grows to 32 MB) in the heap, so the float
+    temporaries of each quantized matrix would otherwise stay in RSS between the codes kept."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+try:
+    import ctypes
+
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _libc = None
 
 
 @contextmanager

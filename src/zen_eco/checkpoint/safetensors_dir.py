@@ -102,3 +102,39 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class SafetensorsWriter:
+    """Writes tensors in the order given into shards of at most `shard_bytes` (`model.safetensors` when
+    one is enough, else `model-0000N.safetensors` + the index), so only one shard is ever in memory."""
+
+    def __init__(self, directory: Path, shard_bytes: int = 2 * 1024**3) -> None:
+        self.directory, self.shard_bytes = directory, shard_bytes
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._files: list[str] = []
+        self._weight_map: dict[str, str] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._shard and self._size + tensor.nbytes > self.shard_bytes:
+            self._flush()
+        self._shard[name] = tensor.contiguous()
+        self._size += tensor.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{len(self._files) + 1:05d}.safetensors"
+        save_file(self._shard, str(self.directory / name), metadata={"format": "pt"})
+        self._files.append(name)
+        self._weight_map.update(dict.fromkeys(self._shard, name))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self._files) == 1:
+            (self.directory / self._files[0]).rename(self.directory / "model.safetensors")
+            return
+        total = sum((self.directory / f).stat().st_size for f in self._files)
+        (self.directory / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": self._weight_map}, indent=2))

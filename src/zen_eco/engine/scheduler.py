@@ -69,9 +69,12 @@ class Handle:
         self.chunks: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.produced: list[float] = []  # perf_counter() when each chunk was handed over (latency metrics)
         self._on_event = on_event  # e.g. wakes an asyncio consumer
 
     def _put(self, item) -> None:
+        if isinstance(item, GenerationChunk):
+            self.produced.append(time.perf_counter())
         self.chunks.put(item)
         if self._on_event is not None:
             self._on_event()
@@ -194,6 +197,10 @@ class Scheduler:
             self._waiting.append(handle)
             self._lock.notify_all()
         return handle
+
+    @property
+    def running(self) -> bool:
+        return self._running
 
     @property
     def queue_depth(self) -> int:

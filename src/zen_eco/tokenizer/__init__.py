@@ -127,6 +127,11 @@ class Tokenizer:
         recognised as such; `add_special_tokens` adds the BOS/EOS the tokenizer is set up for."""
         if not isinstance(text, str):
             raise TokenizerError(f"can only encode a str, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a JSON "\ud800" escape
+                raise TokenizerError(f"the text is not valid Unicode: {exc.reason} at position {exc.start}") from None
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
