@@ -36,29 +36,32 @@ def test_q4_codes_reproduce_gguf_reference(smollm2_gguf_path):
             assert torch.allclose(ours, torch.from_numpy(ref).reshape(info.shape), rtol=0, atol=1e-6)
 
 
-@needs_int4
-def test_int4_linear_matches_dense_matmul():
+BACKENDS = [pytest.param("torch", marks=needs_int4), True]  # PyTorch's packed kernel; the best one (ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int4_linear_matches_dense_matmul(backend):
     torch.manual_seed(0)
     n, k, g = 96, 128, 32
     q = Q4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // g) * 0.02,
                  torch.randn(n, k // g) * 0.05)
     bias = torch.randn(n)
-    layer = Int4Linear(q, bias, torch.bfloat16)
+    layer = Int4Linear(q, bias, torch.bfloat16, kernel=backend)
     x = torch.randn(3, 5, k)
     ref = x @ q.dequantize().t() + bias
     assert layer(x.bfloat16()).shape == (3, 5, n)
     assert _rel(layer(x.bfloat16()), ref) < 0.02
 
 
-@needs_int4
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [64, 192, 960])
-def test_prompt_path_unpacks_the_same_weight(n):
+def test_prompt_path_unpacks_the_same_weight(n, backend):
     """Many rows go through unpack + dense GEMM, few through the packed kernel: same weight either way."""
     torch.manual_seed(n)
     k, g = 256, 32
     q = Q4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // g) * 0.02,
                  torch.randn(n, k // g) * 0.05)
-    layer = Int4Linear(q, None, torch.bfloat16)
+    layer = Int4Linear(q, None, torch.bfloat16, kernel=backend)
     assert layer.can_unpack
     assert torch.equal(layer._unpack_codes(), q.codes)
     # dense_weight rounds (code - 8) * scale + zero to bf16 once: within bf16's 2^-8 relative step
@@ -72,7 +75,7 @@ def test_prompt_path_unpacks_the_same_weight(n):
 @needs_int4
 def test_rows_not_in_blocks_of_64_keep_the_packed_kernel():
     q = Q4Weight(torch.randint(0, 16, (96, 64), dtype=torch.uint8), torch.rand(96, 2), torch.randn(96, 2))
-    layer = Int4Linear(q, None, torch.bfloat16)
+    layer = Int4Linear(q, None, torch.bfloat16, kernel="torch")
     assert not layer.can_unpack
     x = torch.randn(DENSE_MIN_ROWS * 2, 64)
     assert _rel(layer(x.bfloat16()), x @ q.dequantize().t()) < 0.02

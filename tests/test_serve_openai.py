@@ -210,8 +210,26 @@ def test_serve_cli_help():
 
     out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
     for flag in ("--host", "--port", "--api-key", "--cors-origin", "--max-batch", "--max-queue", "--max-tokens",
-                 "--ctx-size", "--dtype", "--quant", "--threads"):
+                 "--ctx-size", "--dtype", "--quant", "--threads", "--kv-cache"):
         assert flag in out
+
+
+def test_quantized_kv_cache_serves_batched_streams_like_the_python_api(smollm2_gguf_path):
+    """Four concurrent requests decode in one batch, each on its own int8 cache (the batched step
+    attends each row through its cache's own kernel): each answer equals ZenModel's with that cache."""
+    zm8 = zen_eco.load(dtype="float32", device="cpu", kv_cache="int8")
+    prompts = [[{"role": "user", "content": c}] for c in ("Hi", "Name a colour.", "What is 2+2?", "Say yes.")]
+    want = [zm8.chat(p, max_tokens=10, temperature=0).content for p in prompts]
+
+    async def ask_all(base):
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        rs = await asyncio.gather(*[client.chat.completions.create(model="m", messages=p, max_tokens=10, temperature=0)
+                                    for p in prompts])
+        return [r.choices[0].message.content for r in rs]
+
+    with serve_in_thread(ServerState(zm8, ServerConfig("smollm2", port=0, max_batch=4))) as base:
+        assert asyncio.run(ask_all(base)) == want
+        assert httpx.get(base + "/health").status_code == 200
 
 
 # ------------------------------------------------------------------ thinking (tiny random Qwen3)

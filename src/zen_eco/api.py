@@ -7,7 +7,7 @@
         print(chunk.text, end="")
 
 `ZenModel` keeps one KV cache and reuses the longest common prefix between calls, so the second
-turn of a chat only computes the new tokens. `load(..., kv_cache="int8" | "int4" | "int2")` stores
+turn of a chat only computes the new tokens. `load(..., kv_cache="int8" | "int4" | "k4v2" | "int2")` stores
 that cache quantized (see `kv_quant`; default "bf16": the model's own dtype).
 
 Thinking mode (models whose tokenizer has `<think>`/`</think>`, e.g. Zen-Eco and Qwen3): on by
@@ -232,9 +232,10 @@ def load(
 ) -> ZenModel:
     """Load a model: a GGUF file, a Hugging Face directory, a Hub id, or None for the bundled default.
 
-    kv_cache: how KV caches store keys and values — "bf16" (the model's dtype), "int8", "int4" or
-    "int2" (KIVI-style 2-bit; see zen_eco.kv_quant for formats and measured quality). It becomes the
-    model's `kv_format`, so every cache made for it (the API's, a server's) uses it.
+    kv_cache: how KV caches store keys and values — "bf16" (the model's dtype), "int8", "int4", "k4v2"
+    (4-bit keys, 2-bit values) or "int2" (KIVI-style 2-bit); see zen_eco.kv_quant for the formats and
+    README "Long context" for their measured quality. It becomes the model's `kv_format`, so every
+    cache made for it (the API's, a server's) uses it.
 
     quant="auto" keeps a GGUF file's 4-bit (Q4_0/Q4_1) matrices packed where a fast kernel exists
     (CPU with bf16) and a `zen-eco quantize` checkpoint as stored; quant="none" dequantizes every

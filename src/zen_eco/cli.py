@@ -42,7 +42,7 @@ QuantOpt = typer.Option("auto", "--quant", help="auto: a quantized checkpoint as
                         "kernel exists (CPU, bf16); none: dequantize all; int8, int4 (group 32), int4-g64, int4-g128: "
                         "quantize the layers' weights while loading.")
 KvCacheOpt = typer.Option("bf16", "--kv-cache", help="How the KV cache stores keys and values: bf16 (the model's dtype), "
-                          "int8, int4 or int2 (KIVI-style 2-bit; the 160K-token window in ~4 GB for zen-eco-4b).")
+                          "int8, int4, k4v2 (4-bit keys, 2-bit values) or int2 (KIVI-style 2-bit); see README, Long context.")
 SystemOpt = typer.Option(None, "--system", help="System prompt.")
 StopOpt = typer.Option(None, "--stop", help="Stop string (repeatable).")
 ThinkOpt = typer.Option(None, "--think/--no-think", show_default=False,
@@ -292,14 +292,14 @@ def serve(
     name: Optional[str] = typer.Option(None, "--model-name", show_default=False,
                                        help="Model id in /v1/models (default: the file or directory name)."),
     threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt, dtype: str = DtypeOpt,
-    device: str = DeviceOpt, quant: str = QuantOpt,
+    device: str = DeviceOpt, quant: str = QuantOpt, kv_cache: str = KvCacheOpt,
 ) -> None:
     """Serve the model over HTTP: OpenAI (/v1) and Ollama (/api) APIs, a chat page at /, /health, /metrics."""
     from .serve.app import serve_model
 
     serve_model(model_arg or model, host=host, port=port, api_key=api_key, cors_origins=cors_origin,
                 max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, name=name, dtype=dtype,
-                device=device, context=ctx_size, threads=threads, quant=quant)
+                device=device, context=ctx_size, threads=threads, quant=quant, kv_cache=kv_cache)
 
 
 def main() -> None:

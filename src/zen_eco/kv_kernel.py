@@ -9,14 +9,12 @@ the query heads' accumulators (online softmax, merged across blocks, threads and
 log-sum-exp). The arithmetic is float32 in 16-wide GCC vectors, so it costs 2 x n_rep x head_dim
 multiply-adds per position and KV head whatever the format: on the 2-core build machine that is
 ~70 ns per position and KV head per thread, which int8 codes match with memory reads but 2-bit codes
-do not (docs/benchmarks.md, "Long context / KV cache"). One specialisation per head_dim (64, 128,
+do not (docs/benchmarks.md, "Long context: KV cache formats"). One specialisation per head_dim (64, 128,
 256) and zen-eco format keeps every loop bound and shift a constant.
 
-It is compiled with the system C compiler (`cc`, override with $CC) into
-$ZEN_ECO_CACHE/kernels (default ~/.cache/zen-eco/kernels) and loaded with ctypes; OpenMP threads
-follow torch.get_num_threads(). Without a compiler (or with ZEN_ECO_NATIVE_KV=0, or for tensors not
-on the CPU) `kv_quant` uses its chunked PyTorch path instead: the same numbers, slower. The build is
-x86-64 `-march=native` without AMX and AVX512-FP16 (VMs may advertise instructions they fault on).
+It is built on first use by `native.build` (system C compiler, OpenMP threads following
+torch.get_num_threads()). Without a compiler (or with ZEN_ECO_NATIVE=0 or ZEN_ECO_NATIVE_KV=0, or for
+tensors not on the CPU) `kv_quant` uses its chunked PyTorch path instead: the same numbers, slower.
 
 Layouts (one per side, K or V; `heads` = batch x KV heads, all contiguous):
   codes  (heads, capacity, dim * bits / 8): int8 codes, or 4-/2-bit codes packed by planes: byte i
@@ -29,16 +27,12 @@ Layouts (one per side, K or V; `heads` = batch x KV heads, all contiguous):
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from . import native
 
 MAX_DIM, MAX_REP = 256, 16  # the kernel's stack buffers
 
@@ -318,7 +312,8 @@ typedef void (*range_fn)(int, const float *, const side_t *, const side_t *, int
 #define FORMATS(D)                                                                                             \
     SPECIAL(int8_##D, D, 8, 0, D, 0, 8, 0, D, 0)                                                               \
     SPECIAL(int4_##D, D, 4, 1, 128, 1, 4, 0, 32, 1)                                                            \
-    SPECIAL(int2_##D, D, 2, 1, 32, 1, 2, 0, 32, 1)
+    SPECIAL(int2_##D, D, 2, 1, 32, 1, 2, 0, 32, 1)                                                            \
+    SPECIAL(k4v2_##D, D, 4, 1, 128, 1, 2, 0, 32, 1)
 FORMATS(64)
 FORMATS(128)
 FORMATS(256)
@@ -331,7 +326,8 @@ static range_fn pick(int dim, const side_t *k, const side_t *v) {
 #define TRY(D)                                                                                                 \
     if (MATCH(D, 8, 0, D, 0, 8, 0, D, 0)) return int8_##D;                                                     \
     if (MATCH(D, 4, 1, 128, 1, 4, 0, 32, 1)) return int4_##D;                                                  \
-    if (MATCH(D, 2, 1, 32, 1, 2, 0, 32, 1)) return int2_##D;
+    if (MATCH(D, 2, 1, 32, 1, 2, 0, 32, 1)) return int2_##D;                                                  \
+    if (MATCH(D, 4, 1, 128, 1, 2, 0, 32, 1)) return k4v2_##D;
     TRY(64) TRY(128) TRY(256)
     return 0;
 }
@@ -382,43 +378,13 @@ class Side(ctypes.Structure):
                 ("bits", ctypes.c_int32), ("group", ctypes.c_int32), ("per_channel", ctypes.c_int32)]
 
 
-def _flags() -> list[str]:
-    # Reassociation lets the dot products and sums vectorize; infinities stay (no -ffinite-math-only).
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-             "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512fp16"]
-    return flags
-
-
-def _build_dir() -> Path:
-    base = os.environ.get("ZEN_ECO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "zen-eco")
-    return Path(base) / "kernels"
-
-
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built (then callers use PyTorch ops)."""
     if os.environ.get("ZEN_ECO_NATIVE_KV", "1") == "0":
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    flags = _flags()
-    key = hashlib.sha256("\0".join([C_SOURCE, cc, *flags, platform.machine()]).encode()).hexdigest()[:16]
-    target = _build_dir() / f"kv_attend-{key}.so"
-    try:
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src, out = Path(tmp) / "kv_attend.c", Path(tmp) / "kv_attend.so"
-                src.write_text(C_SOURCE)
-                subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(out, target)  # atomic: a concurrent build never loads half a file
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
+    lib = native.build("kv_attend", C_SOURCE)
+    if lib is None:
         return None
     lib.zen_kv_supported.restype = ctypes.c_int
     lib.zen_kv_supported.argtypes = [ctypes.c_int, ctypes.POINTER(Side), ctypes.POINTER(Side)]

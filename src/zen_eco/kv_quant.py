@@ -5,6 +5,7 @@
 | bf16 | the model's dtype (a plain `KVCache`) | same | 512 in bf16 |
 | int8 | symmetric, one scale per (token, head) | same | 260 |
 | int4 | 4-bit, asymmetric, one (scale, min) per channel and 128 tokens | 4-bit, asymmetric, one (scale, min) per 32 channels of a token | 148 |
+| k4v2 | as int4 | as int2 | 116 |
 | int2 | 2-bit, asymmetric, one (scale, min) per channel and 32 tokens | as int4, 2-bit | 96 |
 
 Scales and minimums are float16; value = code * scale + min. int4 and int2 follow KIVI (Liu et al.
@@ -13,7 +14,8 @@ so they are quantized along tokens, one (scale, min) per channel and group of G 
 int2 32, KIVI-2's own G); values per token. Since a key group needs G tokens, the newest tokens (at
 least `residual` = 128, fewer than 128 + G) wait unquantized in the model's dtype and are quantized a
 group at a time when they leave that window — which also keeps the most recent context at full
-precision. Every quantized format also
+precision. k4v2 mixes the two because keys carry most of the error: on SmolLM2, 2-bit keys with 4-bit
+values cost about what int2 does, 4-bit keys with 2-bit values a tenth of its KL (docs/benchmarks.md). Every quantized format also
 keeps the first `SINK_TOKENS` (128) positions unquantized: the attention sinks (the first tokens,
 which most heads attend to heavily; KVQuant and IntactKV keep them exact too), 19 MB for zen-eco-4b.
 
@@ -41,11 +43,11 @@ from . import kv_kernel
 from .errors import ConfigError
 from .kv_cache import KVCache
 
-KV_FORMATS = ("bf16", "int8", "int4", "int2")
+KV_FORMATS = ("bf16", "int8", "int4", "k4v2", "int2")
 PAGE_TOKENS = 16384  # positions per page: one kernel call per page and layer; growth copies one page
 ATTEND_CHUNK = 4096  # positions dequantized at once by the PyTorch path (~16 MB of float32 per 8 heads)
 # int4 is KIVI's layout at 4 bits: per-token 4-bit keys (groups of 32 channels) cost SmolLM2 a KL of
-# 0.042 against the fp32 cache, per-channel ones ~10x less (docs/benchmarks.md, "Long context / KV cache").
+# 0.042 against the fp32 cache, per-channel ones ~10x less (docs/benchmarks.md, "Long context: KV cache formats").
 INT4_KEY_GROUP = 128  # tokens per (scale, min) of a key channel
 INT4_VALUE_GROUP = 32  # channels per (scale, min) of a value token
 INT4_RESIDUAL = 128
@@ -408,6 +410,8 @@ def codecs(kv_format: str, head_dim: int) -> tuple[Codec, Codec, int]:
     if fmt == "int2":
         return (Codec(2, INT2_KEY_GROUP, per_channel=True), Codec(2, min(INT2_VALUE_GROUP, head_dim)),
                 INT2_RESIDUAL)
+    if fmt == "k4v2":
+        return Codec(4, INT4_KEY_GROUP, per_channel=True), Codec(2, min(INT2_VALUE_GROUP, head_dim)), INT4_RESIDUAL
     raise ConfigError(f"{fmt!r} is not a quantized KV format")
 
 

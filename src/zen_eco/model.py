@@ -144,11 +144,11 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype  # the embedding may be int8 (quant.Int8Embedding)
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     kv_format = "bf16"  # how new_cache stores K/V unless told: kv_quant.KV_FORMATS; zen_eco.load(kv_cache=) sets it
 

@@ -1,25 +1,28 @@
 """Weight-only quantized linear layers (INT4 group-wise, INT8 per output channel) and their quantizers.
 
 At batch 1 a decoder is bound by reading its weights, and PyTorch's bf16 matmul on a CPU reaches
-only part of the memory bandwidth. Its packed int4 and int8 kernels read 4x / 2x fewer bytes and
-run near memory speed — with bf16 activations (with fp32 activations they are ~10-20x slower).
+only part of the memory bandwidth. Packed int4 and int8 kernels read 4x / 2x fewer bytes. On the
+CPU, INT4 layers use our `q4_kernel` (int16 activations, integer dot products: as fast as PyTorch's
+packed kernel and ~60x more exact than its bf16 activations, for any activation dtype); where it
+cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 activations).
 
 - `Int4Linear`: 4-bit codes in groups of `group_size` along the input dimension,
   w = (code - 8) * scale + zero, one (scale, zero) per group and output row. GGUF Q4_0
   (w = d * (q - 8)) and Q4_1 (w = d * q + m) map onto it without requantizing: scale = d, and
-  zero = 0 or m + 8d. Scales are held in the activation dtype (bf16), a rounding of ~2^-9 relative.
+  zero = 0 or m + 8d. `q4_kernel` holds scales and minimums in float16 (exact for GGUF and for our
+  quantizers); PyTorch's kernels in the activation dtype (bf16: a rounding of ~2^-9 relative).
 - `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row.
 
-Kernels: CPU `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`; CUDA `_weight_int4pack_mm`
+Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu`) / `_weight_int8pack_mm`; CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
 Everywhere else — CUDA int8, other devices, dtypes or shapes — a layer keeps portable codes and
 casts / dequantizes its weight for each call: correct everywhere, a memory saving but no speed-up.
 The CUDA paths follow PyTorch's signatures but have not run on a GPU here (tests marked `gpu`).
 
 The packed kernels are made for few rows (decode). For a prompt they are compute-bound and slow, so
-from `DENSE_MIN_ROWS` rows on (bf16; 2 rows for other dtypes, whose kernels are far slower per row)
-a CPU layer dequantizes its weight for that one call and uses the dense GEMM (which uses the CPU's
-matrix units); the dense copy lives only for the call.
+from `NATIVE_MAX_ROWS` rows on (ours) or `DENSE_MIN_ROWS` (PyTorch's, bf16; 2 rows for other dtypes,
+whose kernels are far slower per row) a CPU layer dequantizes its weight for that one call and uses
+the dense GEMM (which uses the CPU's matrix units); the dense copy lives only for the call.
 
 Quantizers (`quantize_int4`, `quantize_int8`) are round-to-nearest over each group's min/max (int4)
 or each row's absolute max (int8). They round scales to float16 first — the precision a quantized
@@ -37,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import q4_kernel
 from .errors import CheckpointError
 
+NATIVE_MAX_ROWS = 112  # rows from which our kernel's layers dequantize for the dense GEMM (6144x2560, 1 thread: equal at ~110)
 DENSE_MIN_ROWS = 128  # measured on SmolLM2's 3072x576 gate|up: packed ~30 us/row, unpack + GEMM ~4 ms flat
 SCALE_DTYPE = torch.float16  # how scales and minimums are stored (as GGUF's Q4_1/Q8_0 do)
 GROUP_SIZES = (32, 64, 128)  # int4 group sizes the CPU and CUDA kernels both take
@@ -137,9 +142,10 @@ def quantize_int8(w: torch.Tensor) -> Q8Weight:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What quant="int8" / "int4[-gN]" asks for. Applies to the layers' linear matrices; an untied
-    output head always gets int8 (int4 there visibly changes greedy output), a tied one stays the
-    embedding's float table, and the embedding is never quantized (a lookup reads few rows)."""
+    """What quant="int8" / "int4[-gN]" asks for. Applies to the layers' linear matrices; the output
+    head always gets int8 (int4 there visibly changes greedy output). A tied head's table is also the
+    embedding: it is stored once, int8, and the lookup reads its rows (`Int8Embedding`); an untied
+    model's embedding stays float (a lookup reads few rows)."""
 
     bits: int  # 8 or 4
     group_size: int | None = None  # int4: input columns per (scale, min); int8: None, one scale per row
@@ -151,12 +157,13 @@ class QuantSpec:
     def quantize(self, w: torch.Tensor) -> "Q4Weight | Q8Weight":
         return quantize_int8(w) if self.bits == 8 else quantize_int4(w, self.group_size)
 
-    def for_weight(self, name: str) -> "QuantSpec | None":
-        """The spec the model weight `name` (our module naming) gets under this one; None: it stays float."""
+    def for_weight(self, name: str, tied: bool = False) -> "QuantSpec | None":
+        """The spec the model weight `name` (our module naming) gets under this one; None: it stays float.
+        tied: the model's head is its embedding (then "embed.weight" is the head's table)."""
         module, _, kind = name.rpartition(".")
         if kind != "weight":
             return None
-        if module == "lm_head":  # only asked for when untied
+        if module == "lm_head" or module == "embed" and tied:  # lm_head: only asked for when untied
             return HEAD_SPEC
         parts = module.split(".", 2)
         return self if parts[0] == "layers" and len(parts) == 3 and parts[2] in LAYER_LINEARS else None
@@ -202,15 +209,24 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fast packed CPU kernel applies (what quant="auto" keeps GGUF 4-bit weights packed for)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    """Whether quant="auto" keeps a GGUF's 4-bit weights packed: on the CPU with bf16 activations, where
+    a fast kernel (ours, else PyTorch's) exists. A float32 model stays dense float32 — the exact
+    reference that parity tests and `--dtype float32` users expect."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    return q4_kernel.available() or hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def _dense_min_rows(dtype: torch.dtype) -> int:
     return DENSE_MIN_ROWS if dtype == torch.bfloat16 else 2
 
 
-def _int4_backend(device: torch.device, dtype: torch.dtype, n: int) -> str:
+def _int4_backend(device: torch.device, dtype: torch.dtype, n: int, k: int, group: int, kernel: bool | str) -> str:
+    if kernel is False:
+        return "dense"
+    if (kernel is True and device.type == "cpu" and k % q4_kernel.BLOCK == 0 and group % q4_kernel.BLOCK == 0
+            and q4_kernel.available()):
+        return "native"
     if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu"
     if device.type == "cuda" and dtype == torch.bfloat16 and n % 8 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm"):
@@ -256,16 +272,25 @@ def _cpu_layout_known(k: int) -> bool:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) for a 4-bit `Q4Weight`. backend: "cpu" / "cuda" (packed kernels) or "dense"
-    (portable nibble codes, dequantized per call; also what kernel=False asks for)."""
+    """y = x W^T (+ b) for a 4-bit `Q4Weight`. backend: "native" (our `q4_kernel`, the CPU default),
+    "cpu" / "cuda" (PyTorch's packed kernels) or "dense" (portable nibble codes, dequantized per
+    call). kernel: True = the best available, "torch" = PyTorch's kernels only, False = "dense"."""
 
     def __init__(self, weight: Q4Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", kernel: bool = True) -> None:
+                 device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         device = torch.device(device)
         n, k = weight.codes.shape
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
-        self.backend = _int4_backend(device, dtype, n) if kernel else "dense"
+        self.backend = _int4_backend(device, dtype, n, k, weight.group_size, kernel)
+        self.can_unpack = True
+        if self.backend == "native":  # our kernel's layout: codes by blocks of 32, float16 scale and zero
+            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, weight.offset)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scale_zero", scale_zero)
+            self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+            self.dtype = dtype
+            return
         zero = weight.offset + 8 * weight.scale
         # (K // group, N, 2): the kernels' layout for per-group (scale, zero)
         scales_zeros = torch.stack([weight.scale, zero], -1).transpose(0, 1).contiguous().to(device, dtype)
@@ -283,6 +308,8 @@ class Int4Linear(nn.Module):
 
     def _unpack_codes(self) -> torch.Tensor:
         """The (N, K) uint8 codes back from `packed` (where `can_unpack`)."""
+        if self.backend == "native":
+            return q4_kernel.unpack(self.packed)
         if self.backend == "dense":
             return unpack_nibbles(self.packed)
         return _unpack_cpu(self.packed, self.out_features, self.in_features)
@@ -290,6 +317,10 @@ class Int4Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the stored buffers."""
         n, k, g = self.out_features, self.in_features, self.group_size
+        if self.backend == "native":  # w = code * scale + zero
+            codes = self._unpack_codes().view(n, k // g, g).to(dtype)
+            scale, zero = self.scale_zero[:, :, : k // g, None].to(dtype).unbind(1)
+            return torch.addcmul(zero, codes, scale).reshape(n, k)
         scale, zero = self.scales_zeros.to(dtype).unbind(-1)  # (K/g, N) each
         scale, zero = scale.t().contiguous()[..., None], zero.t().contiguous()[..., None]  # (N, K/g, 1)
         codes = self._unpack_codes().view(n, k // g, g).to(dtype)
@@ -297,6 +328,14 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
+        if self.backend == "native":
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] < NATIVE_MAX_ROWS:
+                out = q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype)
+            else:
+                out = F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
+            out = out.view(*shape, self.out_features)
+            return out if self.bias is None else out + self.bias
         x2 = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
         if self.backend == "dense" or (self.can_unpack and x2.shape[0] >= _dense_min_rows(x2.dtype)):
             out = F.linear(x2, self.dense_weight(x2.dtype))
@@ -336,3 +375,18 @@ class Int8Linear(nn.Module):
             out = F.linear(x2, self.codes.to(x2.dtype)) * self.scales
         out = out.view(*shape, self.out_features)
         return out if self.bias is None else out + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """The embedding of a model whose tied output head is an `Int8Linear`: row i is codes[i] * scale[i],
+    read from the head's own buffers, so the vocabulary table exists once, in int8 (for zen-eco-4b
+    0.39 GB instead of 0.78 GB in bf16)."""
+
+    def __init__(self, head: Int8Linear) -> None:
+        super().__init__()
+        self.register_buffer("codes", head.codes)  # the same tensors, not copies
+        self.register_buffer("scales", head.scales)
+        self.num_embeddings, self.embedding_dim = head.codes.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)

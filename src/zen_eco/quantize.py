@@ -67,7 +67,7 @@ def _plan(ckpt, spec: QuantSpec) -> list[tuple[str, QuantSpec | None]]:
     for internal, hf_names in _internal_tensors(config):
         if internal == "lm_head.weight" and config.tie_word_embeddings:
             continue  # the embedding serves as the head
-        tensor_spec = spec.for_weight(internal)
+        tensor_spec = spec.for_weight(internal, config.tie_word_embeddings)
         for name in hf_names:
             if name not in available:
                 if tensor_spec is not None or internal in ("embed.weight", "norm.weight"):
@@ -112,7 +112,8 @@ def _write(ckpt, spec: QuantSpec, plan, out: Path, progress: bool) -> None:
     raw = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
     table = internal_to_hf(ckpt.config.model_type)
     modules = [h.format("*").removesuffix(".weight") for m in LAYER_LINEARS for h in table[f"layers.{{}}.{m}.weight"]]
-    head = ["lm_head"] if ("lm_head.weight", HEAD_SPEC) in plan else []
+    head = [name.removesuffix(".weight") for name, tensor_spec in plan  # the head's table, tied or not
+            if tensor_spec is not None and name in ("lm_head.weight", "model.embed_tokens.weight")]
     raw["quantization_config"] = quantization_config(spec, modules, head)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     for pattern in _COPIED:

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import Q4Weight, Q8Weight, QuantSpec, int4_supported, parse_quant, quantized_linear
+from ..quant import Int8Embedding, Q4Weight, Q8Weight, QuantSpec, int4_supported, parse_quant, quantized_linear
 from .gguf_file import GGUF_MAGIC
 from .names import internal_to_hf
 from .quantized import QuantizedSource, read_quantization
@@ -160,7 +160,7 @@ def load_weights(
             return _stored_weight(ckpt, hf_names, shape)
         if gguf_packed and name.startswith("layers."):
             return _packed_q4(ckpt.source, hf_names, shape, available)
-        spec = on_the_fly.for_weight(name) if on_the_fly is not None else None
+        spec = on_the_fly.for_weight(name, config.tie_word_embeddings) if on_the_fly is not None else None
         if spec is None:
             return None
         w = read(name, hf_names, torch.float32, torch.device("cpu"), owned=True)  # checkpoint precision
@@ -180,6 +180,11 @@ def load_weights(
                 continue
             module_name, kind = name.rsplit(".", 1)
             weight = quantized(name, hf_names) if kind == "weight" and len(expected[name].shape) == 2 else None
+            if weight is not None and module_name == "embed":  # a tied head's table, int8: one copy for both
+                model.lm_head = quantized_linear(weight, None, dtype, device)
+                model.embed = Int8Embedding(model.lm_head)
+                state[name] = None
+                continue
             if weight is not None:
                 bias_name = module_name + ".bias"
                 bias = read(bias_name, table[bias_name]) if bias_name in expected else None
@@ -190,7 +195,7 @@ def load_weights(
     finally:
         bar.close()
     model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not isinstance(model.embed, Int8Embedding):
         model.lm_head.weight = model.embed.weight
     for name, buffer in list(model.named_buffers(recurse=False)):  # RoPE frequencies (built on the CPU)
         setattr(model, name, buffer.to(device))

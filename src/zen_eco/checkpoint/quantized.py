@@ -14,12 +14,14 @@ Format "zen-eco", version 1. P is a linear layer's Hugging Face name without ".w
       P.qweight  int8     (N, K)
       P.scales   float16  (N,)      w[r, c] = scales[r] * qweight[r, c]
 
-Every other tensor (embedding, norms, biases) keeps its name and dtype. config.json gains:
+The output head is int8 whatever `bits` says; when it is tied, its table is the embedding, stored
+once as `model.embed_tokens.qweight` + `.scales`. Every other tensor (an untied model's embedding,
+norms, biases) keeps its name and dtype. config.json gains:
 
     "quantization_config": {"quant_method": "zen-eco", "version": 1, "bits": 4, "group_size": 32,
                             "symmetric": false, "scale_dtype": "float16",
                             "modules": ["model.layers.*.self_attn.q_proj", ...],  # at `bits`
-                            "int8_modules": ["lm_head"]}  # an untied head; [] when tied
+                            "int8_modules": ["lm_head"]}  # the head: "model.embed_tokens" when tied
 
 Loading one gives the same layers, bit for bit, as quantizing the original while loading.
 """
@@ -91,7 +93,7 @@ class QuantizedSource:
         p = name.removesuffix(".weight")
         codes, scales = self.inner.read(p + ".qweight"), self.inner.read(p + ".scales")
         n = codes.shape[0] if codes.dim() == 2 else -1
-        if codes.dtype == torch.int8 and (self.spec.bits == 8 or p == "lm_head"):
+        if codes.dtype == torch.int8 and (self.spec.bits == 8 or p in ("lm_head", "model.embed_tokens")):
             if tuple(scales.shape) != (n,) or not scales.is_floating_point():
                 raise CheckpointError(f"{self.directory}: {p}.scales has shape {tuple(scales.shape)} {scales.dtype}, "
                                       f"int8 needs ({n},) float")

@@ -1,0 +1,64 @@
+"""INT4 matmul at decode (one row of x) from DRAM: our q4_kernel against PyTorch's packed CPU kernel.
+
+    python benchmarks/int4_kernel.py            # zen-eco-4b's layer shapes, 1 and 2 threads
+
+Each kernel gets its own copies of the weight (enough of them to exceed ~800 MB, so every call reads
+from DRAM, not from the last-level cache, as a decode step does), and the two are timed in turns,
+8 rounds, on the same activations (bf16, as `--dtype auto` runs them here). Reported: weight bytes
+read per second (codes + scales), best and median over rounds. The machine's own read bandwidth is
+`benchmarks/long_context.py`'s first line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from zen_eco import q4_kernel
+from zen_eco.quant import Int4Linear, Q4Weight
+
+SHAPES = [(6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728)]  # zen-eco-4b: q|k|v, o, gate|up, down
+
+
+def measure(n: int, k: int, group: int, threads: int, rounds: int = 8) -> dict:
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    q = Q4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen), torch.full((n, k // group), 0.005),
+                 torch.full((n, k // group), -0.04))
+    copies = max(2, int(8e8 // (n * k * (0.5 + 4 / group))))
+    layers = {name: [Int4Linear(q, None, torch.bfloat16, kernel=kernel) for _ in range(copies)]
+              for name, kernel in (("torch", "torch"), ("zen-eco", True))}
+    assert layers["zen-eco"][0].backend == "native" and layers["torch"][0].backend == "cpu"
+    x = torch.randn(1, k, generator=gen).bfloat16()
+    times = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name, ls in layers.items():
+            t = time.perf_counter()
+            for layer in ls:
+                layer(x)
+            times[name].append((time.perf_counter() - t) / len(ls))
+    nbytes = n * k * (0.5 + 4 / group)
+    return {name: (nbytes / min(ts) / 1e9, nbytes / statistics.median(ts) / 1e9) for name, ts in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--group", type=int, default=32, choices=(32, 64, 128))
+    p.add_argument("--threads", default="1,2")
+    args = p.parse_args()
+    if not q4_kernel.available():
+        raise SystemExit("q4_kernel could not be built here (no C compiler?)")
+    print("| shape (N x K) | threads | PyTorch GB/s best / median | zen-eco GB/s best / median | ratio (medians) |")
+    print("|---|---:|---:|---:|---:|")
+    for threads in map(int, args.threads.split(",")):
+        for n, k in SHAPES:
+            r = measure(n, k, args.group, threads)
+            print(f"| {n} x {k} | {threads} | {r['torch'][0]:.1f} / {r['torch'][1]:.1f} | {r['zen-eco'][0]:.1f} / "
+                  f"{r['zen-eco'][1]:.1f} | {r['zen-eco'][1] / r['torch'][1]:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""A C kernel for y = x W^T with 4-bit group-quantized W and few rows of x (decode), built on first use.
+
+At batch 1 a step reads every weight once, so its speed is the memory bandwidth if the arithmetic
+keeps up. PyTorch's packed CPU kernel (`_weight_int4pack_mm_for_cpu`) reaches ~60% of it on two
+AVX2 cores; this one gets close to all of it by doing the inner products in integers, as llama.cpp
+does: each row of x is quantized per block of 32 columns to int16 (one float scale per block: a
+rounding of 2^-16 of the block's largest |x|, finer than bf16's 2^-9 relative), then per block of
+32 weights 16 bytes of codes are widened to int16 and multiplied-and-added pairwise into int32 lanes
+(`vpmaddwd`). Eight blocks' sums are reduced side by side into one vector, converted to float and
+scaled together (each block by its group's scale: group sizes 32, 64, 128 run the same loop). The
+minimum term needs only the float sum of x over each block: w = code * scale + zero gives
+    sum_c x_c w_c = scale * sum_c code_c x_c + zero * sum_c x_c.
+Rows of W are split across OpenMP threads; a tile of up to 4 rows of x shares each unpacked block.
+
+Layout (`pack`): codes (N, K / 2) uint8 where, in each block of 32 columns, byte j holds column j in
+its low nibble and column j + 16 in its high nibble; scale_zero (N, 2, K / group padded with zeros
+to a multiple of 8) float16: a row's scales, then its zeros, so each row is two sequential streams. The float16
+scales are exact for GGUF Q4_0/Q4_1 (stored in float16) and for `quant.quantize_int4`, which rounds
+its scales to float16 before computing codes.
+
+Without AVX2 the C code falls back to plain loops (same integer math, compiler-vectorized).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+
+import torch
+
+from . import native
+
+BLOCK = 32  # columns per quantized block of x and per unpacked block of codes
+MAX_ROWS = 64  # rows of x the kernel takes per call (more: the dense GEMM is faster)
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+#ifndef PREFETCH
+#define PREFETCH 4096  /* bytes ahead that the code stream is prefetched: more reads in flight from DRAM */
+#endif
+
+/* x (M, K) float -> xq (M, K) int16 with one scale per block of 32 columns, xd (M, nbp), and the
+   blocks' float sums xs (M, nbp); nbp = K/32 rounded up to a multiple of 8, the padding left as it is
+   (zeros, from the caller). */
+void zen_q4_quantize_x(int M, int K, const float *x, int16_t *xq, float *xd, float *xs) {
+    const int nbp = (K / 32 + 7) & ~7;
+    for (int64_t m = 0; m < M; m++) {
+        for (int b = 0; b < K / 32; b++) {
+            const float *xr = x + m * K + b * 32;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) { float a = fabsf(xr[i]); amax = a > amax ? a : amax; sum += xr[i]; }
+            float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            xd[m * nbp + b] = d;
+            xs[m * nbp + b] = sum;
+            for (int i = 0; i < 32; i++) xq[m * K + b * 32 + i] = (int16_t)lrintf(xr[i] * id);
+        }
+    }
+}
+
+INLINE float f16(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { exp = 113; while (!(man & 1024)) { man <<= 1; exp--; } bits = sign | (exp << 23) | ((man & 1023) << 13); }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 112) << 23) | (man << 13);
+    float f; __builtin_memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+#ifdef __AVX2__
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The 8 lanes of each of v[0..7] summed: lane i of the result is the total of v[i]. */
+INLINE __m256i transpose_sum(const __m256i *v) {
+    __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
+    __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
+    __m256i a = _mm256_hadd_epi32(s01, s23), b = _mm256_hadd_epi32(s45, s67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* Integer dot product of block b's 32 codes with R rows of xq: p[r] holds 8 partial int32 sums. */
+INLINE void block_dot(int R, int K, int b, const uint8_t *codes, const int16_t *xq, __m256i *p) {
+    const __m256i low = _mm256_set1_epi16(15);
+    if ((b & 3) == 0) __builtin_prefetch(codes + b * 16 + PREFETCH, 0, 2);
+    __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
+    __m256i c0 = _mm256_and_si256(raw, low), c1 = _mm256_srli_epi16(raw, 4);
+    for (int r = 0; r < R; r++) {
+        const int16_t *q = xq + (int64_t)r * K + b * 32;
+        p[r] = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
+                                _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16))));
+    }
+}
+
+/* The float16 values of groups g0, g0 + 1, .. spread over 8 blocks of 32 columns: lane i holds the
+   value of block i's group (G = 32: 8 groups; 64: 4, each twice; 128: 2, each four times). */
+INLINE __m256 per_block(const uint16_t *v, int g0, const int G) {
+    if (G == 32) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + g0)));
+    if (G == 64) {
+        __m256 x = _mm256_cvtph_ps(_mm_loadl_epi64((const __m128i *)(v + g0)));
+        return _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    }
+    int32_t two;
+    __builtin_memcpy(&two, v + g0, 4);
+    __m256 x = _mm256_cvtph_ps(_mm_cvtsi32_si128(two));
+    return _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+#endif
+
+/* out[r] = (x_r . w_n) for rows r < R (R <= 4) of x and one row n of W. Always inlined with constant
+   R and G (see zen_q4_linear): as a called function its accumulators live in memory, ~8x slower. */
+INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,
+                     const int16_t *xq, const float *xd, const float *xs, float *out) {
+    const int nb = K / 32, nbp = (nb + 7) & ~7;
+#ifdef __AVX2__
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 8) {  /* 8 blocks at a time: their sums side by side in one vector */
+        const int n8 = nb - b0 < 8 ? nb - b0 : 8;
+        __m256i p[4][8];
+        for (int j = 0; j < 8; j++) {
+            __m256i pj[4];
+            if (j < n8) block_dot(R, K, b0 + j, codes, xq, pj);
+            else for (int r = 0; r < R; r++) pj[r] = _mm256_setzero_si256();
+            for (int r = 0; r < R; r++) p[r][j] = pj[r];
+        }
+        /* scale, zero (per group) and xd, xs (per block) rows are padded with zeros to whole eights */
+        const __m256 s = per_block(scale, b0 * 32 / G, G), z = per_block(zero, b0 * 32 / G, G);
+        for (int r = 0; r < R; r++) {
+            __m256 dots = _mm256_cvtepi32_ps(transpose_sum(p[r]));
+            acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_loadu_ps(xd + (int64_t)r * nbp + b0)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbp + b0), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+#else
+    for (int r = 0; r < R; r++) {
+        out[r] = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const int16_t *q = xq + (int64_t)r * K + b * 32;
+            int32_t dot = 0;
+            for (int j = 0; j < 16; j++) dot += (codes[b * 16 + j] & 15) * q[j] + (codes[b * 16 + j] >> 4) * q[j + 16];
+            const int g = b * 32 / G;
+            out[r] += (float)dot * xd[(int64_t)r * nbp + b] * f16(scale[g]) + f16(zero[g]) * xs[(int64_t)r * nbp + b];
+        }
+    }
+#endif
+}
+
+INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
+
+INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u; __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* y (M, N) = x (M, K) W^T. x and y are float32, or bfloat16 where x_bf16 / y_bf16; scale_zero
+   (N, 2, ngp) float16: each row's scales, then its zeros. Returns 0, or -1 when memory runs out. */
+int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
+                  const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
+    const int ngp = (K / G + 7) & ~7, nbp = (K / 32 + 7) & ~7;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K + 64);
+    float *dsum = calloc((size_t)2 * M * nbp, sizeof(float)), *xf = x_bf16 ? malloc(sizeof(float) * M * K) : 0;
+    if (!xq || !dsum || (x_bf16 && !xf)) { free(xq); free(dsum); free(xf); return -1; }
+    if (x_bf16) for (int64_t i = 0; i < (int64_t)M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    float *xd = dsum, *xs = dsum + (int64_t)M * nbp;
+    zen_q4_quantize_x(M, K, x_bf16 ? xf : (const float *)x, xq, xd, xs);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *cn = codes + (int64_t)n * (K / 2);
+        const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp, *zn = sn + ngp;  /* one stream per row */
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            float out[4];
+            const int16_t *q = xq + (int64_t)m0 * K;
+            const float *d = xd + (int64_t)m0 * nbp, *s = xs + (int64_t)m0 * nbp;
+            int R = M - m0 < 4 ? M - m0 : 4;
+            /* constant R and G: unrolled loops, accumulators in registers */
+            #define TILE(r_, g_) row_tile(r_, K, g_, cn, sn, zn, q, d, s, out)
+            #define TILES(g_) switch (R) { case 1: TILE(1, g_); break; case 2: TILE(2, g_); break; \
+                                            case 3: TILE(3, g_); break; default: TILE(4, g_); break; }
+            if (G == 32) { TILES(32) } else if (G == 64) { TILES(64) } else if (G == 128) { TILES(128) } else { TILES(G) }
+            for (int r = 0; r < R; r++) {
+                if (y_bf16) ((uint16_t *)y)[(int64_t)(m0 + r) * N + n] = f32_to_bf16(out[r]);
+                else ((float *)y)[(int64_t)(m0 + r) * N + n] = out[r];
+            }
+        }
+    }
+    free(xq); free(dsum); free(xf);
+    return 0;
+}
+"""
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built or ZEN_ECO_NATIVE_Q4=0 (then `Int4Linear`
+    uses PyTorch's)."""
+    if os.environ.get("ZEN_ECO_NATIVE_Q4", "1") == "0":
+        return None
+    lib = native.build("q4_matmul", C_SOURCE)
+    if lib is None:
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.zen_q4_linear.restype = i
+    lib.zen_q4_linear.argtypes = [i, i, i, i, p, i, p, p, p, i, i]
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) codes in [0, 15], (N, K / group) scale and zero (w = code * scale + zero) -> the
+    kernel's codes (N, K / 2) uint8 and scale_zero (N, 2, K / group rounded up to a multiple of 8)
+    float16, the padding zeros."""
+    n, k = codes.shape
+    blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    pad = -scale.shape[1] % 8  # whole eights of groups: the kernel's vector loads need no tail case
+    return packed, torch.nn.functional.pad(torch.stack([scale, zero], 1).to(torch.float16), (0, pad)).contiguous()
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack` for the codes: (N, K / 2) bytes -> (N, K) uint8 codes."""
+    n = packed.shape[0]
+    blocks = packed.view(n, -1, BLOCK // 2)
+    return torch.cat([blocks & 15, blocks >> 4], -1).reshape(n, -1)
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype`, for `pack`'s buffers of a W in groups of `group`
+    columns. float32 and bfloat16 go in and out as they are; other dtypes through float32."""
+    m, k = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    y = torch.empty(m, packed.shape[0], dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    rc = library().zen_q4_linear(m, packed.shape[0], k, group, x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(),
+                                 scale_zero.data_ptr(), y.data_ptr(), y.dtype == torch.bfloat16,
+                                 torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"q4 kernel: no memory for a {m}x{k} activation")
+    return y.to(out_dtype)

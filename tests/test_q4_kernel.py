@@ -1,0 +1,143 @@
+"""Our 4-bit matmul kernel (q4_kernel) against float64 matmuls over weights dequantized by gguf-py.
+
+Tolerance: the kernel rounds each block of 32 activations to int16 against its largest |x|
+(a step of 2^-15 of it) and sums the integer products exactly; the relative error of an output is
+then ~2^-15 / sqrt(3), measured 3e-5 to 6e-5 on these shapes. The bound 2e-4 leaves room for
+rounding in float32 accumulation; a wrong nibble, group or scale is off by > 1e-2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zen_eco import native, q4_kernel
+from zen_eco.checkpoint.gguf_file import GGUFFile
+from zen_eco.checkpoint.gguf_quants import q4_codes
+from zen_eco.quant import NATIVE_MAX_ROWS, Int4Linear, Q4Weight, quantize_int4
+
+gguf = pytest.importorskip("gguf")
+needs_kernel = pytest.mark.skipif(not q4_kernel.available(), reason="no C compiler for the native kernel")
+BOUND = 2e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_pack_round_trips_and_puts_columns_j_and_j_plus_16_in_one_byte():
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    scale, zero = torch.rand(5, 2), torch.rand(5, 2)
+    packed, scale_zero = q4_kernel.pack(codes, scale, zero)
+    assert packed.shape == (5, 32) and scale_zero.dtype == torch.float16
+    assert scale_zero.shape == (5, 2, 8) and not scale_zero[:, :, 2:].any()  # padded to whole eights of groups
+    assert torch.equal(scale_zero[:, 0, :2], scale.half()) and torch.equal(scale_zero[:, 1, :2], zero.half())
+    assert torch.equal(packed[:, 3] & 15, codes[:, 3]) and torch.equal(packed[:, 3] >> 4, codes[:, 19])
+    assert torch.equal(packed[:, 16 + 3] >> 4, codes[:, 32 + 19])
+    assert torch.equal(q4_kernel.unpack(packed), codes)
+
+
+@needs_kernel
+def test_real_q4_1_tensors_against_gguf_py(smollm2_gguf_path):
+    """SmolLM2's own Q4_1 matrices (group 32; K = 576 has 18 groups: two of 8 and a tail of 2)."""
+    gen = torch.Generator().manual_seed(1)
+    with GGUFFile(smollm2_gguf_path) as f:
+        for name in ("blk.0.attn_q.weight", "blk.2.ffn_down.weight", "blk.5.ffn_up.weight"):
+            info = f.tensors[name]
+            codes, scale, offset = q4_codes(f.tensor_bytes(name), info.ggml_type, info.shape)
+            ref_w = gguf.quants.dequantize(np.asarray(f.tensor_bytes(name)), gguf.GGMLQuantizationType(info.ggml_type))
+            ref_w = torch.from_numpy(ref_w).reshape(info.shape).double()
+            packed, sz = q4_kernel.pack(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
+            for rows in (1, 3, 4, 6, 9):  # tiles of 4 rows of x, with remainders
+                x = torch.randn(rows, info.shape[1], generator=gen)
+                got = q4_kernel.matmul(x, packed, sz, 32)
+                assert got.shape == (rows, info.shape[0])
+                assert _rel(got, x.double() @ ref_w.t()) < BOUND, (name, rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("k", [256, 640, 1152])  # 8, 20 and 36 groups of 32: tails of 0 to 7 groups
+def test_groups_and_tails(group, k):
+    if k % group:
+        pytest.skip("K not a multiple of the group")
+    gen = torch.Generator().manual_seed(k + group)
+    q = quantize_int4(torch.randn(40, k, generator=gen) * 0.05, group)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
+    x = torch.randn(5, k, generator=gen)
+    assert _rel(q4_kernel.matmul(x, packed, sz, group), x.double() @ q.dequantize().double().t()) < BOUND
+
+
+@needs_kernel
+def test_an_activation_outlier_costs_only_its_groups_precision():
+    """Each x is rounded to the nearest multiple of its group's step (max |x| / 32767), so
+    |error| <= sum_c |w_c| * step_c / 2 per output, plus float32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    k, group = 512, 32
+    q = quantize_int4(torch.randn(48, k, generator=gen) * 0.05, group)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
+    x = torch.randn(3, k, generator=gen)
+    x[:, 3] = 400.0
+    w = q.dequantize().double()
+    step = x.abs().view(3, -1, group).amax(-1).double().repeat_interleave(group, -1) / 32767
+    bound = (step / 2) @ w.abs().t()
+    ref = x.double() @ w.t()
+    err = (q4_kernel.matmul(x, packed, sz, group).double() - ref).abs()
+    assert (err <= bound * 1.001 + 1e-6 * ref.abs()).all()
+    assert (err[:, :] > 0).any()
+
+
+@needs_kernel
+def test_zero_and_extreme_activations():
+    q = quantize_int4(torch.randn(16, 128) * 0.05, 32)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
+    assert torch.equal(q4_kernel.matmul(torch.zeros(2, 128), packed, sz, 32), torch.zeros(2, 16))
+    x = torch.full((1, 128), 3e4)
+    assert _rel(q4_kernel.matmul(x, packed, sz, 32), x.double() @ q.dequantize().double().t()) < BOUND
+
+
+@needs_kernel
+def test_portable_c_path_gives_the_same_numbers(monkeypatch):
+    """The plain-loop branch (CPUs without AVX2) built here with AVX2 turned off: equal within float
+    reassociation."""
+    if not any(f.startswith("-march") for f in native.flags()):
+        pytest.skip("not an x86-64 build")
+    q = quantize_int4(torch.randn(24, 640) * 0.05, 64)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
+    x = torch.randn(3, 640)
+    fast = q4_kernel.matmul(x, packed, sz, 64)
+    base = native.flags
+    monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"])
+    q4_kernel.library.cache_clear()
+    try:
+        portable = q4_kernel.matmul(x, packed, sz, 64)
+    finally:
+        monkeypatch.undo()
+        q4_kernel.library.cache_clear()
+    assert _rel(portable, fast) < 1e-6
+
+
+@needs_kernel
+def test_layer_uses_the_kernel_for_few_rows_and_the_dense_gemm_for_many():
+    q = quantize_int4(torch.randn(64, 256) * 0.05, 32)
+    layer = Int4Linear(q, torch.randn(64), torch.float32)
+    assert layer.backend == "native"
+    ref = lambda x: x.double() @ q.dequantize().double().t() + layer.bias.double()  # noqa: E731
+    few, many = torch.randn(2, 7, 256), torch.randn(NATIVE_MAX_ROWS, 256)
+    assert layer(few).shape == (2, 7, 64) and _rel(layer(few), ref(few)) < BOUND
+    assert _rel(layer(many), ref(many)) < 1e-6  # dense float32 GEMM
+    assert torch.equal(layer.dense_weight(torch.float32), q.dequantize())
+    assert Int4Linear(q, None, torch.float32, kernel=False).backend == "dense"
+
+
+def test_env_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("ZEN_ECO_NATIVE_Q4", "0")
+    q4_kernel.library.cache_clear()
+    try:
+        assert not q4_kernel.available()
+        q = Q4Weight(torch.randint(0, 16, (64, 64), dtype=torch.uint8), torch.rand(64, 2), torch.rand(64, 2))
+        assert Int4Linear(q, None, torch.bfloat16).backend != "native"
+    finally:
+        monkeypatch.undo()
+        q4_kernel.library.cache_clear()
