@@ -124,6 +124,8 @@ def test_bench_default_model_reports_packed_weights():
     assert json.loads(proc.stdout)["weights"] == "int4 x120 + bfloat16"
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "none")
     assert json.loads(proc.stdout)["weights"] == "bfloat16"
+    proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "int8")
+    assert json.loads(proc.stdout)["weights"] == "int8 x121 + bfloat16"  # 120 layers + the tied table, once
 
 
 # --------------------------------------------------------------------------- bad input: one line, no traceback

@@ -207,15 +207,20 @@ def test_64_concurrent_streams(url, zm):
 def test_queue_full_is_429_and_stopped_is_503(zm):
     config = ServerConfig("small", port=0, max_batch=1, max_queue=1)
     state = ServerState(zm, config)
-    body = {"messages": HI, "max_tokens": 400, "stream": True, "logit_bias": NO_EOS}
+    # The running stream must outlast the checks below even on a loaded machine: closing it (leaving
+    # the `with`) cancels it, so a long max_tokens costs nothing.
+    body = {"messages": HI, "max_tokens": 2000, "stream": True, "logit_bias": NO_EOS}
     with serve_in_thread(state) as base, httpx.Client(base_url=base, timeout=60) as http:
         with http.stream("POST", CHAT, json=body) as running:
             next(running.iter_lines())
             queued = threading.Thread(target=lambda: http.post(CHAT, json=body | {"stream": False, "max_tokens": 2}))
             queued.start()
-            deadline = time.time() + 10
-            while state.scheduler.queue_depth < 1 and time.time() < deadline:
+            deadline = time.time() + 30
+            # the stream's first line can come before its own request leaves the queue: wait until it
+            # decodes and the second request is the one waiting
+            while (state.scheduler.active, state.scheduler.queue_depth) != (1, 1) and time.time() < deadline:
                 time.sleep(0.02)
+            assert (state.scheduler.active, state.scheduler.queue_depth) == (1, 1)
             error = _error(http.post(CHAT, json=body | {"stream": False}), 429)
             assert error["code"] == "queue_full"
         queued.join(30)
@@ -238,7 +243,7 @@ def test_shutdown_during_generation_is_clean_and_fast(zm):
     events: list[list[str]] = [[], [], []]
 
     def stream(out: list[str]):
-        body = {"messages": HI, "max_tokens": 4000, "stream": True, "logit_bias": NO_EOS}
+        body = {"messages": HI, "max_tokens": 2000, "stream": True, "logit_bias": NO_EOS}
         with httpx.stream("POST", base + CHAT, json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line:

@@ -64,12 +64,14 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
 
 
 def weights_summary(model) -> str:
-    """'int4 x120 + bfloat16': how many linear layers run on the packed 4-bit kernel, and the dense dtype."""
-    from .quant import Int4Linear
+    """'int4 x120 + int8 x1 + bfloat16': how many linear layers run on the 4-bit and 8-bit kernels
+    (the tied int8 table counts once, as the head), and the dtype of the rest."""
+    from .quant import Int4Linear, Int8Linear
 
-    packed = sum(isinstance(m, Int4Linear) for m in model.modules())
-    dense = str(model.dtype).removeprefix("torch.")
-    return f"int4 x{packed} + {dense}" if packed else dense
+    counts = [(name, sum(isinstance(m, cls) for m in model.modules())) for name, cls in (("int4", Int4Linear),
+                                                                                       ("int8", Int8Linear))]
+    parts = [f"{name} x{n}" for name, n in counts if n]
+    return " + ".join([*parts, str(model.dtype).removeprefix("torch.")])
 
 
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
