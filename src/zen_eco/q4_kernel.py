@@ -1,4 +1,4 @@
-"""A C kernel for y = x W^T with 4-bit group-quantized W and few rows of x (decode), built on first use.
+"""A C kernel for y = x W^T with 4-bit group-quantized (or 8-bit per-row) W and few rows of x (decode), built on first use.
 
 At batch 1 a step reads every weight once, so its speed is the memory bandwidth if the arithmetic
 keeps up. PyTorch's packed CPU kernel (`_weight_int4pack_mm_for_cpu`) reaches ~60% of it on two
@@ -17,6 +17,8 @@ its low nibble and column j + 16 in its high nibble; scale_zero (N, 2, K / group
 to a multiple of 8) float16: a row's scales, then its zeros, so each row is two sequential streams. The float16
 scales are exact for GGUF Q4_0/Q4_1 (stored in float16) and for `quant.quantize_int4`, which rounds
 its scales to float16 before computing codes.
+
+`matmul_int8` is the same scheme for int8 codes with one float32 scale per row (`Int8Linear`).
 
 Without AVX2 the C code falls back to plain loops (same integer math, compiler-vectorized).
 """
@@ -171,17 +173,108 @@ INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN 
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+/* x (M, K), float32 or bfloat16, rounded to int16 per block of 32 (zen_q4_quantize_x), in buffers this
+   allocates: 1, or 0 when memory runs out. */
+typedef struct { int16_t *xq; float *dsum, *xf, *xd, *xs; } qx_t;
+
+static void free_x(qx_t *q) { free(q->xq); free(q->dsum); free(q->xf); }
+
+static int prepare_x(int M, int K, const void *x, int x_bf16, qx_t *q) {
+    const int nbp = (K / 32 + 7) & ~7;
+    q->xq = malloc(sizeof(int16_t) * M * K + 64);
+    q->dsum = calloc((size_t)2 * M * nbp, sizeof(float));
+    q->xf = x_bf16 ? malloc(sizeof(float) * M * K) : 0;
+    if (!q->xq || !q->dsum || (x_bf16 && !q->xf)) { free_x(q); return 0; }
+    if (x_bf16) for (int64_t i = 0; i < (int64_t)M * K; i++) q->xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbp;
+    zen_q4_quantize_x(M, K, x_bf16 ? q->xf : (const float *)x, q->xq, q->xd, q->xs);
+    return 1;
+}
+
+INLINE void store(void *y, int y_bf16, int64_t i, float v) {
+    if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+/* Row n of an int8 weight (K codes, one float scale) against R rows of xq: out[r] = scale * x_r . w_n. */
+INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const int16_t *xq, const float *xd, float *out) {
+    const int nb = K / 32, nbp = (nb + 7) & ~7;
+#ifdef __AVX2__
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        const int n8 = nb - b0 < 8 ? nb - b0 : 8;
+        __m256i p[4][8];
+        for (int j = 0; j < 8; j++) {
+            const int b = b0 + j;
+            if (j < n8) {
+                if ((b & 1) == 0) __builtin_prefetch(codes + b * 32 + PREFETCH, 0, 2);
+                __m256i c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32)));
+                __m256i c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32 + 16)));
+                for (int r = 0; r < R; r++) {
+                    const int16_t *q = xq + (int64_t)r * K + b * 32;
+                    p[r][j] = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
+                                               _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16))));
+                }
+            } else {
+                for (int r = 0; r < R; r++) p[r][j] = _mm256_setzero_si256();
+            }
+        }
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(p[r])), _mm256_loadu_ps(xd + (int64_t)r * nbp + b0), acc[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) * scale;
+#else
+    for (int r = 0; r < R; r++) {
+        float total = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int32_t dot = 0;
+            for (int j = 0; j < 32; j++) dot += codes[b * 32 + j] * xq[(int64_t)r * K + b * 32 + j];
+            total += (float)dot * xd[(int64_t)r * nbp + b];
+        }
+        out[r] = total * scale;
+    }
+#endif
+}
+
+/* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row; dtypes as zen_q4_linear. */
+int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
+                  void *y, int y_bf16, int n_threads) {
+    const int nbp = (K / 32 + 7) & ~7;
+    qx_t qx;
+    if (!prepare_x(M, K, x, x_bf16, &qx)) return -1;
+    const int16_t *xq = qx.xq;
+    const float *xd = qx.xd;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *cn = codes + (int64_t)n * K;
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            float out[4];
+            const int16_t *q = xq + (int64_t)m0 * K;
+            const float *d = xd + (int64_t)m0 * nbp;
+            int R = M - m0 < 4 ? M - m0 : 4;
+            switch (R) {
+                case 1: row_tile8(1, K, cn, scale[n], q, d, out); break;
+                case 2: row_tile8(2, K, cn, scale[n], q, d, out); break;
+                case 3: row_tile8(3, K, cn, scale[n], q, d, out); break;
+                default: row_tile8(4, K, cn, scale[n], q, d, out); break;
+            }
+            for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
+        }
+    }
+    free_x(&qx);
+    return 0;
+}
+
 /* y (M, N) = x (M, K) W^T. x and y are float32, or bfloat16 where x_bf16 / y_bf16; scale_zero
    (N, 2, ngp) float16: each row's scales, then its zeros. Returns 0, or -1 when memory runs out. */
 int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
                   const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
     const int ngp = (K / G + 7) & ~7, nbp = (K / 32 + 7) & ~7;
-    int16_t *xq = malloc(sizeof(int16_t) * M * K + 64);
-    float *dsum = calloc((size_t)2 * M * nbp, sizeof(float)), *xf = x_bf16 ? malloc(sizeof(float) * M * K) : 0;
-    if (!xq || !dsum || (x_bf16 && !xf)) { free(xq); free(dsum); free(xf); return -1; }
-    if (x_bf16) for (int64_t i = 0; i < (int64_t)M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-    float *xd = dsum, *xs = dsum + (int64_t)M * nbp;
-    zen_q4_quantize_x(M, K, x_bf16 ? xf : (const float *)x, xq, xd, xs);
+    qx_t qx;
+    if (!prepare_x(M, K, x, x_bf16, &qx)) return -1;
+    const int16_t *xq = qx.xq;
+    const float *xd = qx.xd, *xs = qx.xs;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *cn = codes + (int64_t)n * (K / 2);
@@ -196,13 +289,10 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
             #define TILES(g_) switch (R) { case 1: TILE(1, g_); break; case 2: TILE(2, g_); break; \
                                             case 3: TILE(3, g_); break; default: TILE(4, g_); break; }
             if (G == 32) { TILES(32) } else if (G == 64) { TILES(64) } else if (G == 128) { TILES(128) } else { TILES(G) }
-            for (int r = 0; r < R; r++) {
-                if (y_bf16) ((uint16_t *)y)[(int64_t)(m0 + r) * N + n] = f32_to_bf16(out[r]);
-                else ((float *)y)[(int64_t)(m0 + r) * N + n] = out[r];
-            }
+            for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
         }
     }
-    free(xq); free(dsum); free(xf);
+    free_x(&qx);
     return 0;
 }
 """
@@ -211,7 +301,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built or ZEN_ECO_NATIVE_Q4=0 (then `Int4Linear`
-    uses PyTorch's)."""
+    and `Int8Linear` use PyTorch's)."""
     if os.environ.get("ZEN_ECO_NATIVE_Q4", "1") == "0":
         return None
     lib = native.build("q4_matmul", C_SOURCE)
@@ -220,6 +310,8 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.zen_q4_linear.restype = i
     lib.zen_q4_linear.argtypes = [i, i, i, i, p, i, p, p, p, i, i]
+    lib.zen_q8_linear.restype = i
+    lib.zen_q8_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
     return lib
 
 
@@ -259,4 +351,19 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, grou
                                  torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"q4 kernel: no memory for a {m}x{k} activation")
+    return y.to(out_dtype)
+
+
+def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype` for int8 codes (N, K) (K a multiple of 32) and a
+    float32 scale per row: the same int16-activation scheme as `matmul`."""
+    m, k = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    y = torch.empty(m, codes.shape[0], dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    rc = library().zen_q8_linear(m, codes.shape[0], k, x.data_ptr(), x.dtype == torch.bfloat16, codes.data_ptr(),
+                                 scale.data_ptr(), y.data_ptr(), y.dtype == torch.bfloat16, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"q8 kernel: no memory for a {m}x{k} activation")
     return y.to(out_dtype)

@@ -11,7 +11,8 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
   (w = d * (q - 8)) and Q4_1 (w = d * q + m) map onto it without requantizing: scale = d, and
   zero = 0 or m + 8d. `q4_kernel` holds scales and minimums in float16 (exact for GGUF and for our
   quantizers); PyTorch's kernels in the activation dtype (bf16: a rounding of ~2^-9 relative).
-- `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row.
+- `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row; on the CPU our
+  kernel (`q4_kernel.matmul_int8`, the same int16-activation scheme), else `_weight_int8pack_mm`.
 
 Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu`) / `_weight_int8pack_mm`; CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
@@ -348,11 +349,13 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) for an 8-bit `Q8Weight`: `_weight_int8pack_mm` on the CPU for few rows; else
-    (x @ codes^T) * scale with the codes cast to the activation dtype for the call."""
+    """y = x W^T (+ b) for an 8-bit `Q8Weight`. For few rows on the CPU: our kernel (`q4_kernel.matmul_int8`,
+    backend "native"; int16 activations, float32 scales) or PyTorch's `_weight_int8pack_mm` ("torch",
+    also what kernel="torch" asks for); else ("dense") (x @ codes^T) * scale with the codes cast to the
+    activation dtype for the call."""
 
     def __init__(self, weight: Q8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", kernel: bool = True) -> None:
+                 device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         device = torch.device(device)
         self.out_features, self.in_features = weight.codes.shape
@@ -361,15 +364,26 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         # CPU only: PyTorch's CUDA version (2.9+) gives each output to one thread walking K with
         # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
-        self.kernel = kernel and device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        if (kernel is True and device.type == "cpu" and self.in_features % q4_kernel.BLOCK == 0
+                and q4_kernel.available()):
+            self.backend = "native"  # 1.75x PyTorch's on zen-eco-4b's head (docs/benchmarks.md)
+            self.register_buffer("scales_f32", weight.scale.to(device, torch.float32), persistent=False)
+        elif kernel and device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            self.backend = "torch"
+        else:
+            self.backend = "dense"
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.codes.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
+        if self.backend == "native" and x.numel() // self.in_features < NATIVE_MAX_ROWS:
+            out = q4_kernel.matmul_int8(x.reshape(-1, self.in_features), self.codes, self.scales_f32, self.scales.dtype)
+            out = out.view(*shape, self.out_features)
+            return out if self.bias is None else out + self.bias
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if self.kernel and x2.shape[0] < _dense_min_rows(x2.dtype):
+        if self.backend == "torch" and x2.shape[0] < _dense_min_rows(x2.dtype):
             out = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
         else:  # the scale is per output row, so it can wait until after the matmul
             out = F.linear(x2, self.codes.to(x2.dtype)) * self.scales
