@@ -153,7 +153,6 @@ def run_one(kv_format: str, depth: int, gen_tokens: int, threads: int, group: in
     model = build_int4_model(group=group)
     release_freed_memory()  # the build's temporaries: freed, but glibc keeps ~0.25 GiB of them resident
     build_s = time.perf_counter() - t0
-    cfg = model.config
     cache = model.new_cache(max_tokens=depth + gen_tokens + 1, kv_format=kv_format)
     t0 = time.perf_counter()
     fill(cache, depth)

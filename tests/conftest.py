@@ -28,6 +28,23 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def zm(smollm2_gguf_path):
+    """The default model (SmolLM2) in float32 on the CPU, loaded once per test module."""
+    import zen_eco
+
+    return zen_eco.load(smollm2_gguf_path, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    """An httpx client on the module's `url` fixture (a server it starts on loopback)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
 # --- Hand-built GGUF bytes -----------------------------------------------------
 # Tests build small GGUF files byte by byte, then corrupt exactly one thing.
 

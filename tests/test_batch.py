@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 
-import zen_eco
 from zen_eco.api import ZenModel
 from zen_eco.config import ModelConfig
 from zen_eco.engine.generate import Sequence, step_batch
@@ -75,11 +74,6 @@ def test_batched_forward_rejects_mismatched_inputs():
 # ------------------------------------------------------------------ on the bundled SmolLM2
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
-
-
-@pytest.fixture(scope="module")
-def zm(smollm2_gguf_path) -> ZenModel:
-    return zen_eco.load(dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

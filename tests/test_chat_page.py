@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import httpx
 import pytest
 from conftest import opens_thinking_tiny
 
-import zen_eco
 from zen_eco.serve.app import serve_in_thread
 from zen_eco.serve.state import ServerConfig, ServerState
 

@@ -13,11 +13,6 @@ STORY = "Once upon a time"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def zm(smollm2_gguf_path) -> ZenModel:
-    return zen_eco.load(dtype="float32", device="cpu")
-
-
 def fresh(zm: ZenModel, context: int | None = None) -> ZenModel:
     """The same weights with an empty KV cache (no prefix left over from another test)."""
     return ZenModel(zm.model, zm.tokenizer, zm.path, context)

@@ -197,11 +197,6 @@ def test_trim_keeps_the_prefix_and_continues(fmt):
 # --------------------------------------------------------------------------- the default model
 
 
-@pytest.fixture(scope="module")
-def zm(smollm2_gguf_path) -> ZenModel:
-    return zen_eco.load(dtype="float32", device="cpu")
-
-
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
     "movable metal type, oil-based ink and a wooden press adapted from wine making. Within fifty years "

@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 
-import zen_eco
 from zen_eco.serve.app import serve_in_thread
 from zen_eco.serve.requests import MAX_N
 from zen_eco.serve.state import ServerConfig, ServerState
@@ -25,20 +24,9 @@ NO_EOS = {"2": -100}  # SmolLM2's <|im_end|>: banned, so a generation runs to ma
 
 
 @pytest.fixture(scope="module")
-def zm(smollm2_gguf_path):
-    return zen_eco.load(dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def url(zm):
     with serve_in_thread(ServerState(zm, ServerConfig("smollm2", port=0))) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=60) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ closed. Its text is noise: the tests check structure, counts and timings, not wo
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from types import SimpleNamespace
 
@@ -19,7 +18,6 @@ import jsonschema
 import pytest
 from conftest import opens_thinking_tiny
 
-import zen_eco
 from zen_eco.engine.thinking import BUDGET_CLOSE_TEXT
 from zen_eco.errors import ZenError
 from zen_eco.serve.app import serve_in_thread
@@ -40,12 +38,6 @@ def tiny(tmp_path_factory):
 def url(tiny):
     with serve_in_thread(ServerState(tiny, ServerConfig("tiny", port=0))) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=60) as client:
-        yield client
 
 
 def ndjson(response: httpx.Response) -> list[dict]:

@@ -26,11 +26,6 @@ HI = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def zm(smollm2_gguf_path):
-    return zen_eco.load(dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def url(zm):
     with serve_in_thread(ServerState(zm, ServerConfig("smollm2", port=0))) as base:
         yield base

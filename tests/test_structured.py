@@ -88,11 +88,6 @@ def json_schema_format(name: str, schema: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def zm(smollm2_gguf_path):
-    return zen_eco.load(smollm2_gguf_path, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def scheduler(zm):
     s = Scheduler(zm.model, zm.tokenizer, zm.context, max_batch=10).start()
     yield s

@@ -93,24 +93,9 @@ static inline float hsum(v16 v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* exp(x) for x <= 0 (scores minus their max), branch-free so that loops over it vectorize:
-   2^n * p(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial, relative error
-   < 2e-7; below -87 it returns ~1e-38 instead of an underflow. libm's expf is a scalar call. */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { float f; int32_t i; } u = {p};
-    u.i += (int32_t)n << 23;
-    return u.f;
-}
+/* exp(x) for one x <= 0 (the online softmax's corrections and merges, once per block): exp16's lane 0,
+   so scalar and vector exponentials are the same polynomial. */
+static inline float exp_neg(float x) { return exp16(splat(x))[0]; }
 
 /* Columns [16c, 16c + 16) of a code row as floats. Packed rows are planes of n = dim * bits / 8
    bytes' worth of columns: column i + j * n sits in byte i, bits [j * bits, (j + 1) * bits). */

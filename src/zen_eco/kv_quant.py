@@ -82,7 +82,6 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: (..., D * bits / 8) bytes -> (..., D) uint8 codes."""
-    n = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(-2) >> shifts[:, None]) & (2**bits - 1)).flatten(-2)
 
@@ -217,7 +216,6 @@ class QuantizedKVCache(KVCache):
             if p == len(self.pages):
                 self.pages.append([None] * self.num_layers)
                 self.page_caps.append(0)
-            old_cap = self.page_caps[p]
             for layer in range(self.num_layers):  # one layer at a time: the transient copy is one layer's page
                 new, old = self._alloc(cap), self.pages[p][layer]
                 if old is not None:

@@ -337,33 +337,32 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks & 15, blocks >> 4], -1).reshape(n, -1)
 
 
+_IO_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write as they are
+
+
+def _linear(x: torch.Tensor, n: int, out_dtype: torch.dtype, run) -> torch.Tensor:
+    """What `matmul` and `matmul_int8` share: x in a dtype the kernel reads, y (M, n) allocated,
+    run(x, x_bf16, y, y_bf16) the kernel call (0 = done, -1 = no memory)."""
+    m, k = x.shape
+    x = (x if x.dtype in _IO_DTYPES else x.float()).contiguous()
+    y = torch.empty(m, n, dtype=out_dtype if out_dtype in _IO_DTYPES else torch.float32)
+    if run(x.data_ptr(), x.dtype == torch.bfloat16, y.data_ptr(), y.dtype == torch.bfloat16) != 0:
+        raise MemoryError(f"quantized matmul kernel: no memory for a {m}x{k} activation")
+    return y.to(out_dtype)
+
+
 def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype`, for `pack`'s buffers of a W in groups of `group`
     columns. float32 and bfloat16 go in and out as they are; other dtypes through float32."""
-    m, k = x.shape
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()
-    x = x.contiguous()
-    y = torch.empty(m, packed.shape[0], dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    rc = library().zen_q4_linear(m, packed.shape[0], k, group, x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(),
-                                 scale_zero.data_ptr(), y.data_ptr(), y.dtype == torch.bfloat16,
-                                 torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError(f"q4 kernel: no memory for a {m}x{k} activation")
-    return y.to(out_dtype)
+    (m, k), n = x.shape, packed.shape[0]
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q4_linear(
+        m, n, k, group, xp, xb, packed.data_ptr(), scale_zero.data_ptr(), yp, yb, torch.get_num_threads()))
 
 
 def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype` for int8 codes (N, K) (K a multiple of 32) and a
     float32 scale per row: the same int16-activation scheme as `matmul`."""
-    m, k = x.shape
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()
-    x = x.contiguous()
-    y = torch.empty(m, codes.shape[0], dtype=out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    rc = library().zen_q8_linear(m, codes.shape[0], k, x.data_ptr(), x.dtype == torch.bfloat16, codes.data_ptr(),
-                                 scale.data_ptr(), y.data_ptr(), y.dtype == torch.bfloat16, torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError(f"q8 kernel: no memory for a {m}x{k} activation")
-    return y.to(out_dtype)
+    (m, k), n = x.shape, codes.shape[0]
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q8_linear(
+        m, n, k, xp, xb, codes.data_ptr(), scale.data_ptr(), yp, yb, torch.get_num_threads()))

@@ -14,7 +14,7 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
 - `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row; on the CPU our
   kernel (`q4_kernel.matmul_int8`, the same int16-activation scheme), else `_weight_int8pack_mm`.
 
-Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu`) / `_weight_int8pack_mm`; CUDA `_weight_int4pack_mm`
+Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`); CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
 Everywhere else — CUDA int8, other devices, dtypes or shapes — a layer keeps portable codes and
 casts / dequantizes its weight for each call: correct everywhere, a memory saving but no speed-up.
@@ -272,7 +272,22 @@ def _cpu_layout_known(k: int) -> bool:
     return torch.equal(_unpack_cpu(packed, 128, k), codes)
 
 
-class Int4Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What Int4Linear and Int8Linear share: y = x W^T (+ b) over any leading dims; `_matmul` takes
+    the (rows, in_features) view and returns (rows, out_features)."""
+
+    in_features: int
+    out_features: int
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+class Int4Linear(_QuantizedLinear):
     """y = x W^T (+ b) for a 4-bit `Q4Weight`. backend: "native" (our `q4_kernel`, the CPU default),
     "cpu" / "cuda" (PyTorch's packed kernels) or "dense" (portable nibble codes, dequantized per
     call). kernel: True = the best available, "torch" = PyTorch's kernels only, False = "dense"."""
@@ -283,14 +298,14 @@ class Int4Linear(nn.Module):
         device = torch.device(device)
         n, k = weight.codes.shape
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
+        self.dtype = dtype  # of activations and outputs
         self.backend = _int4_backend(device, dtype, n, k, weight.group_size, kernel)
-        self.can_unpack = True
+        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         if self.backend == "native":  # our kernel's layout: codes by blocks of 32, float16 scale and zero
             packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, weight.offset)
             self.register_buffer("packed", packed)
             self.register_buffer("scale_zero", scale_zero)
-            self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
-            self.dtype = dtype
+            self.can_unpack = True
             return
         zero = weight.offset + 8 * weight.scale
         # (K // group, N, 2): the kernels' layout for per-group (scale, zero)
@@ -304,7 +319,6 @@ class Int4Linear(nn.Module):
             self.backend, packed = "dense", pack_nibbles(weight.codes)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scales_zeros", scales_zeros)
-        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.can_unpack = self.backend == "dense" or self.backend == "cpu" and n % 64 == 0 and _cpu_layout_known(k)
 
     def _unpack_codes(self) -> torch.Tensor:
@@ -327,28 +341,20 @@ class Int4Linear(nn.Module):
         codes = self._unpack_codes().view(n, k // g, g).to(dtype)
         return torch.addcmul(zero - 8 * scale, codes, scale).reshape(n, k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] < NATIVE_MAX_ROWS:
-                out = q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype)
-            else:
-                out = F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
-            out = out.view(*shape, self.out_features)
-            return out if self.bias is None else out + self.bias
-        x2 = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
+                return q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype)
+            return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
+        x2 = x2.to(self.dtype)
         if self.backend == "dense" or (self.can_unpack and x2.shape[0] >= _dense_min_rows(x2.dtype)):
-            out = F.linear(x2, self.dense_weight(x2.dtype))
-        elif self.backend == "cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
-        out = out.view(*shape, self.out_features)
-        return out if self.bias is None else out + self.bias
+            return F.linear(x2, self.dense_weight(x2.dtype))
+        if self.backend == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_QuantizedLinear):
     """y = x W^T (+ b) for an 8-bit `Q8Weight`. For few rows on the CPU: our kernel (`q4_kernel.matmul_int8`,
     backend "native"; int16 activations, float32 scales) or PyTorch's `_weight_int8pack_mm` ("torch",
     also what kernel="torch" asks for); else ("dense") (x @ codes^T) * scale with the codes cast to the
@@ -376,19 +382,13 @@ class Int8Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.codes.to(dtype) * self.scales.to(dtype)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        if self.backend == "native" and x.numel() // self.in_features < NATIVE_MAX_ROWS:
-            out = q4_kernel.matmul_int8(x.reshape(-1, self.in_features), self.codes, self.scales_f32, self.scales.dtype)
-            out = out.view(*shape, self.out_features)
-            return out if self.bias is None else out + self.bias
-        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.backend == "native" and x2.shape[0] < NATIVE_MAX_ROWS:
+            return q4_kernel.matmul_int8(x2, self.codes, self.scales_f32, self.scales.dtype)
+        x2 = x2.to(self.scales.dtype)
         if self.backend == "torch" and x2.shape[0] < _dense_min_rows(x2.dtype):
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
-        else:  # the scale is per output row, so it can wait until after the matmul
-            out = F.linear(x2, self.codes.to(x2.dtype)) * self.scales
-        out = out.view(*shape, self.out_features)
-        return out if self.bias is None else out + self.bias
+            return torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
+        return F.linear(x2, self.codes.to(x2.dtype)) * self.scales  # the per-row scale can wait until after
 
 
 class Int8Embedding(nn.Module):

@@ -20,7 +20,7 @@ from .checkpoint.names import internal_to_hf
 from .checkpoint.quantized import quantization_config
 from .checkpoint.safetensors_dir import INDEX_FILE, SafetensorsWriter
 from .errors import CheckpointError
-from .quant import HEAD_SPEC, LAYER_LINEARS, Q4Weight, QuantSpec, pack_nibbles, parse_quant
+from .quant import LAYER_LINEARS, Q4Weight, QuantSpec, pack_nibbles, parse_quant
 
 # Files a model directory needs besides its weights and config (tokenizer, chat template, generation defaults).
 _COPIED = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*")
