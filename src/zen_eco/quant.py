@@ -372,7 +372,7 @@ class Int8Linear(_QuantizedLinear):
         # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
         if (kernel is True and device.type == "cpu" and self.in_features % q4_kernel.BLOCK == 0
                 and q4_kernel.available()):
-            self.backend = "native"  # 1.75x PyTorch's on zen-eco-4b's head (docs/benchmarks.md)
+            self.backend = "native"  # ~2x PyTorch's on zen-eco-4b's head (docs/benchmarks.md)
             self.register_buffer("scales_f32", weight.scale.to(device, torch.float32), persistent=False)
         elif kernel and device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self.backend = "torch"
