@@ -112,6 +112,13 @@ def test_init_then_bench_json(tmp_path):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["prompt_tokens"] == 16 and result["gen_tokens"] == 4
+    assert result["cuda_graphs"] is False and result["compiled"] is False  # graphs are CUDA-only
+    # --compile works on the CPU too (the static step through torch.compile; ~15 s for this model)
+    proc = zen("bench", str(out), "-p", "16", "-n", "4", "-r", "1", "--json", "--compile", "--no-cuda-graphs")
+    assert proc.returncode == 0, proc.stderr
+    compiled = json.loads(proc.stdout)
+    assert compiled["compiled"] is True and compiled["decode_tok_s"] > 0
+    assert compiled["warmup_s"] > result["warmup_s"]  # the compile happens in the warm-up run
 
     proc = zen("init", "llama-tiny", "-o", str(out))  # now not empty
     assert_one_line_error(proc, "not empty")

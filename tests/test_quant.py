@@ -99,3 +99,19 @@ def test_packed_default_model_tracks_fp32(smollm2_gguf_path):
         a, b = packed(ids), exact(ids)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
     assert _rel(a, b) < 0.05
+
+
+def test_which_weights_quantize_under_a_spec():
+    """Layer matrices get the spec, the head int8 (untied: lm_head; tied: the shared table), unless
+    int8_head=False (CUDA: the head stays float); norms, biases and an untied embedding stay float."""
+    from zen_eco.quant import HEAD_SPEC, QuantSpec
+
+    spec = QuantSpec(4, 64)
+    assert spec.for_weight("layers.3.mlp.w_down.weight") is spec
+    assert spec.for_weight("layers.3.mlp.w_down.bias") is None
+    assert spec.for_weight("layers.3.attn_norm.weight") is None
+    assert spec.for_weight("lm_head.weight") is HEAD_SPEC
+    assert spec.for_weight("embed.weight") is None and spec.for_weight("embed.weight", tied=True) is HEAD_SPEC
+    assert spec.for_weight("lm_head.weight", int8_head=False) is None
+    assert spec.for_weight("embed.weight", tied=True, int8_head=False) is None
+    assert spec.for_weight("layers.0.attn.wqkv.weight", int8_head=False) is spec

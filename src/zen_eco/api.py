@@ -229,6 +229,8 @@ def load(
     progress: bool = False,
     quant: str = "auto",
     kv_cache: str = "bf16",
+    cuda_graphs: bool = True,
+    compile: bool = False,
 ) -> ZenModel:
     """Load a model: a GGUF file, a Hugging Face directory, a Hub id, or None for the bundled default.
 
@@ -240,7 +242,11 @@ def load(
     quant="auto" keeps a GGUF file's 4-bit (Q4_0/Q4_1) matrices packed where a fast kernel exists
     (CPU with bf16) and a `zen-eco quantize` checkpoint as stored; quant="none" dequantizes every
     weight to `dtype`; "int8", "int4" (group 32), "int4-g64", "int4-g128" quantize the layers'
-    matrices while loading (see `checkpoint.load_weights`)."""
+    matrices while loading (see `checkpoint.load_weights`).
+
+    cuda_graphs: on CUDA, replay each batch-1 decode step as a recorded CUDA graph (see
+    zen_eco.engine.graphs; no effect on the CPU or with a quantized KV cache). compile: that step
+    compiled by torch.compile first (faster decode for a one-off compile of ~35 s; for servers)."""
     set_threads(threads)
     kv_cache = check_kv_format(kv_cache)  # before the weights load: fail fast
     dev = pick_device(device)
@@ -250,4 +256,6 @@ def load(
     if context is not None and context < 1:
         raise ZenError(f"context must be >= 1, got {context}")
     model.kv_format = kv_cache
+    model.cuda_graphs = bool(cuda_graphs)
+    model.compile_decode = bool(compile)
     return ZenModel(model, tokenizer, str(ckpt.path), context)

@@ -38,6 +38,8 @@ ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads (default: P
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context window in tokens (default: the model's).")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the batch-1 decode step (CUDA: ~1.7x, "
+                          "CPU: ~1.25x faster decode after a one-off compile of ~35-60 s: for long runs).")
 QuantOpt = typer.Option("auto", "--quant", help="auto: a quantized checkpoint as stored, a GGUF's 4-bit weights packed where a fast "
                         "kernel exists (CPU, bf16); none: dequantize all; int8, int4 (group 32), int4-g64, int4-g128: "
                         "quantize the layers' weights while loading.")
@@ -238,11 +240,15 @@ def bench(
     threads: Optional[int] = ThreadsOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, quant: str = QuantOpt,
     kv_cache: str = KvCacheOpt, repeats: int = typer.Option(3, "-r", "--repeats", help="Runs per figure; the best is reported."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+                                     help="On CUDA, replay each decode step as a recorded graph."),
+    compile: bool = CompileOpt,
 ) -> None:
     """Measure prefill tok/s, decode tok/s, time to first token and peak RSS."""
     from .bench import run_bench
 
-    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out, quant, kv_cache)
+    run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out, quant, kv_cache,
+              cuda_graphs, compile)
 
 
 @app.command()
@@ -292,14 +298,14 @@ def serve(
     name: Optional[str] = typer.Option(None, "--model-name", show_default=False,
                                        help="Model id in /v1/models (default: the file or directory name)."),
     threads: Optional[int] = ThreadsOpt, ctx_size: Optional[int] = CtxOpt, dtype: str = DtypeOpt,
-    device: str = DeviceOpt, quant: str = QuantOpt, kv_cache: str = KvCacheOpt,
+    device: str = DeviceOpt, quant: str = QuantOpt, kv_cache: str = KvCacheOpt, compile: bool = CompileOpt,
 ) -> None:
     """Serve the model over HTTP: OpenAI (/v1) and Ollama (/api) APIs, a chat page at /, /health, /metrics."""
     from .serve.app import serve_model
 
     serve_model(model_arg or model, host=host, port=port, api_key=api_key, cors_origins=cors_origin,
                 max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens, name=name, dtype=dtype,
-                device=device, context=ctx_size, threads=threads, quant=quant, kv_cache=kv_cache)
+                device=device, context=ctx_size, threads=threads, quant=quant, kv_cache=kv_cache, compile=compile)
 
 
 def main() -> None:

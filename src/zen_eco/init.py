@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .api import DTYPES
-from .config import preset
+from .config import ModelConfig, preset
 from .errors import ZenError
 from .tokenizer.qwen import qwen3_ranks_file, write_qwen3_tokenizer
 
@@ -111,3 +111,50 @@ def init_checkpoint(preset_name: str, output: str | Path, dtype: str = "bfloat16
         ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": 151643}
         (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
     return out
+
+
+def random_model(config: str | ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int = 0, quant: str = "none", kernel: bool | str = True):
+    """A `Transformer` of a preset (or config) with random weights made directly on `device`, no
+    checkpoint written: for benchmarks where writing and reading gigabytes would dominate (a lent GPU
+    machine) and for tests. Weights as `init_checkpoint` draws them (normal, std 0.02; norms at their
+    identity; biases 0), though not the same numbers. quant "int8" / "int4[-gN]": each layer matrix is
+    quantized as soon as it is drawn, so one float matrix exists at a time; embeddings and the output
+    head stay in `dtype`. kernel: as `quant.Int4Linear`'s (False: portable codes, dequantized per call)."""
+    from torch import nn
+
+    from .model import RMSNorm, Transformer
+    from .quant import LAYER_LINEARS, QuantSpec, parse_quant, quantized_linear
+
+    cfg = preset(config) if isinstance(config, str) else config
+    device = torch.device(device)
+    spec = parse_quant(quant)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    gen = torch.Generator(device).manual_seed(seed)
+    done: set[str] = set()
+    for name, param in list(model.named_parameters()):
+        if name in done:
+            continue
+        module_name, _, kind = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, RMSNorm):
+            value = torch.zeros if module.unit_offset else torch.ones
+            module.weight = nn.Parameter(value(param.shape, dtype=dtype, device=device), requires_grad=False)
+            continue
+        if kind == "bias":
+            setattr(module, kind, nn.Parameter(torch.zeros(param.shape, dtype=dtype, device=device), requires_grad=False))
+            continue
+        w = torch.randn(param.shape, generator=gen, device=device) * 0.02
+        if isinstance(spec, QuantSpec) and module_name.split(".", 2)[-1] in LAYER_LINEARS:
+            bias = None if module.bias is None else torch.zeros(module.out_features, dtype=dtype, device=device)
+            model.set_submodule(module_name, quantized_linear(spec.quantize(w), bias, dtype, device, kernel))
+            done.add(module_name + ".bias")
+        else:
+            setattr(module, kind, nn.Parameter(w.to(dtype), requires_grad=False))
+        del w
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    for name, buffer in list(model.named_buffers(recurse=False)):  # RoPE frequencies (built on the CPU)
+        setattr(model, name, buffer.to(device))
+    return model.eval()

@@ -34,6 +34,7 @@ class KVCache:
         self.capacity = 0
         self.token_ids: list[int] = []  # what the cached positions hold, for prefix reuse (kept by the engine)
         self.owner: object | None = None  # the engine Sequence whose tokens the cache holds now
+        self.decode_graph = None  # engine.graphs.DecodeGraph recorded over this cache's tensors (CUDA)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._grow_to(min(block_size, max_tokens))
@@ -63,6 +64,10 @@ class KVCache:
         if needed > self.capacity:
             blocks = -(-needed // self.block_size)
             self._grow_to(min(blocks * self.block_size, self.max_tokens))
+
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        """The positions of the next `new_tokens` tokens, (T,) int64 on the cache's device."""
+        return torch.arange(self.length, self.length + new_tokens, device=self.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H_kv, T, D) at positions [length, length+T); return the valid K, V views."""

@@ -150,6 +150,8 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    cuda_graphs = True  # batch-1 decode steps on CUDA replay a recorded graph (engine.graphs); zen_eco.load sets it
+    compile_decode = False  # ... compiled by torch.compile first (engine.graphs.compiled); zen_eco.load(compile=)
     kv_format = "bf16"  # how new_cache stores K/V unless told: kv_quant.KV_FORMATS; zen_eco.load(kv_cache=) sets it
 
     def new_cache(self, max_tokens: int | None = None, batch_size: int = 1, kv_format: str | None = None) -> KVCache:
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
             positions = torch.tensor([[c.length] for c in caches], device=tokens.device)  # (B, 1)
         else:
             start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device)
+            positions = cache.positions(T) if cache is not None else torch.arange(T, device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, self.attention_scaling, positions, self.dtype)
         rope = (cos, signed_sin(sin))
         local_rope = rope

@@ -355,14 +355,42 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, grou
            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype`, for `pack`'s buffers of a W in groups of `group`
     columns. float32 and bfloat16 go in and out as they are; other dtypes through float32."""
-    (m, k), n = x.shape, packed.shape[0]
-    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q4_linear(
-        m, n, k, group, xp, xb, packed.data_ptr(), scale_zero.data_ptr(), yp, yb, torch.get_num_threads()))
+    if torch.compiler.is_compiling():  # traced: an opaque op (calling it eagerly costs dispatcher time)
+        return torch.ops.zen_eco.q4_linear(x, packed, scale_zero, group, out_dtype)
+    return _q4_linear(x, packed, scale_zero, group, out_dtype)
 
 
 def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype` for int8 codes (N, K) (K a multiple of 32) and a
     float32 scale per row: the same int16-activation scheme as `matmul`."""
+    if torch.compiler.is_compiling():
+        return torch.ops.zen_eco.q8_linear(x, codes, scale, out_dtype)
+    return _q8_linear(x, codes, scale, out_dtype)
+
+
+def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    (m, k), n = x.shape, packed.shape[0]
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q4_linear(
+        m, n, k, group, xp, xb, packed.data_ptr(), scale_zero.data_ptr(), yp, yb, torch.get_num_threads()))
+
+
+def _q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     (m, k), n = x.shape, codes.shape[0]
     return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q8_linear(
         m, n, k, xp, xb, codes.data_ptr(), scale.data_ptr(), yp, yb, torch.get_num_threads()))
+
+
+# The kernels as PyTorch operators, so torch.compile can trace a model that calls them (engine.graphs).
+_q4_op = torch.library.custom_op("zen_eco::q4_linear", _q4_linear, mutates_args=())
+_q8_op = torch.library.custom_op("zen_eco::q8_linear", _q8_linear, mutates_args=())
+
+
+@_q4_op.register_fake
+def _(x, packed, scale_zero, group, out_dtype):
+    return x.new_empty((x.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
+@_q8_op.register_fake
+def _(x, codes, scale, out_dtype):
+    return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)

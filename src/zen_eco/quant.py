@@ -17,8 +17,10 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
 Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`); CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
 Everywhere else — CUDA int8, other devices, dtypes or shapes — a layer keeps portable codes and
-casts / dequantizes its weight for each call: correct everywhere, a memory saving but no speed-up.
-The CUDA paths follow PyTorch's signatures but have not run on a GPU here (tests marked `gpu`).
+casts / dequantizes its weight for each call: correct everywhere, a memory saving but no speed-up
+(on an H200 an int8 layer is 3-6x slower than bf16 this way, and `_weight_int8pack_mm` slower still,
+so on CUDA the output head stays float under --quant). The CUDA paths ran on an H200 (tests marked
+`gpu`, benchmarks/gpu.py).
 
 The packed kernels are made for few rows (decode). For a prompt they are compute-bound and slow, so
 from `NATIVE_MAX_ROWS` rows on (ours) or `DENSE_MIN_ROWS` (PyTorch's, bf16; 2 rows for other dtypes,
@@ -158,14 +160,17 @@ class QuantSpec:
     def quantize(self, w: torch.Tensor) -> "Q4Weight | Q8Weight":
         return quantize_int8(w) if self.bits == 8 else quantize_int4(w, self.group_size)
 
-    def for_weight(self, name: str, tied: bool = False) -> "QuantSpec | None":
+    def for_weight(self, name: str, tied: bool = False, int8_head: bool = True) -> "QuantSpec | None":
         """The spec the model weight `name` (our module naming) gets under this one; None: it stays float.
-        tied: the model's head is its embedding (then "embed.weight" is the head's table)."""
+        tied: the model's head is its embedding (then "embed.weight" is the head's table).
+        int8_head=False keeps the head (and a tied table) float: on CUDA, where PyTorch has no fast int8
+        matmul for one row (zen-eco-4b's head on an H200: bf16 0.19 ms, `_weight_int8pack_mm` 1.7 ms,
+        cast codes 1.2 ms; docs/benchmarks.md "GPU")."""
         module, _, kind = name.rpartition(".")
         if kind != "weight":
             return None
         if module == "lm_head" or module == "embed" and tied:  # lm_head: only asked for when untied
-            return HEAD_SPEC
+            return HEAD_SPEC if int8_head else None
         parts = module.split(".", 2)
         return self if parts[0] == "layers" and len(parts) == 3 and parts[2] in LAYER_LINEARS else None
 
@@ -194,9 +199,9 @@ def parse_quant(mode: str, group_size: int | None = None) -> "str | QuantSpec":
 
 
 def quantized_linear(weight: "Q4Weight | Q8Weight", bias: torch.Tensor | None, dtype: torch.dtype,
-                     device: torch.device | str) -> nn.Module:
+                     device: torch.device | str, kernel: bool | str = True) -> nn.Module:
     cls = Int4Linear if isinstance(weight, Q4Weight) else Int8Linear
-    return cls(weight, bias, dtype, device)
+    return cls(weight, bias, dtype, device, kernel)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,8 @@ def load_weights(
             return _stored_weight(ckpt, hf_names, shape)
         if gguf_packed and name.startswith("layers."):
             return _packed_q4(ckpt.source, hf_names, shape, available)
-        spec = on_the_fly.for_weight(name, config.tie_word_embeddings) if on_the_fly is not None else None
+        spec = (on_the_fly.for_weight(name, config.tie_word_embeddings, int8_head=device.type == "cpu")
+                if on_the_fly is not None else None)
         if spec is None:
             return None
         w = read(name, hf_names, torch.float32, torch.device("cpu"), owned=True)  # checkpoint precision
@@ -180,6 +181,10 @@ def load_weights(
                 continue
             module_name, kind = name.rsplit(".", 1)
             weight = quantized(name, hf_names) if kind == "weight" and len(expected[name].shape) == 2 else None
+            if isinstance(weight, Q8Weight) and module_name in ("embed", "lm_head") and device.type != "cpu":
+                # a stored int8 head: float off the CPU, as for_weight(int8_head=False) decides
+                state[name] = weight.dequantize().to(device, dtype)
+                continue
             if weight is not None and module_name == "embed":  # a tied head's table, int8: one copy for both
                 model.lm_head = quantized_linear(weight, None, dtype, device)
                 model.embed = Int8Embedding(model.lm_head)

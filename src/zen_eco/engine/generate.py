@@ -22,6 +22,7 @@ import torch
 from ..errors import ContextLengthError, ZenError
 from ..kv_cache import KVCache
 from ..model import Transformer
+from .graphs import decode_one
 from .sampling import Sampler, SamplingParams
 from .thinking import (ReasoningParser, ThinkingBudget, check_thinking_budget, prompt_opens_thinking,
                        thinking_tokens)
@@ -202,11 +203,13 @@ def step_batch(seqs: Seq[Sequence]) -> list[tuple[int, float]]:
             batch.append(s)
     if batch:
         model = batch[0].model
-        tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=model.device)
         caches = [s.cache for s in batch]
         for c in caches:
             c.owner = None
-        logits = model(tokens, caches[0] if len(caches) == 1 else caches)
+        if len(batch) == 1:
+            logits = decode_one(model, caches[0], batch[0].output_ids[-1])
+        else:
+            logits = model(torch.tensor([[s.output_ids[-1]] for s in batch], device=model.device), caches)
         for b, s in enumerate(batch):
             s.cache.token_ids.append(s.output_ids[-1])
             s._logits = logits[b, -1]

@@ -316,7 +316,7 @@ def serve_model(ref: str | None, *, host: str = "127.0.0.1", port: int = 8000, a
                 cors_origins: list[str] | None = None, max_batch: int = 8, max_queue: int = 64,
                 max_tokens: int | None = None, name: str | None = None, dtype: str = "auto", device: str = "auto",
                 context: int | None = None, threads: int | None = None, quant: str = "auto",
-                kv_cache: str = "bf16", log_level: str = "info") -> None:
+                kv_cache: str = "bf16", log_level: str = "info", compile: bool = False) -> None:
     """`zen-eco serve`: check the options, load the model, serve until Ctrl-C."""
     import sys
 
@@ -331,7 +331,7 @@ def serve_model(ref: str | None, *, host: str = "127.0.0.1", port: int = 8000, a
     if api_key is not None and not api_key.strip():
         raise ZenError("--api-key is empty")
     zm = load(ref, dtype=dtype, device=device, context=context, threads=threads, progress=sys.stderr.isatty(),
-              quant=quant, kv_cache=kv_cache)
+              quant=quant, kv_cache=kv_cache, compile=compile)
     config = ServerConfig(name or model_name(ref, zm.path), host, port, api_key, list(cors_origins or []), max_batch,
                           max_queue, max_tokens=max_tokens)
     serve(ServerState(zm, config), log_level)
