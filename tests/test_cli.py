@@ -125,10 +125,11 @@ def test_init_then_bench_json(tmp_path):
 
 
 def test_bench_default_model_reports_packed_weights():
-    """The default GGUF under --quant auto runs its 4-bit layers packed (210 Q4_1 tensors fuse into 120 layers)."""
+    """The default GGUF under --quant auto runs its 4-bit layers packed (210 Q4_1 tensors fuse into 120
+    layers) and its tied Q8_0 table as int8 blocks (the head, counted once)."""
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["weights"] == "int4 x120 + bfloat16"
+    assert json.loads(proc.stdout)["weights"] == "int4 x120 + int8 x1 + bfloat16"
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "none")
     assert json.loads(proc.stdout)["weights"] == "bfloat16"
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "int8")

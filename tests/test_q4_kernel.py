@@ -14,8 +14,9 @@ import torch
 
 from zen_eco import native, q4_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
-from zen_eco.checkpoint.gguf_quants import q4_codes
-from zen_eco.quant import NATIVE_MAX_ROWS, Int4Linear, Int8Linear, Q4Weight, quantize_int4, quantize_int8
+from zen_eco.checkpoint.gguf_quants import q4_codes, q8_block_codes
+from zen_eco.quant import (NATIVE_MAX_ROWS, Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear, Q4Weight,
+                           Q8BlockWeight, quantize_int4, quantize_int8)
 
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(not q4_kernel.available(), reason="no C compiler for the native kernel")
@@ -160,3 +161,73 @@ def test_int8_kernel_against_float64(k):
     assert layer.backend == "native"
     assert _rel(layer(x), x.double() @ ref_w.t()) < BOUND
     assert Int8Linear(q, None, torch.float32, kernel="torch").backend in ("torch", "dense")
+
+
+# --------------------------------------------------------------------------- int8 with a scale per block (Q8_0, Q5_0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [576, 640])  # 18 blocks (padded to 24 scales) and 20
+def test_int8_block_kernel_against_float64(k):
+    """Q8_0-style weights (int8 codes, a float16 scale per block of 32) through `matmul_int8_blocks`:
+    the same int16 activations as the other kernels, so the same bound; every block's own scale counts
+    (scales drawn over 3 orders of magnitude, so a scale read for the wrong block is far off)."""
+    gen = torch.Generator().manual_seed(k)
+    codes = torch.randint(-127, 128, (70, k), dtype=torch.int8, generator=gen)
+    scale = (10 ** (torch.rand(70, k // 32, generator=gen) * 3 - 4)).half().float()
+    q = Q8BlockWeight(codes, scale)
+    ref_w = q.dequantize().double()
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, k, generator=gen)
+        got = q4_kernel.matmul_int8_blocks(x, codes, q4_kernel.pack_block_scales(scale))
+        assert got.shape == (rows, 70) and _rel(got, x.double() @ ref_w.t()) < BOUND
+    layer = Int8BlockLinear(q, torch.randn(70), torch.float32)
+    assert layer.backend == "native" and torch.equal(layer.dense_weight(torch.float32), q.dequantize())
+    ref = lambda x: x.double() @ ref_w.t() + layer.bias.double()  # noqa: E731
+    few, many = torch.randn(2, 3, k, generator=gen), torch.randn(NATIVE_MAX_ROWS, k, generator=gen)
+    assert _rel(layer(few), ref(few)) < BOUND and _rel(layer(many), ref(many)) < 1e-6  # dense GEMM for a prompt
+    assert Int8BlockLinear(q, None, torch.float32, kernel=False).backend == "dense"
+    # a tied table: the embedding reads the head's rows, as stored
+    emb = Int8Embedding(layer)
+    ids = torch.tensor([[0, 69, 5]])
+    assert emb.codes is layer.codes and torch.equal(emb(ids), q.dequantize()[ids])
+
+
+@needs_kernel
+def test_int8_block_kernel_portable_path(monkeypatch):
+    if not any(f.startswith("-march") for f in native.flags()):
+        pytest.skip("not an x86-64 build")
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-127, 128, (24, 576), dtype=torch.int8, generator=gen)
+    scales = q4_kernel.pack_block_scales(torch.rand(24, 18, generator=gen) * 0.01)
+    x = torch.randn(3, 576, generator=gen)
+    fast = q4_kernel.matmul_int8_blocks(x, codes, scales)
+    base = native.flags
+    monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"])
+    q4_kernel.library.cache_clear()
+    try:
+        portable = q4_kernel.matmul_int8_blocks(x, codes, scales)
+    finally:
+        monkeypatch.undo()
+        q4_kernel.library.cache_clear()
+    assert _rel(portable, fast) < 1e-6
+
+
+def test_q8_0_and_q5_0_codes_equal_gguf_py(smollm2_gguf_path):
+    """Q8_0 (SmolLM2's tied table) and random Q5_0 / Q8_0 blocks: codes x scales equal gguf-py's
+    dequantization bit for bit."""
+    f = GGUFFile(smollm2_gguf_path)
+    info = f.tensors["token_embd.weight"]
+    data = f.tensor_bytes("token_embd.weight")
+    codes, scale = q8_block_codes(data, info.ggml_type, info.shape)
+    expect = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(info.ggml_type)).reshape(info.shape)
+    got = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale)).dequantize().numpy()
+    assert np.array_equal(got, expect)
+    rng = np.random.default_rng(0)
+    for kind in (gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q8_0):
+        w = (rng.standard_normal((16, 96)) * 0.05).astype(np.float32)
+        raw = gguf.quants.quantize(w, kind)
+        codes, scale = q8_block_codes(raw, int(kind), (16, 96))
+        got = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale)).dequantize().numpy()
+        assert np.array_equal(got, gguf.quants.dequantize(raw, kind).reshape(16, 96)), kind.name
+        assert codes.min() >= (-16 if kind == gguf.GGMLQuantizationType.Q5_0 else -127)

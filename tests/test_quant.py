@@ -14,7 +14,7 @@ import torch
 from zen_eco.checkpoint import load_weights, open_checkpoint
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.checkpoint.gguf_quants import q4_codes
-from zen_eco.quant import DENSE_MIN_ROWS, Int4Linear, Q4Weight, int4_supported
+from zen_eco.quant import DENSE_MIN_ROWS, Int4Linear, Int8BlockLinear, Int8Embedding, Q4Weight, int4_supported
 
 gguf = pytest.importorskip("gguf")
 needs_int4 = pytest.mark.skipif(not int4_supported(torch.device("cpu"), torch.bfloat16),
@@ -83,7 +83,8 @@ def test_rows_not_in_blocks_of_64_keep_the_packed_kernel():
 
 @needs_int4
 def test_packed_default_model_tracks_fp32(smollm2_gguf_path):
-    """quant='auto' (int4 from the file's Q4_1 codes, bf16 activations, fp32 residual) vs exact fp32.
+    """quant='auto' (int4 from the file's Q4_1 codes and the tied table from its Q8_0 codes, both on our
+    kernel; bf16 activations, fp32 residual) vs exact fp32.
 
     Bound: next-token agreement on >= 90% of positions of a 48-token text, and logits within 5%
     relative — the size of bf16 activation rounding over 30 layers, measured ~2%.
@@ -91,7 +92,8 @@ def test_packed_default_model_tracks_fp32(smollm2_gguf_path):
     ckpt = open_checkpoint(smollm2_gguf_path)
     packed = load_weights(ckpt, torch.bfloat16, quant="auto")
     exact = load_weights(ckpt, torch.float32, quant="none")
-    assert isinstance(packed.layers[0].mlp.w_down, Int4Linear) and isinstance(packed.lm_head, torch.nn.Linear)
+    assert isinstance(packed.layers[0].mlp.w_down, Int4Linear) and isinstance(packed.lm_head, Int8BlockLinear)
+    assert isinstance(packed.embed, Int8Embedding) and packed.embed.codes is packed.lm_head.codes  # one table
     tok = ckpt.tokenizer()
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
                                    "and Berlin is the capital of Germany. Water boils at 100 degrees")])

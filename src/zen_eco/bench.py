@@ -75,10 +75,10 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
 def weights_summary(model) -> str:
     """'int4 x120 + int8 x1 + bfloat16': how many linear layers run on the 4-bit and 8-bit kernels
     (the tied int8 table counts once, as the head), and the dtype of the rest."""
-    from .quant import Int4Linear, Int8Linear
+    from .quant import Int4Linear, Int8BlockLinear, Int8Linear
 
-    counts = [(name, sum(isinstance(m, cls) for m in model.modules())) for name, cls in (("int4", Int4Linear),
-                                                                                       ("int8", Int8Linear))]
+    kinds = (("int4", Int4Linear), ("int8", (Int8Linear, Int8BlockLinear)))
+    counts = [(name, sum(isinstance(m, cls) for m in model.modules())) for name, cls in kinds]
     parts = [f"{name} x{n}" for name, n in counts if n]
     return " + ".join([*parts, str(model.dtype).removeprefix("torch.")])
 

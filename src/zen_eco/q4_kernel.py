@@ -196,8 +196,10 @@ INLINE void store(void *y, int y_bf16, int64_t i, float v) {
     else ((float *)y)[i] = v;
 }
 
-/* Row n of an int8 weight (K codes, one float scale) against R rows of xq: out[r] = scale * x_r . w_n. */
-INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const int16_t *xq, const float *xd, float *out) {
+/* Row n of an int8 weight against R rows of xq: out[r] = x_r . w_n, w_n = K codes times one float
+   scale (bscale NULL) or times a float16 scale per block of 32 (bscale: the row's, padded to eights). */
+INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint16_t *bscale, const int16_t *xq,
+                      const float *xd, float *out) {
     const int nb = K / 32, nbp = (nb + 7) & ~7;
 #ifdef __AVX2__
     __m256 acc[4];
@@ -220,8 +222,10 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const int1
                 for (int r = 0; r < R; r++) p[r][j] = _mm256_setzero_si256();
             }
         }
+        const __m256 bs = bscale ? per_block(bscale, b0, 32) : _mm256_set1_ps(1.0f);
         for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(p[r])), _mm256_loadu_ps(xd + (int64_t)r * nbp + b0), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(p[r])),
+                                     _mm256_mul_ps(bs, _mm256_loadu_ps(xd + (int64_t)r * nbp + b0)), acc[r]);
     }
     for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) * scale;
 #else
@@ -230,16 +234,18 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const int1
         for (int b = 0; b < nb; b++) {
             int32_t dot = 0;
             for (int j = 0; j < 32; j++) dot += codes[b * 32 + j] * xq[(int64_t)r * K + b * 32 + j];
-            total += (float)dot * xd[(int64_t)r * nbp + b];
+            total += (float)dot * xd[(int64_t)r * nbp + b] * (bscale ? f16(bscale[b]) : 1.0f);
         }
         out[r] = total * scale;
     }
 #endif
 }
 
-/* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row; dtypes as zen_q4_linear. */
-int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
-                  void *y, int y_bf16, int n_threads) {
+/* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row (scale) or a float16 scale per
+   block of 32 (bscale (N, K / 32 rounded up to eights): GGUF's Q8_0, and Q5_0 as int8); dtypes as
+   zen_q4_linear. */
+static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
+                     const uint16_t *bscale, void *y, int y_bf16, int n_threads) {
     const int nbp = (K / 32 + 7) & ~7;
     qx_t qx;
     if (!prepare_x(M, K, x, x_bf16, &qx)) return -1;
@@ -253,17 +259,29 @@ int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *
             const int16_t *q = xq + (int64_t)m0 * K;
             const float *d = xd + (int64_t)m0 * nbp;
             int R = M - m0 < 4 ? M - m0 : 4;
+            const float sn = scale ? scale[n] : 1.0f;
+            const uint16_t *bn = bscale ? bscale + (int64_t)n * nbp : 0;
             switch (R) {
-                case 1: row_tile8(1, K, cn, scale[n], q, d, out); break;
-                case 2: row_tile8(2, K, cn, scale[n], q, d, out); break;
-                case 3: row_tile8(3, K, cn, scale[n], q, d, out); break;
-                default: row_tile8(4, K, cn, scale[n], q, d, out); break;
+                case 1: row_tile8(1, K, cn, sn, bn, q, d, out); break;
+                case 2: row_tile8(2, K, cn, sn, bn, q, d, out); break;
+                case 3: row_tile8(3, K, cn, sn, bn, q, d, out); break;
+                default: row_tile8(4, K, cn, sn, bn, q, d, out); break;
             }
             for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
         }
     }
     free_x(&qx);
     return 0;
+}
+
+int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
+                  void *y, int y_bf16, int n_threads) {
+    return q8_linear(M, N, K, x, x_bf16, codes, scale, 0, y, y_bf16, n_threads);
+}
+
+int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const uint16_t *bscale,
+                   void *y, int y_bf16, int n_threads) {
+    return q8_linear(M, N, K, x, x_bf16, codes, 0, bscale, y, y_bf16, n_threads);
 }
 
 /* y (M, N) = x (M, K) W^T. x and y are float32, or bfloat16 where x_bf16 / y_bf16; scale_zero
@@ -312,6 +330,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q4_linear.argtypes = [i, i, i, i, p, i, p, p, p, i, i]
     lib.zen_q8_linear.restype = i
     lib.zen_q8_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
+    lib.zen_q8b_linear.restype = i
+    lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
     return lib
 
 
@@ -368,6 +388,20 @@ def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_d
     return _q8_linear(x, codes, scale, out_dtype)
 
 
+def matmul_int8_blocks(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) x (CPU) @ W^T -> (M, N) for int8 codes (N, K) with a float16 scale per block of 32 columns,
+    `pack_block_scales`' layout: GGUF's Q8_0 (and Q5_0, whose 5-bit codes are int8 too) as stored."""
+    if torch.compiler.is_compiling():
+        return torch.ops.zen_eco.q8b_linear(x, codes, block_scale, out_dtype)
+    return _q8b_linear(x, codes, block_scale, out_dtype)
+
+
+def pack_block_scales(scale: torch.Tensor) -> torch.Tensor:
+    """(N, K / 32) scales -> (N, K / 32 rounded up to a multiple of 8) float16, the padding zeros."""
+    return torch.nn.functional.pad(scale.to(torch.float16), (0, -scale.shape[1] % 8)).contiguous()
+
+
 def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
                out_dtype: torch.dtype) -> torch.Tensor:
     (m, k), n = x.shape, packed.shape[0]
@@ -381,9 +415,16 @@ def _q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dt
         m, n, k, xp, xb, codes.data_ptr(), scale.data_ptr(), yp, yb, torch.get_num_threads()))
 
 
+def _q8b_linear(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    (m, k), n = x.shape, codes.shape[0]
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q8b_linear(
+        m, n, k, xp, xb, codes.data_ptr(), block_scale.data_ptr(), yp, yb, torch.get_num_threads()))
+
+
 # The kernels as PyTorch operators, so torch.compile can trace a model that calls them (engine.graphs).
 _q4_op = torch.library.custom_op("zen_eco::q4_linear", _q4_linear, mutates_args=())
 _q8_op = torch.library.custom_op("zen_eco::q8_linear", _q8_linear, mutates_args=())
+_q8b_op = torch.library.custom_op("zen_eco::q8b_linear", _q8b_linear, mutates_args=())
 
 
 @_q4_op.register_fake
@@ -393,4 +434,9 @@ def _(x, packed, scale_zero, group, out_dtype):
 
 @_q8_op.register_fake
 def _(x, codes, scale, out_dtype):
+    return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)
+
+
+@_q8b_op.register_fake
+def _(x, codes, block_scale, out_dtype):
     return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)

@@ -13,6 +13,8 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
   quantizers); PyTorch's kernels in the activation dtype (bf16: a rounding of ~2^-9 relative).
 - `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row; on the CPU our
   kernel (`q4_kernel.matmul_int8`, the same int16-activation scheme), else `_weight_int8pack_mm`.
+- `Int8BlockLinear`: int8 codes with a float16 scale per block of 32 columns: GGUF's Q8_0 and Q5_0
+  (whose 5-bit codes minus 16 are int8) kept as stored, on our kernel (`matmul_int8_blocks`).
 
 Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`); CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
@@ -92,6 +94,23 @@ class Q8Weight:
     @staticmethod
     def cat(parts: list["Q8Weight"]) -> "Q8Weight":
         return Q8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+@dataclass
+class Q8BlockWeight:
+    """An 8-bit weight with a scale per block of 32 input columns: w[r, c] = scale[r, c // 32] * codes[r, c].
+    GGUF's Q8_0 as stored, and Q5_0 (w = d * (q - 16): int8 codes in [-16, 15]) without rounding."""
+
+    codes: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N, K // 32) float32 (float16 values)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        return (self.codes.float().view(n, k // 32, 32) * self.scale[..., None]).view(n, k)
+
+    @staticmethod
+    def cat(parts: list["Q8BlockWeight"]) -> "Q8BlockWeight":
+        return Q8BlockWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
 
 
 def _stored(x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +217,9 @@ def parse_quant(mode: str, group_size: int | None = None) -> "str | QuantSpec":
     return QuantSpec(4, size)
 
 
-def quantized_linear(weight: "Q4Weight | Q8Weight", bias: torch.Tensor | None, dtype: torch.dtype,
+def quantized_linear(weight: "Q4Weight | Q8Weight | Q8BlockWeight", bias: torch.Tensor | None, dtype: torch.dtype,
                      device: torch.device | str, kernel: bool | str = True) -> nn.Module:
-    cls = Int4Linear if isinstance(weight, Q4Weight) else Int8Linear
+    cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear}[type(weight)]
     return cls(weight, bias, dtype, device, kernel)
 
 
@@ -396,16 +415,55 @@ class Int8Linear(_QuantizedLinear):
         return F.linear(x2, self.codes.to(x2.dtype)) * self.scales  # the per-row scale can wait until after
 
 
-class Int8Embedding(nn.Module):
-    """The embedding of a model whose tied output head is an `Int8Linear`: row i is codes[i] * scale[i],
-    read from the head's own buffers, so the vocabulary table exists once, in int8 (for zen-eco-4b
-    0.39 GB instead of 0.78 GB in bf16)."""
+class Int8BlockLinear(_QuantizedLinear):
+    """y = x W^T (+ b) for a `Q8BlockWeight` (int8 codes, a float16 scale per block of 32 columns: a GGUF
+    file's Q8_0 and Q5_0 matrices kept as stored, 1.06 bytes a weight instead of bf16's 2). On the CPU
+    our kernel (`q4_kernel.matmul_int8_blocks`) for up to NATIVE_MAX_ROWS rows; else the weight is
+    dequantized for the call (prompts: the dense GEMM; other devices: correct, no speed-up)."""
 
-    def __init__(self, head: Int8Linear) -> None:
+    def __init__(self, weight: Q8BlockWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = weight.codes.shape
+        self.dtype = dtype
+        self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
+        self.register_buffer("block_scales", q4_kernel.pack_block_scales(weight.scale).to(device))  # (N, nb padded) f16
+        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        native = kernel is True and device.type == "cpu" and q4_kernel.available()
+        self.backend = "native" if native else "dense"
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return _block_rows(self.codes, self.block_scales, slice(None), dtype)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.backend == "native" and x2.shape[0] < NATIVE_MAX_ROWS:
+            return q4_kernel.matmul_int8_blocks(x2, self.codes, self.block_scales, self.dtype)
+        return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
+
+
+class Int8Embedding(nn.Module):
+    """The embedding of a model whose tied output head is an `Int8Linear` (row i is codes[i] * scale[i])
+    or an `Int8BlockLinear` (a scale per block of 32), read from the head's own buffers, so the
+    vocabulary table exists once, in int8 (for zen-eco-4b 0.39 GB instead of 0.78 GB in bf16)."""
+
+    def __init__(self, head: "Int8Linear | Int8BlockLinear") -> None:
         super().__init__()
         self.register_buffer("codes", head.codes)  # the same tensors, not copies
-        self.register_buffer("scales", head.scales)
+        self.blocks = isinstance(head, Int8BlockLinear)
+        self.register_buffer("scales", head.block_scales if self.blocks else head.scales)
+        self.dtype = head.dtype if self.blocks else head.scales.dtype
         self.num_embeddings, self.embedding_dim = head.codes.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.codes[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+        if self.blocks:  # few rows: computed in float32, rounded once
+            return _block_rows(self.codes, self.scales, ids, torch.float32).to(self.dtype)
+        return self.codes[ids].to(self.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+def _block_rows(codes: torch.Tensor, block_scales: torch.Tensor, rows, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `rows` of an int8 weight with a scale per block of 32 (`Int8BlockLinear`'s buffers), in `dtype`."""
+    picked = codes[rows]
+    nb = codes.shape[1] // 32
+    scale = block_scales[rows][..., :nb].to(dtype)
+    return (picked.view(*picked.shape[:-1], nb, 32).to(dtype) * scale[..., None]).view(picked.shape)

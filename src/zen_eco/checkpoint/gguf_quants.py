@@ -263,19 +263,41 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *,
 Q4_TYPES = (2, 3)  # Q4_0, Q4_1: 32-element blocks, one (scale, offset) per block
 
 
-def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
-    """Q4_0/Q4_1 bytes of a (N, K) matrix -> (codes uint8 (N, K), scale f32 (N, K/32), offset f32 (N, K/32))
-    with w = scale * code + offset, for kernels that keep the 4-bit codes (see zen_eco.quant)."""
-    if ggml_type not in Q4_TYPES or len(shape) != 2:
-        raise CheckpointError(f"{what}: not a Q4_0/Q4_1 matrix ({ggml_type_name(ggml_type)}, shape {tuple(shape)})")
+def _matrix_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], types: tuple[int, ...], label: str,
+                   what: str) -> np.ndarray:
+    """A (N, K) matrix's bytes as one row per 32-element block, after checking its type and size."""
+    if ggml_type not in types or len(shape) != 2:
+        raise CheckpointError(f"{what}: not a {label} matrix ({ggml_type_name(ggml_type)}, shape {tuple(shape)})")
     n, k = shape
     layout = GGML_TYPES[ggml_type]
     if k % 32 or data.size != n * (k // 32) * layout.type_size:
         raise CheckpointError(f"{what}: {layout.name} shape {tuple(shape)} does not match its {data.size} bytes")
-    blocks = np.ascontiguousarray(data.reshape(n * k // 32, layout.type_size))
+    return np.ascontiguousarray(data.reshape(n * k // 32, layout.type_size))
+
+
+def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+    """Q4_0/Q4_1 bytes of a (N, K) matrix -> (codes uint8 (N, K), scale f32 (N, K/32), offset f32 (N, K/32))
+    with w = scale * code + offset, for kernels that keep the 4-bit codes (see zen_eco.quant)."""
+    n, k = shape
+    blocks = _matrix_blocks(data, ggml_type, shape, Q4_TYPES, "Q4_0/Q4_1", what)
     d = _f16(blocks, 0)[:, 0]
     if ggml_type == 2:  # Q4_0: w = d * (q - 8)
         codes, offset = _nibbles(blocks[:, 2:]), -8.0 * d
     else:  # Q4_1: w = d * q + m
         codes, offset = _nibbles(blocks[:, 4:]), _f16(blocks, 2)[:, 0]
     return codes.reshape(n, k), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
+
+
+Q8_BLOCK_TYPES = (6, 8)  # Q5_0, Q8_0: 32-element blocks, w = d * integer code (no offset)
+
+
+def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+    """Q8_0/Q5_0 bytes of a (N, K) matrix -> (codes int8 (N, K), scale f32 (N, K/32)) with w = scale * code:
+    Q8_0's int8 values, Q5_0's 5-bit values minus 16 (in [-16, 15]); for `quant.Int8BlockLinear`."""
+    n, k = shape
+    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_0", what)
+    if ggml_type == 8:  # Q8_0: d | 32 int8
+        codes = blocks[:, 2:].view(np.int8)
+    else:  # Q5_0: d | qh (32 high bits) | 16 bytes of nibbles; code = q - 16
+        codes = (_nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4)).view(np.int8) - np.int8(16)
+    return np.ascontiguousarray(codes).reshape(n, k), _f16(blocks, 0)[:, 0].reshape(n, k // 32)

@@ -19,9 +19,9 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..quant import Q4Weight
+from ..quant import Q4Weight, Q8BlockWeight
 from .gguf_file import GGUFFile
-from .gguf_quants import Q4_TYPES, dequantize, q4_codes
+from .gguf_quants import Q4_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q8_block_codes
 from .names import gguf_to_hf, hf_to_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
@@ -165,6 +165,17 @@ class GGUFSource:
         q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
         order = self._row_order(gname, info.shape[0])
         return q if order is None else q.permute_rows(order)
+
+    def get_q8_blocks(self, name: str) -> Q8BlockWeight | None:
+        """The tensor's int8 codes and per-block scales if it is stored as Q8_0/Q5_0, else None."""
+        gname, info = self._lookup(name)
+        if info.ggml_type not in Q8_BLOCK_TYPES or len(info.shape) != 2:
+            return None
+        codes, scale = q8_block_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
+                                      what=f"{self.path}: {gname}")
+        q = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale))
+        order = self._row_order(gname, info.shape[0])
+        return q if order is None else Q8BlockWeight(q.codes[order], q.scale[order])
 
     def close(self) -> None:
         self.file.close()

@@ -21,7 +21,9 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import Int8Embedding, Q4Weight, Q8Weight, QuantSpec, int4_supported, parse_quant, quantized_linear
+from ..quant import (Int8Embedding, Q4Weight, Q8BlockWeight, Q8Weight, QuantSpec, int4_supported, parse_quant,
+                     quantized_linear)
+from .. import q4_kernel
 from .gguf_file import GGUF_MAGIC
 from .names import internal_to_hf
 from .quantized import QuantizedSource, read_quantization
@@ -102,7 +104,8 @@ def load_weights(
 
     quant (see zen_eco.quant.QUANT_MODES):
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1 layer matrices
-              stay packed 4-bit where PyTorch has a fast kernel for them (CPU, bf16 activations);
+              stay packed 4-bit, and its Q8_0/Q5_0 layer matrices and tied Q8_0 table int8 with
+              their block scales (`Int8BlockLinear`), where our kernels run (CPU, bf16 activations);
               everything else is `dtype`.
       "none"  every weight dequantized to `dtype`.
       "int8", "int4" (= "int4-g32"), "int4-g64", "int4-g128": the layers' linear matrices quantized
@@ -159,7 +162,9 @@ def load_weights(
         if use_stored:
             return _stored_weight(ckpt, hf_names, shape)
         if gguf_packed and name.startswith("layers."):
-            return _packed_q4(ckpt.source, hf_names, shape, available)
+            return _packed_q4(ckpt.source, hf_names, shape, available) or _packed_q8_blocks(ckpt.source, hf_names, shape, available)
+        if gguf_packed and name == "embed.weight" and config.tie_word_embeddings:
+            return _packed_q8_blocks(ckpt.source, hf_names, shape, available)  # the tied Q8_0 table as stored
         spec = (on_the_fly.for_weight(name, config.tie_word_embeddings, int8_head=device.type == "cpu")
                 if on_the_fly is not None else None)
         if spec is None:
@@ -265,6 +270,18 @@ def _no_random_init():
     finally:
         for cls, reset in saved.items():
             cls.reset_parameters = reset
+
+
+def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | None:
+    """The fused weight as int8 blocks if every part is stored as Q8_0/Q5_0 and our kernel is built,
+    else None (then it is dequantized)."""
+    if any(h not in available for h in hf_names) or not q4_kernel.available():
+        return None
+    parts = [source.get_q8_blocks(h) for h in hf_names]
+    if any(p is None for p in parts):
+        return None
+    q8 = Q8BlockWeight.cat(parts)
+    return q8 if tuple(q8.codes.shape) == shape else None
 
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:
