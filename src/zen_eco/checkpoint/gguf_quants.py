@@ -260,26 +260,35 @@ def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *,
 
 # --- 4-bit weights kept packed -------------------------------------------------
 
-Q4_TYPES = (2, 3)  # Q4_0, Q4_1: 32-element blocks, one (scale, offset) per block
+Q4_TYPES = (2, 3, 12)  # Q4_0, Q4_1 (32-element blocks), Q4_K (256, as 8 sub-blocks of 32): a (scale, offset) per 32
 
 
 def _matrix_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], types: tuple[int, ...], label: str,
                    what: str) -> np.ndarray:
-    """A (N, K) matrix's bytes as one row per 32-element block, after checking its type and size."""
+    """A (N, K) matrix's bytes as one row per block, after checking its type and size."""
     if ggml_type not in types or len(shape) != 2:
         raise CheckpointError(f"{what}: not a {label} matrix ({ggml_type_name(ggml_type)}, shape {tuple(shape)})")
     n, k = shape
     layout = GGML_TYPES[ggml_type]
-    if k % 32 or data.size != n * (k // 32) * layout.type_size:
+    per = layout.block_size
+    if k % per or data.size != n * (k // per) * layout.type_size:
         raise CheckpointError(f"{what}: {layout.name} shape {tuple(shape)} does not match its {data.size} bytes")
-    return np.ascontiguousarray(data.reshape(n * k // 32, layout.type_size))
+    return np.ascontiguousarray(data.reshape(n * k // per, layout.type_size))
 
 
 def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
-    """Q4_0/Q4_1 bytes of a (N, K) matrix -> (codes uint8 (N, K), scale f32 (N, K/32), offset f32 (N, K/32))
-    with w = scale * code + offset, for kernels that keep the 4-bit codes (see zen_eco.quant)."""
+    """Q4_0/Q4_1/Q4_K bytes of a (N, K) matrix -> (codes uint8 (N, K), scale f32 (N, K/32), offset f32
+    (N, K/32)) with w = scale * code + offset, for kernels that keep the 4-bit codes (see zen_eco.quant).
+    Q4_K's per-32 scale and offset are products d * sc and -dmin * m, exact in float32 (the native
+    kernel stores them in float16: a rounding of at most 2^-11 relative)."""
     n, k = shape
-    blocks = _matrix_blocks(data, ggml_type, shape, Q4_TYPES, "Q4_0/Q4_1", what)
+    blocks = _matrix_blocks(data, ggml_type, shape, Q4_TYPES, "Q4_0/Q4_1/Q4_K", what)
+    if ggml_type == 12:  # Q4_K: w = d * sc * q - dmin * m per sub-block of 32 (see _q4_k)
+        sc, mn = _k_scales(blocks[:, 4:16])
+        scale = _f16(blocks, 0) * sc.astype(np.float32)
+        offset = -(_f16(blocks, 2) * mn.astype(np.float32))
+        codes = _nibbles(blocks[:, 16:144].reshape(-1, 32))
+        return codes.reshape(n, k), scale.reshape(n, k // 32), offset.reshape(n, k // 32)
     d = _f16(blocks, 0)[:, 0]
     if ggml_type == 2:  # Q4_0: w = d * (q - 8)
         codes, offset = _nibbles(blocks[:, 2:]), -8.0 * d

@@ -156,7 +156,7 @@ class GGUFSource:
         return w if order is None else w[order]
 
     def get_q4(self, name: str) -> Q4Weight | None:
-        """The tensor's 4-bit codes, scales and offsets if it is stored as Q4_0/Q4_1, else None."""
+        """The tensor's 4-bit codes, scales and offsets if it is stored as Q4_0/Q4_1/Q4_K, else None."""
         gname, info = self._lookup(name)
         if info.ggml_type not in Q4_TYPES or len(info.shape) != 2:
             return None

@@ -103,7 +103,7 @@ def load_weights(
     """Build the model from `ckpt`.
 
     quant (see zen_eco.quant.QUANT_MODES):
-      "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1 layer matrices
+      "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
               stay packed 4-bit, and its Q8_0/Q5_0 layer matrices and tied Q8_0 table int8 with
               their block scales (`Int8BlockLinear`), where our kernels run (CPU, bf16 activations);
               everything else is `dtype`.
@@ -285,7 +285,7 @@ def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | Non
 
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:
-    """The fused 4-bit weight if every part is stored as Q4_0/Q4_1, else None (then it is dequantized)."""
+    """The fused 4-bit weight if every part is stored as Q4_0/Q4_1/Q4_K, else None (then it is dequantized)."""
     if any(h not in available for h in hf_names):
         return None
     parts = [source.get_q4(h) for h in hf_names]
