@@ -26,6 +26,8 @@ static step eagerly (`record=False`), which is how the tests check it against th
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -138,12 +140,16 @@ class DecodeGraph:
         return logits
 
 
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its compiled wrapper
+
+
 def compiled(model):
-    """`model` through torch.compile, made once per model. The decode step's shapes are fixed except
-    the cache capacity, which `DecodeGraph` marks dynamic, so one compile serves a whole generation."""
-    if "_compiled_forward" not in model.__dict__:
-        model._compiled_forward = torch.compile(model, fullgraph=True)
-    return model._compiled_forward
+    """`model` through torch.compile, made once per model (kept beside it, not on it: as an attribute
+    the wrapper would become a submodule that contains the model). The decode step's shapes are fixed
+    except the cache capacity, which `DecodeGraph` marks dynamic, so one compile serves a whole session."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, fullgraph=True)
+    return _COMPILED[model]
 
 
 def graphs_apply(model, cache) -> bool:
