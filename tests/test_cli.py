@@ -119,6 +119,10 @@ def test_init_then_bench_json(tmp_path):
     compiled = json.loads(proc.stdout)
     assert compiled["compiled"] is True and compiled["decode_tok_s"] > 0
     assert compiled["warmup_s"] > result["warmup_s"]  # the compile happens in the warm-up run
+    # a quantized KV cache decodes the ordinary way: reported as not compiled
+    proc = zen("bench", str(out), "-p", "16", "-n", "4", "-r", "1", "--json", "--compile", "--kv-cache", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["compiled"] is False and "static_step" not in json.loads(proc.stdout)
 
     proc = zen("init", "llama-tiny", "-o", str(out))  # now not empty
     assert_one_line_error(proc, "not empty")

@@ -239,14 +239,15 @@ def load(
     README "Long context" for their measured quality. It becomes the model's `kv_format`, so every
     cache made for it (the API's, a server's) uses it.
 
-    quant="auto" keeps a GGUF file's 4-bit (Q4_0/Q4_1) matrices packed where a fast kernel exists
-    (CPU with bf16) and a `zen-eco quantize` checkpoint as stored; quant="none" dequantizes every
-    weight to `dtype`; "int8", "int4" (group 32), "int4-g64", "int4-g128" quantize the layers'
-    matrices while loading (see `checkpoint.load_weights`).
+    quant="auto" keeps a GGUF file's Q4_0/Q4_1/Q4_K matrices packed 4-bit and its Q8_0/Q5_0 ones
+    (and a tied Q8_0 table) 8-bit where our kernels run (CPU with bf16), and a `zen-eco quantize`
+    checkpoint as stored; quant="none" dequantizes every weight to `dtype`; "int8", "int4" (group 32),
+    "int4-g64", "int4-g128" quantize the layers' matrices while loading (see `checkpoint.load_weights`).
 
     cuda_graphs: on CUDA, replay each batch-1 decode step as a recorded CUDA graph (see
-    zen_eco.engine.graphs; no effect on the CPU or with a quantized KV cache). compile: that step
-    compiled by torch.compile first (faster decode for a one-off compile of ~35 s; for servers)."""
+    zen_eco.engine.graphs; not on the CPU, nor with a quantized KV cache). compile: that step compiled
+    by torch.compile first, on CUDA or the CPU (faster decode for a one-off compile of ~35-60 s: for
+    servers and long sessions; not with a quantized KV cache)."""
     set_threads(threads)
     kv_cache = check_kv_format(kv_cache)  # before the weights load: fail fast
     dev = pick_device(device)

@@ -272,27 +272,31 @@ def _no_random_init():
             cls.reset_parameters = reset
 
 
+def _packed(get, cat, hf_names, shape, available):
+    """The fused weight from `get(part)` of every part (None where a part is not stored that way: then
+    the tensor is dequantized), joined by `cat`, if it has the model's shape."""
+    if any(h not in available for h in hf_names):
+        return None
+    parts = []
+    for h in hf_names:  # stop at the first part stored otherwise, before decoding the rest
+        if (part := get(h)) is None:
+            return None
+        parts.append(part)
+    joined = cat(parts)
+    return joined if joined is not None and tuple(joined.codes.shape) == shape else None
+
+
 def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | None:
-    """The fused weight as int8 blocks if every part is stored as Q8_0/Q5_0 and our kernel is built,
-    else None (then it is dequantized)."""
-    if any(h not in available for h in hf_names) or not q4_kernel.available():
+    """The fused weight as int8 blocks if every part is stored as Q8_0/Q5_0 and our kernel is built."""
+    if not q4_kernel.available():
         return None
-    parts = [source.get_q8_blocks(h) for h in hf_names]
-    if any(p is None for p in parts):
-        return None
-    q8 = Q8BlockWeight.cat(parts)
-    return q8 if tuple(q8.codes.shape) == shape else None
+    return _packed(source.get_q8_blocks, Q8BlockWeight.cat, hf_names, shape, available)
 
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:
-    """The fused 4-bit weight if every part is stored as Q4_0/Q4_1/Q4_K, else None (then it is dequantized)."""
-    if any(h not in available for h in hf_names):
-        return None
-    parts = [source.get_q4(h) for h in hf_names]
-    if any(p is None for p in parts) or len({p.group_size for p in parts}) != 1:
-        return None
-    q4 = Q4Weight.cat(parts)
-    return q4 if tuple(q4.codes.shape) == shape else None
+    """The fused 4-bit weight if every part is stored as Q4_0/Q4_1/Q4_K in groups of one size."""
+    cat = lambda parts: Q4Weight.cat(parts) if len({p.group_size for p in parts}) == 1 else None  # noqa: E731
+    return _packed(source.get_q4, cat, hf_names, shape, available)
 
 
 class _progress:

@@ -87,7 +87,7 @@ class DecodeGraph:
     def __init__(self, model, cache: KVCache, record: bool = True, compile: bool = False) -> None:
         self.model, self.cache = model, cache
         # compile: the step through torch.compile first (fuses its small elementwise kernels; costs
-        # a compile per process and capacity, see docs/benchmarks.md "GPU")
+        # one compile per process, see docs/benchmarks.md "GPU")
         self.forward = compiled(model) if compile else model
         self.record = record and cache.device.type == "cuda"
         self.tokens = torch.zeros((1, 1), dtype=torch.long, device=cache.device)
