@@ -122,7 +122,8 @@ def test_static_step_applies_to_plain_batch1_caches_on_cuda_or_compiled():
     quantized = make_kv_cache("int8", cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 64, 1,
                               model.dtype, "cpu")
     assert not graphs_apply(model, quantized)
-    # on the CPU decode_one is the ordinary forward: same logits, bit for bit
+    # on the CPU without the C step (test_native_step.py) decode_one is the ordinary forward, bit for bit
+    model.native_step = False
     a, b = _cache(model, 16), _cache(model, 16)
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), a)

@@ -30,6 +30,7 @@ def peak_rss_mb() -> float:
 
 @torch.inference_mode()
 def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, float]:
+    from .engine import native_step
     from .engine.graphs import decode_one, graphs_apply
 
     device = model.device
@@ -70,6 +71,7 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
         "peak_rss_mb": peak_rss_mb(),
         "warmup_s": warmup_s,
         "static_step": graphs_apply(model, cache),  # decode took the recordable / compilable step
+        "native_step": not graphs_apply(model, cache) and native_step.applies(model, cache),  # ... or one C call
     }
 
 
@@ -86,7 +88,7 @@ def weights_summary(model) -> str:
 
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
               device: str, repeats: int, json_out: bool, quant: str = "auto", kv_cache: str = "bf16",
-              cuda_graphs: bool = True, compile: bool = False) -> dict:
+              cuda_graphs: bool = True, compile: bool = False, native_step: bool = True) -> dict:
     from .api import pick_device, pick_dtype, set_threads
     from .checkpoint import load_weights, open_checkpoint
     from .errors import ZenError
@@ -104,10 +106,11 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
     model.kv_format = kv_cache
     model.cuda_graphs = cuda_graphs
     model.compile_decode = compile
+    model.native_step = native_step
     if prompt_tokens + gen_tokens + 1 > model.config.max_position_embeddings:
         raise ZenError(f"{prompt_tokens} + {gen_tokens} tokens exceed the model's context")
     figures = measure(model, prompt_ids(prompt_tokens, model.config.vocab_size), gen_tokens, repeats)
-    static = figures.pop("static_step")
+    static, native = figures.pop("static_step"), figures.pop("native_step")
     result = {
         "engine": "zen-eco",
         "model": str(ckpt.path),
@@ -117,6 +120,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         "device": str(dev),
         "cuda_graphs": static and cuda_graphs and dev.type == "cuda",
         "compiled": static and compile,
+        "native_step": native,
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,

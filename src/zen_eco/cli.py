@@ -243,12 +243,14 @@ def bench(
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="On CUDA, replay each decode step as a recorded graph."),
     compile: bool = CompileOpt,
+    native_step: bool = typer.Option(True, "--native-step/--no-native-step",
+                                     help="On the CPU, run each decode step as one C call instead of the PyTorch forward."),
 ) -> None:
     """Measure prefill tok/s, decode tok/s, time to first token and peak RSS."""
     from .bench import run_bench
 
     run_bench(model, prompt_tokens, gen_tokens, threads, dtype, device, repeats, json_out, quant, kv_cache,
-              cuda_graphs, compile)
+              cuda_graphs, compile, native_step)
 
 
 @app.command()

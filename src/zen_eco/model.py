@@ -152,6 +152,7 @@ class Transformer(nn.Module):
 
     cuda_graphs = True  # batch-1 decode steps on CUDA replay a recorded graph (engine.graphs); zen_eco.load sets it
     compile_decode = False  # ... compiled by torch.compile first (engine.graphs.compiled); zen_eco.load(compile=)
+    native_step = True  # batch-1 CPU decode steps run as one C call (engine.native_step); zen_eco.load(native_step=)
     kv_format = "bf16"  # how new_cache stores K/V unless told: kv_quant.KV_FORMATS; zen_eco.load(kv_cache=) sets it
 
     def new_cache(self, max_tokens: int | None = None, batch_size: int = 1, kv_format: str | None = None) -> KVCache:
@@ -162,6 +163,15 @@ class Transformer(nn.Module):
             kv_format or self.kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
             max_tokens or cfg.max_position_embeddings, batch_size, self.dtype, self.device,
         )
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, hidden) float32: the residual stream stays float32 whatever the weights'
+        dtype (as llama.cpp keeps it): rounding it to bf16 after each of dozens of layers is the largest
+        error a bf16 run has."""
+        x = self.embed(tokens)
+        if self.config.embed_scale is not None:  # scaled in the weights' dtype, as the reference does
+            x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
+        return x.float()
 
     def forward(
         self,
@@ -202,12 +212,7 @@ class Transformer(nn.Module):
             for w in self.windows:  # ... and sliding layers only to the last w positions
                 masks[w] = masks[None] if start + T <= w else (
                     (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - w))
-        # The residual stream stays float32 whatever the weights' dtype (as llama.cpp keeps it):
-        # rounding it to bf16 after each of dozens of layers is the largest error a bf16 run has.
-        x = self.embed(tokens)
-        if self.config.embed_scale is not None:  # scaled in the weights' dtype, as the reference does
-            x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
-        x = x.float()
+        x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             window = layer.attn.window
             cos, sin = local_rope if window is not None else rope

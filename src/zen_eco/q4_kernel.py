@@ -45,24 +45,40 @@ C_SOURCE = r"""
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(ZEN_NO_VNNI)
+#define ZEN_VNNI 1  /* 512-bit int16 dot products (vpdpwssd): two blocks of 32 per instruction pair */
+#endif
 #ifndef PREFETCH
 #define PREFETCH 4096  /* bytes ahead that the code stream is prefetched: more reads in flight from DRAM */
 #endif
 
-/* x (M, K) float -> xq (M, K) int16 with one scale per block of 32 columns, xd (M, nbp), and the
-   blocks' float sums xs (M, nbp); nbp = K/32 rounded up to a multiple of 8, the padding left as it is
-   (zeros, from the caller). */
-void zen_q4_quantize_x(int M, int K, const float *x, int16_t *xq, float *xd, float *xs) {
-    const int nbp = (K / 32 + 7) & ~7;
+/* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 with one scale per block of 32 columns, xd (M, nbp),
+   and the blocks' float sums xs (M, nbp); KP = K rounded up to an even number of blocks, nbp = K / 32
+   rounded up to a multiple of 16; the padding is left as it is (zeros, from the caller). pairs: each
+   two blocks b, b + 1 stored as [b 0..15, b+1 0..15, b 16..31, b+1 16..31] (the AVX-512 int4 loop's
+   order: the low and the high nibbles of two blocks' codes each make one vector). */
+INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
+
+INLINE int x_stride(int K) { return ((K / 32 + 1) & ~1) * 32; }
+
+INLINE int pair_slot(int b, int c) {  /* where column c of block b goes in the paired order */
+    return (b >> 1) * 64 + (c >> 4) * 32 + (b & 1) * 16 + (c & 15);
+}
+
+void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int pairs, int16_t *xq, float *xd, float *xs) {
+    const int nbp = (K / 32 + 15) & ~15, KP = x_stride(K);
     for (int64_t m = 0; m < M; m++) {
         for (int b = 0; b < K / 32; b++) {
-            const float *xr = x + m * K + b * 32;
+            float xr[32];
+            for (int i = 0; i < 32; i++)
+                xr[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + b * 32 + i]) : ((const float *)x)[m * K + b * 32 + i];
             float amax = 0.0f, sum = 0.0f;
             for (int i = 0; i < 32; i++) { float a = fabsf(xr[i]); amax = a > amax ? a : amax; sum += xr[i]; }
             float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
             xd[m * nbp + b] = d;
             xs[m * nbp + b] = sum;
-            for (int i = 0; i < 32; i++) xq[m * K + b * 32 + i] = (int16_t)lrintf(xr[i] * id);
+            int16_t *row = xq + m * KP;
+            for (int i = 0; i < 32; i++) row[pairs ? pair_slot(b, i) : b * 32 + i] = (int16_t)lrintf(xr[i] * id);
         }
     }
 }
@@ -98,13 +114,13 @@ INLINE __m256i transpose_sum(const __m256i *v) {
 }
 
 /* Integer dot product of block b's 32 codes with R rows of xq: p[r] holds 8 partial int32 sums. */
-INLINE void block_dot(int R, int K, int b, const uint8_t *codes, const int16_t *xq, __m256i *p) {
+INLINE void block_dot(int R, int KP, int b, const uint8_t *codes, const int16_t *xq, __m256i *p) {
     const __m256i low = _mm256_set1_epi16(15);
     if ((b & 3) == 0) __builtin_prefetch(codes + b * 16 + PREFETCH, 0, 2);
     __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
     __m256i c0 = _mm256_and_si256(raw, low), c1 = _mm256_srli_epi16(raw, 4);
     for (int r = 0; r < R; r++) {
-        const int16_t *q = xq + (int64_t)r * K + b * 32;
+        const int16_t *q = xq + (int64_t)r * KP + b * 32;
         p[r] = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
                                 _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16))));
     }
@@ -125,12 +141,69 @@ INLINE __m256 per_block(const uint16_t *v, int g0, const int G) {
 }
 #endif
 
+#ifdef ZEN_VNNI
+/* The float16 values of the groups of blocks b0 .. b0 + n - 1 (n <= 16), spread per block: lane i holds
+   block b0 + i's group's value, lanes from n on 0. b0 is a multiple of 16 blocks. */
+INLINE __m512 per_block16(const uint16_t *v, int b0, int n, const int G) {
+    if (G % 32 == 0 && 512 % G == 0) {
+        const int per = G / 32, ng = (n + per - 1) / per;  /* blocks per group; groups needed */
+        const __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << ng) - 1), v + b0 / per));
+        if (per == 1) return x;
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 y = _mm512_permutexvar_ps(_mm512_srli_epi32(iota, __builtin_ctz(per)), x);
+        return _mm512_maskz_mov_ps((__mmask16)((1u << n) - 1), y);
+    }
+    float f[16];
+    for (int i = 0; i < 16; i++) f[i] = i < n ? f16(v[(b0 + i) * 32 / G]) : 0.0f;
+    return _mm512_loadu_ps(f);
+}
+
+/* Lanes 0-7 of the result hold lane p of s, lanes 8-15 lane p + 1: the scales of a pair of blocks laid
+   over the pair's int32 sums. */
+INLINE __m512 pair_scale(__m512 s, int p) {
+    const __m512i base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(base, _mm512_set1_epi32(p)), s);
+}
+
+INLINE float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
+
 /* out[r] = (x_r . w_n) for rows r < R (R <= 4) of x and one row n of W. Always inlined with constant
-   R and G (see zen_q4_linear): as a called function its accumulators live in memory, ~8x slower. */
+   R and G (see zen_q4_linear): as a called function its accumulators live in memory, ~8x slower.
+   xq rows are KP apart (x_stride), in the paired order where ZEN_VNNI; xd, xs rows nbx apart. */
 INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,
                      const int16_t *xq, const float *xd, const float *xs, float *out) {
-    const int nb = K / 32, nbp = (nb + 7) & ~7;
-#ifdef __AVX2__
+    const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
+#if defined(ZEN_VNNI)
+    const __m512i low = _mm512_set1_epi16(15);
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int n16 = nb - b0 < 16 ? nb - b0 : 16;
+        /* per block: scale * dot(codes, xq) * xd + zero * xs; the zero terms of 16 blocks in one FMA */
+        const __m512 s = per_block16(scale, b0, n16, G), z = per_block16(zero, b0, n16, G);
+        __m512 cs[4];
+        for (int r = 0; r < R; r++) {
+            cs[r] = _mm512_mul_ps(s, _mm512_loadu_ps(xd + (int64_t)r * nbx + b0));
+            acc[r] = _mm512_fmadd_ps(z, _mm512_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+        }
+        for (int p = 0; p < n16; p += 2) {  /* blocks b, b + 1: 32 bytes of codes, low nibbles then high */
+            const int b = b0 + p;
+            if ((b & 3) == 0) __builtin_prefetch(codes + b * 16 + PREFETCH, 0, 2);
+            const __m256i raw = p + 1 < n16 ? _mm256_loadu_si256((const __m256i *)(codes + b * 16))
+                                            : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
+            const __m512i w = _mm512_cvtepu8_epi16(raw);
+            const __m512i c0 = _mm512_and_si512(w, low), c1 = _mm512_srli_epi16(w, 4);
+            for (int r = 0; r < R; r++) {
+                const int16_t *q = xq + (int64_t)r * KP + b * 32;
+                __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(q));
+                d = _mm512_dpwssd_epi32(d, c1, _mm512_loadu_si512(q + 32));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[r], p), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum16(acc[r]);
+#elif defined(__AVX2__)
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 8) {  /* 8 blocks at a time: their sums side by side in one vector */
@@ -138,16 +211,16 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
         __m256i p[4][8];
         for (int j = 0; j < 8; j++) {
             __m256i pj[4];
-            if (j < n8) block_dot(R, K, b0 + j, codes, xq, pj);
+            if (j < n8) block_dot(R, KP, b0 + j, codes, xq, pj);
             else for (int r = 0; r < R; r++) pj[r] = _mm256_setzero_si256();
             for (int r = 0; r < R; r++) p[r][j] = pj[r];
         }
-        /* scale, zero (per group) and xd, xs (per block) rows are padded with zeros to whole eights */
+        /* scale, zero (per group) rows are padded with zeros to whole eights, xd, xs to sixteens */
         const __m256 s = per_block(scale, b0 * 32 / G, G), z = per_block(zero, b0 * 32 / G, G);
         for (int r = 0; r < R; r++) {
             __m256 dots = _mm256_cvtepi32_ps(transpose_sum(p[r]));
-            acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_loadu_ps(xd + (int64_t)r * nbp + b0)), acc[r]);
-            acc[r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbp + b0), acc[r]);
+            acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_loadu_ps(xd + (int64_t)r * nbx + b0)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
@@ -155,17 +228,15 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
     for (int r = 0; r < R; r++) {
         out[r] = 0.0f;
         for (int b = 0; b < nb; b++) {
-            const int16_t *q = xq + (int64_t)r * K + b * 32;
+            const int16_t *q = xq + (int64_t)r * KP + b * 32;
             int32_t dot = 0;
             for (int j = 0; j < 16; j++) dot += (codes[b * 16 + j] & 15) * q[j] + (codes[b * 16 + j] >> 4) * q[j + 16];
             const int g = b * 32 / G;
-            out[r] += (float)dot * xd[(int64_t)r * nbp + b] * f16(scale[g]) + f16(zero[g]) * xs[(int64_t)r * nbp + b];
+            out[r] += (float)dot * xd[(int64_t)r * nbx + b] * f16(scale[g]) + f16(zero[g]) * xs[(int64_t)r * nbx + b];
         }
     }
 #endif
 }
-
-INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
 
 INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
     uint32_t u; __builtin_memcpy(&u, &f, 4);
@@ -175,19 +246,17 @@ INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN 
 
 /* x (M, K), float32 or bfloat16, rounded to int16 per block of 32 (zen_q4_quantize_x), in buffers this
    allocates: 1, or 0 when memory runs out. */
-typedef struct { int16_t *xq; float *dsum, *xf, *xd, *xs; } qx_t;
+typedef struct { int16_t *xq; float *dsum, *xd, *xs; } qx_t;
 
-static void free_x(qx_t *q) { free(q->xq); free(q->dsum); free(q->xf); }
+static void free_x(qx_t *q) { free(q->xq); free(q->dsum); }
 
-static int prepare_x(int M, int K, const void *x, int x_bf16, qx_t *q) {
-    const int nbp = (K / 32 + 7) & ~7;
-    q->xq = malloc(sizeof(int16_t) * M * K + 64);
-    q->dsum = calloc((size_t)2 * M * nbp, sizeof(float));
-    q->xf = x_bf16 ? malloc(sizeof(float) * M * K) : 0;
-    if (!q->xq || !q->dsum || (x_bf16 && !q->xf)) { free_x(q); return 0; }
-    if (x_bf16) for (int64_t i = 0; i < (int64_t)M * K; i++) q->xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbp;
-    zen_q4_quantize_x(M, K, x_bf16 ? q->xf : (const float *)x, q->xq, q->xd, q->xs);
+static int prepare_x(int M, int K, const void *x, int x_bf16, int pairs, qx_t *q) {
+    const int nbx = (K / 32 + 15) & ~15;
+    q->xq = calloc((size_t)M * x_stride(K) + 32, sizeof(int16_t));
+    q->dsum = calloc((size_t)2 * M * nbx, sizeof(float));
+    if (!q->xq || !q->dsum) { free_x(q); return 0; }
+    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbx;
+    zen_q4_quantize_x(M, K, x, x_bf16, pairs, q->xq, q->xd, q->xs);
     return 1;
 }
 
@@ -200,8 +269,33 @@ INLINE void store(void *y, int y_bf16, int64_t i, float v) {
    scale (bscale NULL) or times a float16 scale per block of 32 (bscale: the row's, padded to eights). */
 INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint16_t *bscale, const int16_t *xq,
                       const float *xd, float *out) {
-    const int nb = K / 32, nbp = (nb + 7) & ~7;
-#ifdef __AVX2__
+    const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
+#if defined(ZEN_VNNI)
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int n16 = nb - b0 < 16 ? nb - b0 : 16;
+        const __m512 bs = bscale ? per_block16(bscale, b0, n16, 32) : _mm512_set1_ps(1.0f);
+        __m512 cs[4];
+        for (int r = 0; r < R; r++) cs[r] = _mm512_mul_ps(bs, _mm512_loadu_ps(xd + (int64_t)r * nbx + b0));
+        for (int p = 0; p < n16; p += 2) {  /* blocks b, b + 1: each 32 codes widened to one vector */
+            const int b = b0 + p;
+            if ((b & 1) == 0) __builtin_prefetch(codes + b * 32 + PREFETCH, 0, 2);
+            const __m512i ca = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32)));
+            const __m512i cb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32 + 32)))
+                                           : _mm512_setzero_si512();
+            for (int r = 0; r < R; r++) {
+                const int16_t *q = xq + (int64_t)r * KP + b * 32;
+                const __m512i da = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ca, _mm512_loadu_si512(q));
+                const __m512i db = _mm512_dpwssd_epi32(_mm512_setzero_si512(), cb, _mm512_loadu_si512(q + 32));
+                /* halves added: lanes 0-7 block b's sum, 8-15 block b + 1's */
+                const __m512i d = _mm512_add_epi32(_mm512_shuffle_i64x2(da, db, 0x44), _mm512_shuffle_i64x2(da, db, 0xEE));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[r], p), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum16(acc[r]) * scale;
+#elif defined(__AVX2__)
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 8) {
@@ -214,7 +308,7 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
                 __m256i c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32)));
                 __m256i c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32 + 16)));
                 for (int r = 0; r < R; r++) {
-                    const int16_t *q = xq + (int64_t)r * K + b * 32;
+                    const int16_t *q = xq + (int64_t)r * KP + b * 32;
                     p[r][j] = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
                                                _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16))));
                 }
@@ -225,7 +319,7 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
         const __m256 bs = bscale ? per_block(bscale, b0, 32) : _mm256_set1_ps(1.0f);
         for (int r = 0; r < R; r++)
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(p[r])),
-                                     _mm256_mul_ps(bs, _mm256_loadu_ps(xd + (int64_t)r * nbp + b0)), acc[r]);
+                                     _mm256_mul_ps(bs, _mm256_loadu_ps(xd + (int64_t)r * nbx + b0)), acc[r]);
     }
     for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) * scale;
 #else
@@ -233,8 +327,8 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
         float total = 0.0f;
         for (int b = 0; b < nb; b++) {
             int32_t dot = 0;
-            for (int j = 0; j < 32; j++) dot += codes[b * 32 + j] * xq[(int64_t)r * K + b * 32 + j];
-            total += (float)dot * xd[(int64_t)r * nbp + b] * (bscale ? f16(bscale[b]) : 1.0f);
+            for (int j = 0; j < 32; j++) dot += codes[b * 32 + j] * xq[(int64_t)r * KP + b * 32 + j];
+            total += (float)dot * xd[(int64_t)r * nbx + b] * (bscale ? f16(bscale[b]) : 1.0f);
         }
         out[r] = total * scale;
     }
@@ -246,9 +340,9 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
    zen_q4_linear. */
 static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
                      const uint16_t *bscale, void *y, int y_bf16, int n_threads) {
-    const int nbp = (K / 32 + 7) & ~7;
+    const int nbs = (K / 32 + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
     qx_t qx;
-    if (!prepare_x(M, K, x, x_bf16, &qx)) return -1;
+    if (!prepare_x(M, K, x, x_bf16, 0, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -256,11 +350,11 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
         const int8_t *cn = codes + (int64_t)n * K;
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];
-            const int16_t *q = xq + (int64_t)m0 * K;
-            const float *d = xd + (int64_t)m0 * nbp;
+            const int16_t *q = xq + (int64_t)m0 * KP;
+            const float *d = xd + (int64_t)m0 * nbx;
             int R = M - m0 < 4 ? M - m0 : 4;
             const float sn = scale ? scale[n] : 1.0f;
-            const uint16_t *bn = bscale ? bscale + (int64_t)n * nbp : 0;
+            const uint16_t *bn = bscale ? bscale + (int64_t)n * nbs : 0;
             switch (R) {
                 case 1: row_tile8(1, K, cn, sn, bn, q, d, out); break;
                 case 2: row_tile8(2, K, cn, sn, bn, q, d, out); break;
@@ -284,13 +378,19 @@ int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t 
     return q8_linear(M, N, K, x, x_bf16, codes, 0, bscale, y, y_bf16, n_threads);
 }
 
+#ifdef ZEN_VNNI
+#define PAIRED_X 1
+#else
+#define PAIRED_X 0
+#endif
+
 /* y (M, N) = x (M, K) W^T. x and y are float32, or bfloat16 where x_bf16 / y_bf16; scale_zero
    (N, 2, ngp) float16: each row's scales, then its zeros. Returns 0, or -1 when memory runs out. */
 int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
                   const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
-    const int ngp = (K / G + 7) & ~7, nbp = (K / 32 + 7) & ~7;
+    const int ngp = (K / G + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
     qx_t qx;
-    if (!prepare_x(M, K, x, x_bf16, &qx)) return -1;
+    if (!prepare_x(M, K, x, x_bf16, PAIRED_X, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd, *xs = qx.xs;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -299,8 +399,8 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
         const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp, *zn = sn + ngp;  /* one stream per row */
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];
-            const int16_t *q = xq + (int64_t)m0 * K;
-            const float *d = xd + (int64_t)m0 * nbp, *s = xs + (int64_t)m0 * nbp;
+            const int16_t *q = xq + (int64_t)m0 * KP;
+            const float *d = xd + (int64_t)m0 * nbx, *s = xs + (int64_t)m0 * nbx;
             int R = M - m0 < 4 ? M - m0 : 4;
             /* constant R and G: unrolled loops, accumulators in registers */
             #define TILE(r_, g_) row_tile(r_, K, g_, cn, sn, zn, q, d, s, out)

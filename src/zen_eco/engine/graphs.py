@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kv_cache import KVCache
+from . import native_step
 
 
 class StaticStep:
@@ -162,8 +163,11 @@ def graphs_apply(model, cache) -> bool:
 
 def decode_one(model, cache: KVCache, token: int) -> torch.Tensor:
     """Run one token after what `cache` holds: (1, 1, vocab) float32 logits. The static step where
-    `graphs_apply`, else the model's ordinary forward."""
+    `graphs_apply`, else the whole step in C where `native_step.applies` (CPU), else the model's
+    ordinary forward."""
     if not graphs_apply(model, cache):
+        if native_step.applies(model, cache):
+            return native_step.native_step(model).step(cache, token)
         return model(torch.tensor([[token]], device=model.device), cache)
     graph = cache.decode_graph
     record, compile = getattr(model, "cuda_graphs", False), getattr(model, "compile_decode", False)

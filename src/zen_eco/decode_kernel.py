@@ -1,0 +1,291 @@
+"""A whole batch-1 decode step on the CPU as one C call: every layer, the final norm and the head.
+
+At batch 1 a small model's step is a few hundred tiny operations. Run one by one from Python, their
+dispatch costs more than their arithmetic: on SmolLM2-135M (2 threads) the matmul kernels took 6.5 ms
+of a 17.4 ms step and the rest was PyTorch and Python between them. Here the layers run in C over
+buffers allocated once per call, calling `q4_kernel`'s matmuls directly (its source is compiled into
+this library), so the step costs what its matmuls and attention cost.
+
+What one call does, per layer (`engine.native_step` builds the descriptors from a `Transformer`):
+RMSNorm, the fused q|k|v matmul (+ bias), QK-norm, RoPE (rotate-half, the caller's cos/sin rows for
+this position), K/V written into the cache at `pos` (float32 or bfloat16, rounded to nearest even),
+attention of each query head over positions [start, pos] (start = pos + 1 - window on sliding layers),
+split over threads by KV head and token range and merged by log-sum-exp, the output matmul, Gemma's
+post-norm, the residual add, the same for the MLP (SiLU or GELU-tanh of gate times up). Then the final
+norm, the head and Gemma's logit soft-capping, into float32 logits.
+
+Numerics: everything between matmuls is float32 (the eager bf16 path rounds each intermediate to
+bf16); the matmuls are the same kernels as the eager path's (`q4_kernel`: int16 activations per block
+of 32) and, for dense float32/bfloat16 weights, float32 dot products. tests/test_native_step.py holds
+it to the eager forward: float32 logits to ~1e-5, bf16 ones to the eager path's own bf16 rounding.
+
+Linear kinds: 0 dense float32, 1 dense bfloat16, 2 int4 (`Int4Linear` native), 3 int8 with a float32
+scale per row (`Int8Linear` native), 4 int8 with a float16 scale per block of 32 (`Int8BlockLinear`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+
+from . import native, q4_kernel
+
+LIN_F32, LIN_BF16, LIN_Q4, LIN_Q8, LIN_Q8B = range(5)
+MAX_HEAD_DIM = 512
+
+C_SOURCE = q4_kernel.C_SOURCE + r"""
+#include <string.h>
+
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4 };
+#define MAX_HEAD_DIM 512
+
+typedef struct {
+    int32_t kind, n, k, group;
+    const void *w;        /* dense (n, k) weights, or the codes */
+    const void *scale;    /* int4: scale_zero; int8: float32 per row; int8 blocks: float16 per block */
+    const float *bias;    /* (n,) or NULL */
+} lin_t;
+
+typedef struct {
+    lin_t qkv, o, gate_up, down;
+    /* float32 norm scales as multiplied (Gemma's 1 + w already added); the optional ones NULL when absent */
+    const float *attn_norm, *attn_post_norm, *mlp_norm, *mlp_post_norm, *q_norm, *k_norm;
+    int32_t window, local_rope;  /* window 0: every earlier position */
+} layer_t;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, gelu, kv_bf16;
+    float eps, attn_scale, softcap;  /* softcap 0: none */
+    const layer_t *layers;
+    const float *final_norm;
+    lin_t head;
+} model_t;
+
+static int dense_linear(const lin_t *l, const float *x, float *y, int nt) {
+    const int64_t K = l->k;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = 0; n < l->n; n++) {
+        float s = 0.0f;
+        if (l->kind == LIN_BF16) {
+            const uint16_t *w = (const uint16_t *)l->w + n * K;
+            for (int64_t i = 0; i < K; i++) s += bf16_to_f32(w[i]) * x[i];
+        } else {
+            const float *w = (const float *)l->w + n * K;
+            for (int64_t i = 0; i < K; i++) s += w[i] * x[i];
+        }
+        y[n] = s;
+    }
+    return 0;
+}
+
+static int linear(const lin_t *l, const float *x, float *y, int nt) {
+    int rc;
+    switch (l->kind) {
+        case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->scale, y, 0, nt); break;
+        case LIN_Q8: rc = zen_q8_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
+        case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
+        default: rc = dense_linear(l, x, y, nt);
+    }
+    if (l->bias) for (int i = 0; i < l->n; i++) y[i] += l->bias[i];
+    return rc;
+}
+
+/* out = x / rms(x) * w, in float32 (out may be x) */
+static void rms_norm(int n, const float *x, const float *w, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+/* rotate-half RoPE of one head: cs = cos row then sin row (head_dim each, halves duplicated) */
+static void rope(int D, float *x, const float *cs) {
+    const float *c = cs, *s = cs + D;
+    for (int i = 0; i < D / 2; i++) {
+        const float a = x[i], b = x[i + D / 2];
+        x[i] = a * c[i] - b * s[i];
+        x[i + D / 2] = b * c[i + D / 2] + a * s[i + D / 2];
+    }
+}
+
+INLINE float kv_dot(const void *row, const float *q, int D, const int bf16) {
+    float s = 0.0f;
+    if (bf16) for (int d = 0; d < D; d++) s += bf16_to_f32(((const uint16_t *)row)[d]) * q[d];
+    else for (int d = 0; d < D; d++) s += ((const float *)row)[d] * q[d];
+    return s;
+}
+
+INLINE void kv_axpy(const void *row, float p, float *acc, int D, const int bf16) {
+    if (bf16) for (int d = 0; d < D; d++) acc[d] += p * bf16_to_f32(((const uint16_t *)row)[d]);
+    else for (int d = 0; d < D; d++) acc[d] += p * ((const float *)row)[d];
+}
+
+/* Queries q (n_rep, D) of one KV head over cached tokens [a, b): the unnormalised softmax state
+   m (n_rep), l (n_rep), acc (n_rep, D). s: scratch of n_rep * (b - a) floats. */
+INLINE void attend_range(int n_rep, int D, const float *q, const void *K, const void *V, int64_t a, int64_t b,
+                         float scale, float *s, float *m, float *l, float *acc, const int bf16) {
+    const int64_t n = b - a, esz = bf16 ? 2 : 4;
+    for (int r = 0; r < n_rep; r++) {
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            const float v = kv_dot((const char *)K + (a + t) * D * esz, q + r * D, D, bf16) * scale;
+            s[r * n + t] = v;
+            mx = v > mx ? v : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) { const float p = expf(s[r * n + t] - mx); s[r * n + t] = p; sum += p; }
+        m[r] = mx, l[r] = sum;
+        memset(acc + r * D, 0, sizeof(float) * D);
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const void *vrow = (const char *)V + (a + t) * D * esz;
+        for (int r = 0; r < n_rep; r++) kv_axpy(vrow, s[r * n + t], acc + r * D, D, bf16);
+    }
+}
+
+/* Attention of all query heads q (n_heads, D) over tokens [start, end) of one layer's cache
+   K, V (n_kv, cap, D): out (n_heads, D). Tasks = KV heads x token ranges, merged by log-sum-exp. */
+static int attention(const model_t *m, const float *q, const void *K, const void *V, int64_t cap, int64_t start,
+                     int64_t end, float *out, int nt) {
+    const int D = m->head_dim, n_kv = m->n_kv, n_rep = m->n_heads / m->n_kv;
+    const int64_t len = end - start;
+    int splits = (2 * nt + n_kv - 1) / n_kv;
+    const int64_t most = (len + 255) / 256;  /* at least 256 tokens a task */
+    if (splits > most) splits = (int)most;
+    if (splits < 1) splits = 1;
+    const int tasks = n_kv * splits, per = n_rep * (D + 2);
+    const int64_t span = (len + splits - 1) / splits;
+    float *state = malloc(sizeof(float) * (size_t)tasks * per);
+    float *scores = malloc(sizeof(float) * (size_t)tasks * n_rep * (span > 0 ? span : 1));
+    if (!state || !scores) { free(state); free(scores); return -1; }
+    const int64_t esz = m->kv_bf16 ? 2 : 4, head_stride = cap * D * esz;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int task = 0; task < tasks; task++) {
+        const int g = task / splits, part = task % splits;
+        const int64_t a = start + part * span, b = a + span < end ? a + span : end;
+        float *sm = state + (size_t)task * per, *sl = sm + n_rep, *sa = sl + n_rep;
+        if (a >= b) { for (int r = 0; r < n_rep; r++) { sm[r] = -INFINITY; sl[r] = 0.0f; } continue; }
+        const char *Kg = (const char *)K + g * head_stride, *Vg = (const char *)V + g * head_stride;
+        float *s = scores + (size_t)task * n_rep * span;
+        if (m->kv_bf16) attend_range(n_rep, D, q + (size_t)g * n_rep * D, Kg, Vg, a, b, m->attn_scale, s, sm, sl, sa, 1);
+        else attend_range(n_rep, D, q + (size_t)g * n_rep * D, Kg, Vg, a, b, m->attn_scale, s, sm, sl, sa, 0);
+    }
+    for (int g = 0; g < n_kv; g++) {
+        for (int r = 0; r < n_rep; r++) {
+            float mx = -INFINITY, total = 0.0f;
+            for (int p = 0; p < splits; p++) { const float v = state[(size_t)(g * splits + p) * per + r]; mx = v > mx ? v : mx; }
+            float *o = out + ((size_t)g * n_rep + r) * D;
+            memset(o, 0, sizeof(float) * D);
+            for (int p = 0; p < splits; p++) {
+                const float *st = state + (size_t)(g * splits + p) * per;
+                if (st[n_rep + r] == 0.0f) continue;
+                const float w = expf(st[r] - mx);
+                total += st[n_rep + r] * w;
+                const float *acc = st + 2 * n_rep + (size_t)r * D;
+                for (int d = 0; d < D; d++) o[d] += acc[d] * w;
+            }
+            for (int d = 0; d < D; d++) o[d] /= total;
+        }
+    }
+    free(state);
+    free(scores);
+    return 0;
+}
+
+INLINE float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+
+/* One decode step. x (hidden) float32: the token's embedding in, the final residual stream out.
+   pos: the new token's position (= tokens cached before it). rope_global / rope_local: cos then sin
+   (head_dim each) for pos. kv: per layer its K then V tensor (n_kv, cap, head_dim). logits (vocab).
+   Returns 0, -1 when memory runs out, -2 for a shape it does not take. */
+int zen_decode_step(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
+                    void *const *kv, int64_t cap, float *logits, int nt) {
+    const int H = m->hidden, D = m->head_dim, qd = m->n_heads * D, kvd = m->n_kv * D;
+    if (D > MAX_HEAD_DIM || D % 2 || m->n_heads % m->n_kv || pos >= cap) return -2;
+    const size_t nf = (size_t)H + (qd + 2 * kvd) + qd + H + 2 * (size_t)m->inter + m->inter;
+    float *buf = malloc(sizeof(float) * nf);
+    if (!buf) return -1;
+    float *h = buf, *qkv = h + H, *att = qkv + qd + 2 * kvd, *o = att + qd, *gu = o + H, *act = gu + 2 * m->inter;
+    int rc = 0;
+    const int64_t esz = m->kv_bf16 ? 2 : 4;
+    for (int i = 0; i < m->n_layers && rc == 0; i++) {
+        const layer_t *L = m->layers + i;
+        rms_norm(H, x, L->attn_norm, m->eps, h);
+        if ((rc = linear(&L->qkv, h, qkv, nt))) break;
+        float *q = qkv, *k = qkv + qd, *v = k + kvd;
+        const float *cs = L->local_rope ? rope_local : rope_global;
+        for (int j = 0; j < m->n_heads; j++) {
+            if (L->q_norm) rms_norm(D, q + j * D, L->q_norm, m->eps, q + j * D);
+            rope(D, q + j * D, cs);
+        }
+        for (int j = 0; j < m->n_kv; j++) {
+            if (L->k_norm) rms_norm(D, k + j * D, L->k_norm, m->eps, k + j * D);
+            rope(D, k + j * D, cs);
+            char *kd = (char *)kv[2 * i] + ((int64_t)j * cap + pos) * D * esz;
+            char *vd = (char *)kv[2 * i + 1] + ((int64_t)j * cap + pos) * D * esz;
+            for (int d = 0; d < D; d++) {
+                if (m->kv_bf16) { ((uint16_t *)kd)[d] = f32_to_bf16(k[j * D + d]); ((uint16_t *)vd)[d] = f32_to_bf16(v[j * D + d]); }
+                else { ((float *)kd)[d] = k[j * D + d]; ((float *)vd)[d] = v[j * D + d]; }
+            }
+        }
+        const int64_t start = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+        if ((rc = attention(m, q, kv[2 * i], kv[2 * i + 1], cap, start, pos + 1, att, nt))) break;
+        if ((rc = linear(&L->o, att, o, nt))) break;
+        if (L->attn_post_norm) rms_norm(H, o, L->attn_post_norm, m->eps, o);
+        for (int j = 0; j < H; j++) x[j] += o[j];
+        rms_norm(H, x, L->mlp_norm, m->eps, h);
+        if ((rc = linear(&L->gate_up, h, gu, nt))) break;
+        for (int j = 0; j < m->inter; j++) {
+            const float g = gu[j];
+            act[j] = (m->gelu ? gelu_tanh(g) : g / (1.0f + expf(-g))) * gu[m->inter + j];
+        }
+        if ((rc = linear(&L->down, act, o, nt))) break;
+        if (L->mlp_post_norm) rms_norm(H, o, L->mlp_post_norm, m->eps, o);
+        for (int j = 0; j < H; j++) x[j] += o[j];
+    }
+    if (rc == 0) {
+        rms_norm(H, x, m->final_norm, m->eps, h);
+        rc = linear(&m->head, h, logits, nt);
+        if (rc == 0 && m->softcap > 0.0f)
+            for (int j = 0; j < m->head.n; j++) logits[j] = tanhf(logits[j] / m->softcap) * m->softcap;
+    }
+    free(buf);
+    return rc;
+}
+"""
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("group", ctypes.c_int32),
+                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("qkv", Linear), ("o", Linear), ("gate_up", Linear), ("down", Linear),
+                ("attn_norm", ctypes.c_void_p), ("attn_post_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("mlp_post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("window", ctypes.c_int32), ("local_rope", ctypes.c_int32)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("n_heads", ctypes.c_int32),
+                ("n_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
+                ("gelu", ctypes.c_int32), ("kv_bf16", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("attn_scale", ctypes.c_float), ("softcap", ctypes.c_float), ("layers", ctypes.POINTER(Layer)),
+                ("final_norm", ctypes.c_void_p), ("head", Linear)]
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The compiled step, or None where it cannot be built or ZEN_ECO_NATIVE_STEP=0 (then decode runs
+    the model's forward)."""
+    if os.environ.get("ZEN_ECO_NATIVE_STEP", "1") == "0" or os.environ.get("ZEN_ECO_NATIVE_Q4", "1") == "0":
+        return None
+    lib = native.build("decode_step", C_SOURCE)
+    if lib is None:
+        return None
+    p = ctypes.c_void_p
+    lib.zen_decode_step.restype = ctypes.c_int
+    lib.zen_decode_step.argtypes = [ctypes.POINTER(Model), p, ctypes.c_int64, p, p, p, ctypes.c_int64, p, ctypes.c_int]
+    return lib

@@ -1,0 +1,172 @@
+"""Batch-1 CPU decode steps through `decode_kernel`: the whole step in one C call.
+
+`NativeStep(model)` describes the model to the C code once (pointers to its weights, float32 copies of
+its norm scales and biases), then each `step(cache, token)` embeds the token (the model's own
+`embed_tokens`), looks up the RoPE rows for its position, and runs every layer and the head in C,
+writing K/V into the cache's own tensors. `decode_one` takes this path wherever `applies` says so;
+everything else (prompts, batched steps, quantized KV caches, CUDA, unsupported weight kinds) stays on
+the model's forward. `Transformer.native_step = False` (`zen_eco.load(native_step=False)`, or the
+environment's ZEN_ECO_NATIVE_STEP=0) turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+from torch import nn
+
+from .. import decode_kernel as dk
+from ..kv_cache import KVCache
+from ..quant import Int4Linear, Int8BlockLinear, Int8Linear
+from ..rope import rope_cos_sin
+
+ROPE_ROWS = 256  # positions whose cos/sin rows are computed at a time
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+class NativeStep:
+    def __init__(self, model) -> None:
+        cfg = model.config
+        self.model, self.lib = model, dk.library()
+        self._keep: list[torch.Tensor] = []  # everything the descriptors point into
+        layers = (dk.Layer * cfg.num_hidden_layers)()
+        for i, block in enumerate(model.layers):
+            a, mlp = block.attn, block.mlp
+            layers[i] = dk.Layer(
+                self._linear(a.wqkv), self._linear(a.wo), self._linear(mlp.w_gate_up), self._linear(mlp.w_down),
+                self._norm(block.attn_norm), self._norm(block.attn_post_norm), self._norm(block.mlp_norm),
+                self._norm(block.mlp_post_norm), self._norm(a.q_norm), self._norm(a.k_norm),
+                a.window or 0, int(a.window is not None and model.local_rope))
+        self.layers = layers
+        scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+        self.desc = dk.Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                             cfg.head_dim, cfg.intermediate_size, int(cfg.hidden_act == "gelu_pytorch_tanh"),
+                             int(model.dtype == torch.bfloat16), cfg.rms_norm_eps, scale,
+                             cfg.final_logit_softcapping or 0.0, layers, self._norm(model.norm),
+                             self._linear(model.lm_head))
+        self._rope: dict[tuple[bool, int], torch.Tensor] = {}
+        self._pointers: "weakref.WeakKeyDictionary[KVCache, tuple]" = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why `model` cannot take this path (None: it can)."""
+        if dk.library() is None:
+            return "the native decode step is not built here (no C compiler, or turned off)"
+        if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+            return f"runs on the CPU in float32 or bfloat16, not {model.device.type} {model.dtype}"
+        if model.config.head_dim > dk.MAX_HEAD_DIM or model.config.head_dim % 2:
+            return f"head_dim {model.config.head_dim} not supported"
+        for name, mod in model.named_modules():
+            if isinstance(mod, (Int4Linear, Int8Linear, Int8BlockLinear)) and mod.backend != "native":
+                return f"{name}: {type(mod).__name__} backend {mod.backend!r}"
+            if type(mod) is nn.Linear and mod.weight.dtype not in (torch.float32, torch.bfloat16):
+                return f"{name}: dense weights in {mod.weight.dtype}"
+        return None
+
+    def _norm(self, norm) -> int | None:
+        if norm is None:
+            return None
+        w = norm.weight.detach().float()
+        w = (1.0 + w if norm.unit_offset else w).contiguous()
+        self._keep.append(w)
+        return w.data_ptr()
+
+    def _linear(self, mod) -> dk.Linear:
+        bias = _f32(getattr(mod, "bias", None))
+        if bias is not None:
+            self._keep.append(bias)
+        bias_ptr = None if bias is None else bias.data_ptr()
+        if isinstance(mod, Int4Linear):
+            return dk.Linear(dk.LIN_Q4, mod.out_features, mod.in_features, mod.group_size, mod.packed.data_ptr(),
+                             mod.scale_zero.data_ptr(), bias_ptr)
+        if isinstance(mod, Int8Linear):
+            return dk.Linear(dk.LIN_Q8, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
+                             mod.scales_f32.data_ptr(), bias_ptr)
+        if isinstance(mod, Int8BlockLinear):
+            return dk.Linear(dk.LIN_Q8B, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
+                             mod.block_scales.data_ptr(), bias_ptr)
+        w = mod.weight.detach()
+        if not w.is_contiguous():
+            w = w.contiguous()
+            self._keep.append(w)
+        kind = dk.LIN_BF16 if w.dtype == torch.bfloat16 else dk.LIN_F32
+        return dk.Linear(kind, w.shape[0], w.shape[1], 0, w.data_ptr(), None, bias_ptr)
+
+    def _rope_row(self, local: bool, pos: int) -> int:
+        """Address of the (cos, sin) float32 rows for `pos`, computed ROPE_ROWS positions at a time."""
+        key = (local, pos // ROPE_ROWS)
+        table = self._rope.get(key)
+        if table is None:
+            m = self.model
+            inv_freq, scaling = (m.inv_freq_local, m.local_attention_scaling) if local else (m.inv_freq, m.attention_scaling)
+            positions = torch.arange(key[1] * ROPE_ROWS, (key[1] + 1) * ROPE_ROWS)
+            cos, sin = rope_cos_sin(inv_freq, scaling, positions, torch.float32)
+            table = self._rope[key] = torch.stack([cos, sin], 1).contiguous()  # (ROPE_ROWS, 2, head_dim)
+        return table[pos % ROPE_ROWS].data_ptr()
+
+    def _kv_pointers(self, cache: KVCache):
+        held = self._pointers.get(cache)
+        if held is None or held[0] is not cache.keys[0]:  # first step, or the cache grew (its tensors moved)
+            ptrs = [t.data_ptr() for pair in zip(cache.keys, cache.values) for t in pair]
+            held = self._pointers[cache] = (cache.keys[0], (ctypes.c_void_p * len(ptrs))(*ptrs))
+        return held[1]
+
+    @torch.inference_mode()
+    def step(self, cache: KVCache, token: int) -> torch.Tensor:
+        """(1, 1, vocab) float32 logits of `token` after what `cache` holds; K/V written, cache advanced."""
+        model = self.model
+        cache.reserve(1)
+        pos = cache.length
+        x = model.embed_tokens(torch.tensor([[token]])).contiguous()
+        logits = torch.empty(1, 1, model.config.vocab_size)
+        local = self._rope_row(True, pos) if model.local_rope else None
+        glob = self._rope_row(False, pos)
+        rc = self.lib.zen_decode_step(ctypes.byref(self.desc), x.data_ptr(), pos, glob, local or glob,
+                                      self._kv_pointers(cache), cache.capacity, logits.data_ptr(),
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("native decode step: out of memory") if rc == -1 else RuntimeError(
+                f"native decode step refused the model's shapes (code {rc})")
+        cache.advance(1)
+        return logits
+
+
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (weights key, NativeStep or None)
+
+
+def _main_tensor(mod) -> torch.Tensor:
+    for name in ("weight", "packed", "codes"):
+        t = getattr(mod, name, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    raise TypeError(f"{type(mod).__name__} holds no weight tensor")
+
+
+def _weights_key(model) -> tuple:
+    """The dtype and the addresses of a few of the model's tensors: a new key means its weights were
+    replaced (`.to()`, new modules...), so the descriptors are rebuilt, not followed into freed memory."""
+    mods = (model.norm, model.lm_head, model.layers[0].attn.wqkv, model.layers[-1].mlp.w_down)
+    return (model.dtype, *(_main_tensor(m).data_ptr() for m in mods))
+
+
+def applies(model, cache) -> bool:
+    """Whether a decode step of `model` over `cache` runs as one C call."""
+    if not getattr(model, "native_step", False) or type(cache) is not KVCache or cache.batch_size != 1:
+        return False
+    if cache.device.type != "cpu" or cache.dtype != model.dtype:
+        return False
+    key = _weights_key(model)
+    held = _STEPS.get(model)
+    if held is None or held[0] != key:
+        held = _STEPS[model] = (key, None if NativeStep.unsupported(model) else NativeStep(model))
+    return held[1] is not None
+
+
+def native_step(model) -> NativeStep:
+    """The model's step, as `applies` last built it."""
+    return _STEPS[model][1]

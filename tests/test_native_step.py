@@ -1,0 +1,208 @@
+"""The whole-step C decode (engine.native_step) against the model's PyTorch forward.
+
+Reference: our ordinary decode step (itself checked against transformers in test_model_parity.py and
+test_gemma3.py). Tolerance for float32 models: logits and the K/V written within 2e-5 of the
+reference's norm for dense weights: only float32 summation order differs (RMSNorm, attention, merges
+across threads; measured ~1e-6). With int4/int8 matmuls 2e-4, the q4 kernel's own bound
+(test_q4_kernel.py): each call rounds its activations to int16 per block of 32, and an activation
+one float32 ulp apart in the two paths can round to the next step (2^-15 of its block's largest).
+bfloat16 models: the C step keeps every intermediate in float32 where the forward rounds each to
+bf16, so it is held to the float32 model instead, and must be at least as close to it as the
+bf16 forward is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from zen_eco import decode_kernel
+from zen_eco.config import preset
+from zen_eco.engine import native_step
+from zen_eco.engine.graphs import decode_one
+from zen_eco.errors import ContextLengthError
+from zen_eco.init import random_model
+from zen_eco.kv_cache import KVCache
+from zen_eco.kv_quant import make_kv_cache
+from zen_eco.model import RMSNorm
+from zen_eco.quant import Int8BlockLinear, Int8Linear, Q8BlockWeight, quantize_int8
+
+pytestmark = pytest.mark.skipif(decode_kernel.library() is None, reason="no C compiler for the native step")
+
+
+def _config(kind: str):
+    base = preset("llama-tiny")
+    if kind == "llama":
+        return base
+    if kind == "qwen3":  # QK-norm, tied head, head_dim apart from hidden / heads
+        return dataclasses.replace(base, model_type="qwen3", head_dim=32, tie_word_embeddings=True)
+    if kind == "qwen2":  # q/k/v biases
+        return dataclasses.replace(base, model_type="qwen2")
+    if kind == "llama-bias":  # biases on q/k/v, o and the MLP
+        return dataclasses.replace(base, attention_bias=True, mlp_bias=True)
+    if kind == "gemma3":  # sliding layers (window 6) with their own RoPE, (1 + w) norms, post-norms, GELU, soft-cap
+        return dataclasses.replace(
+            base, model_type="gemma3_text", num_hidden_layers=3, head_dim=16, sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], hidden_act="gelu_pytorch_tanh",
+            query_pre_attn_scalar=20, rope_local_base_freq=10_000.0, tie_word_embeddings=True,
+            final_logit_softcapping=30.0)
+    raise ValueError(kind)
+
+
+def _model(kind: str, quant: str = "none", dtype=torch.float32, seed: int = 0):
+    """A random model whose norms and biases are not at their identity (random_model leaves them so)."""
+    model = random_model(_config(kind), dtype=dtype, seed=seed, quant=quant)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, RMSNorm):
+                base = 0.0 if mod.unit_offset else 1.0
+                mod.weight.copy_(base + 0.2 * torch.randn(mod.weight.shape, generator=gen))
+            bias = getattr(mod, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(0.05 * torch.randn(bias.shape, generator=gen))
+    return model
+
+
+def _int8_layers(model):
+    """Swap the first layer's matrices to the two int8 kinds and the head to int8 per row (untied)."""
+    gen = torch.Generator().manual_seed(7)
+    block = model.layers[0]
+    for parent, name in ((block.attn, "wqkv"), (block.mlp, "w_down")):
+        lin = getattr(parent, name)
+        n, k = lin.weight.shape if hasattr(lin, "weight") else (lin.out_features, lin.in_features)
+        codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        scale = (torch.rand(n, k // 32, generator=gen) * 0.002).half().float()
+        setattr(parent, name, Int8BlockLinear(Q8BlockWeight(codes, scale), getattr(lin, "bias", None), model.dtype))
+    block.mlp.w_gate_up = Int8Linear(quantize_int8(torch.randn(block.mlp.w_gate_up.out_features,
+                                                               block.mlp.w_gate_up.in_features, generator=gen) * 0.05),
+                                     None, model.dtype)
+    if not model.config.tie_word_embeddings:
+        model.lm_head = Int8Linear(quantize_int8(model.lm_head.weight.detach().float()), None, model.dtype)
+    return model
+
+
+def _cache(model, max_tokens: int = 64, block: int = 8) -> KVCache:
+    cfg = model.config
+    return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_tokens, 1, model.dtype, "cpu",
+                   block_size=block)
+
+
+def _run(model, native: bool, prompt, tokens, cache):
+    model.native_step = native
+    out = []
+    with torch.inference_mode():
+        model(prompt, cache)
+        for t in tokens:
+            out.append(decode_one(model, cache, t))
+    return out
+
+
+def _inputs(model, prompt_len=5, steps=14, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return (torch.randint(0, vocab, (1, prompt_len), generator=gen),
+            torch.randint(0, vocab, (steps,), generator=gen).tolist())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "llama-bias", "gemma3"])
+@pytest.mark.parametrize("quant", ["none", "int4", "int8-kinds"])
+def test_float32_step_equals_the_forward(kind, quant):
+    """14 steps after a 5-token prompt: the cache grows twice (blocks of 8) and Gemma's window (6) slides."""
+    model = _model(kind, "int4" if quant == "int4" else "none")
+    if quant == "int8-kinds":
+        _int8_layers(model)
+    assert native_step.NativeStep.unsupported(model) is None
+    prompt, tokens = _inputs(model)
+    ref_cache, cache = _cache(model), _cache(model)
+    ref = _run(model, False, prompt, tokens, ref_cache)
+    got = _run(model, True, prompt, tokens, cache)
+    assert native_step.applies(model, cache)
+    tol = 2e-5 if quant == "none" else 2e-4
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape == (1, 1, model.config.vocab_size)
+        assert _rel(a, b) < tol, f"step {step}: {_rel(a, b):.2e}"
+    assert cache.length == ref_cache.length == 19 and cache.capacity == ref_cache.capacity
+    for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values):
+        assert _rel(a[:, :, :19], b[:, :, :19]) < tol
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_bfloat16_step_is_as_close_to_float32_as_the_forward(kind):
+    ref_model = _model(kind)
+    model = _model(kind, dtype=torch.bfloat16)
+    with torch.no_grad():  # the same weights, rounded to bf16, in the float32 reference
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            p.copy_(q.float())
+    prompt, tokens = _inputs(model, steps=10)
+    ref = _run(ref_model, False, prompt, tokens, _cache(ref_model))
+    eager = _run(model, False, prompt, tokens, _cache(model))
+    fused = _run(model, True, prompt, tokens, _cache(model))
+    err_eager = sum(_rel(e, r) for e, r in zip(eager, ref)) / len(ref)
+    err_fused = sum(_rel(f, r) for f, r in zip(fused, ref)) / len(ref)
+    assert err_fused < 0.02 and err_fused <= err_eager * 1.1, (err_fused, err_eager)
+
+
+def test_real_smollm2_greedy_text_is_the_forwards(smollm2_gguf_path):
+    """SmolLM2-135M in float32 (Q4_1 layers, the head dense): greedy tokens identical to the forward's."""
+    import zen_eco
+
+    zm = zen_eco.load(str(smollm2_gguf_path), dtype="float32", threads=2)
+    outs = []
+    for flag in (False, True):
+        zm.model.native_step = flag
+        outs.append(zm.generate("The capital of France is", max_tokens=16, temperature=0).token_ids)
+    assert outs[0] == outs[1] and len(outs[0]) == 16
+
+
+def test_fallbacks_to_the_forward():
+    model = _model("llama")
+    assert native_step.applies(model, _cache(model))
+    quantized = make_kv_cache("int8", 2, 2, 16, 64, 1, torch.float32, "cpu")
+    assert not native_step.applies(model, quantized)  # quantized KV: the forward (kv_quant's attention)
+    two = KVCache(2, 2, 16, 64, 2, torch.float32, "cpu")
+    assert not native_step.applies(model, two)  # a batch of 2
+    bf16_cache = KVCache(2, 2, 16, 64, 1, torch.bfloat16, "cpu")
+    assert not native_step.applies(model, bf16_cache)  # cache dtype differs from the model's
+    model.native_step = False
+    assert not native_step.applies(model, _cache(model))
+    model.native_step = True
+    model.half()  # float16 weights: not a kind the C step reads
+    assert not native_step.applies(model, KVCache(2, 2, 16, 64, 1, torch.float16, "cpu"))
+
+
+def test_replaced_weights_are_noticed():
+    """After `.to()` moves every tensor, the step is rebuilt instead of reading freed memory."""
+    model = _model("llama", dtype=torch.bfloat16)
+    prompt, tokens = _inputs(model, steps=3)
+    _run(model, True, prompt, tokens, _cache(model))
+    model.float()
+    ref = _run(model, False, prompt, tokens, _cache(model))
+    got = _run(model, True, prompt, tokens, _cache(model))
+    assert all(_rel(a, b) < 2e-5 for a, b in zip(got, ref))
+
+
+def test_context_overflow_is_refused_before_any_write():
+    model = _model("llama")
+    cache = _cache(model, max_tokens=6)
+    prompt, tokens = _inputs(model, prompt_len=5, steps=1)
+    _run(model, True, prompt, tokens, cache)
+    with pytest.raises(ContextLengthError):
+        decode_one(model, cache, 3)
+    assert cache.length == 6
+
+
+def test_env_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("ZEN_ECO_NATIVE_STEP", "0")
+    decode_kernel.library.cache_clear()
+    try:
+        assert native_step.NativeStep.unsupported(_model("llama")) is not None
+    finally:
+        monkeypatch.undo()
+        decode_kernel.library.cache_clear()
