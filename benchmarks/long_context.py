@@ -147,6 +147,7 @@ def fill(cache, depth: int, seed: int = 1) -> None:
 @torch.inference_mode()
 def run_one(kv_format: str, depth: int, gen_tokens: int, threads: int, group: int = 32) -> dict:
     from zen_eco.checkpoint.load import release_freed_memory
+    from zen_eco.engine.graphs import decode_one
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -159,12 +160,12 @@ def run_one(kv_format: str, depth: int, gen_tokens: int, threads: int, group: in
     release_freed_memory()
     fill_s = time.perf_counter() - t0
     kv_bytes = cache.nbytes()
-    token = torch.tensor([[1000]])
+    token = 1000
     times, cpu = [], []
-    for _ in range(gen_tokens):
+    for _ in range(gen_tokens):  # decode_one: the step `zen-eco run` takes (one C call for a bf16 cache)
         t, c = time.perf_counter(), time.process_time()
-        logits = model(token, cache)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        logits = decode_one(model, cache, token)
+        token = int(logits[0, -1].argmax())
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return {

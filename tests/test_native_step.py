@@ -25,7 +25,6 @@ from zen_eco.engine.graphs import decode_one
 from zen_eco.errors import ContextLengthError
 from zen_eco.init import random_model
 from zen_eco.kv_cache import KVCache
-from zen_eco.kv_quant import make_kv_cache
 from zen_eco.model import RMSNorm
 from zen_eco.quant import Int8BlockLinear, Int8Linear, Q8BlockWeight, quantize_int8
 
@@ -149,6 +148,25 @@ def test_bfloat16_step_is_as_close_to_float32_as_the_forward(kind):
     assert err_fused < 0.02 and err_fused <= err_eager * 1.1, (err_fused, err_eager)
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("kv_format", ["int8", "k4v2"])
+def test_quantized_kv_cache_keeps_its_attention_around_the_c_layers(kind, kv_format):
+    """A kv_quant cache: C before and after each layer's attention, the cache's own attend between.
+    A 420-token prompt (one prefill, the same in both) fills k4v2's codes past its 128 unquantized
+    sink positions and 128+ residual ones. The steps' own K/V come from float32 values one ulp apart
+    in the two paths, so an int8 code can land on the other side of a rounding boundary (a step is
+    1/127 of a head's range): 1e-3. (k4v2 keeps those newest positions unquantized.)"""
+    model = _model(kind)
+    prompt, tokens = _inputs(model, prompt_len=420)
+    caches = [model.new_cache(max_tokens=512, kv_format=kv_format) for _ in range(2)]
+    ref = _run(model, False, prompt, tokens, caches[0])
+    got = _run(model, True, prompt, tokens, caches[1])
+    assert native_step.applies(model, caches[1])
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert _rel(a, b) < 1e-3, f"step {step}: {_rel(a, b):.2e}"
+    assert caches[0].length == caches[1].length == 434 and caches[1].qlen > 128
+
+
 def test_real_smollm2_greedy_text_is_the_forwards(smollm2_gguf_path):
     """SmolLM2-135M in float32 (Q4_1 layers, the head dense): greedy tokens identical to the forward's."""
     import zen_eco
@@ -164,8 +182,6 @@ def test_real_smollm2_greedy_text_is_the_forwards(smollm2_gguf_path):
 def test_fallbacks_to_the_forward():
     model = _model("llama")
     assert native_step.applies(model, _cache(model))
-    quantized = make_kv_cache("int8", 2, 2, 16, 64, 1, torch.float32, "cpu")
-    assert not native_step.applies(model, quantized)  # quantized KV: the forward (kv_quant's attention)
     two = KVCache(2, 2, 16, 64, 2, torch.float32, "cpu")
     assert not native_step.applies(model, two)  # a batch of 2
     bf16_cache = KVCache(2, 2, 16, 64, 1, torch.bfloat16, "cpu")

@@ -121,6 +121,39 @@ def test_portable_c_path_gives_the_same_numbers(monkeypatch):
 
 
 @needs_kernel
+def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
+    """Where the CPU has AVX-512 VNNI the kernel takes its 512-bit loop; the AVX2 loop (most other x86
+    CPUs) is built here with -DZEN_NO_VNNI: the same integer sums, so equal within float reassociation.
+    Odd block counts (K = 160: 5 blocks) exercise the 512-bit loop's half-pair tail."""
+    if not any(f.startswith("-march") for f in native.flags()):
+        pytest.skip("not an x86-64 build")
+    gen = torch.Generator().manual_seed(11)
+    q = quantize_int4(torch.randn(24, 160, generator=gen) * 0.05, 32)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
+    q8 = quantize_int8(torch.randn(24, 160, generator=gen) * 0.05)
+    scales = q4_kernel.pack_block_scales(torch.rand(24, 5, generator=gen) * 0.01)
+    x = torch.randn(3, 160, generator=gen)
+
+    def run():
+        return (q4_kernel.matmul(x, packed, sz, 32), q4_kernel.matmul_int8(x, q8.codes, q8.scale),
+                q4_kernel.matmul_int8_blocks(x, q8.codes, scales))
+
+    fast = run()
+    base = native.flags
+    monkeypatch.setattr(native, "flags", lambda: base() + ["-DZEN_NO_VNNI"])
+    q4_kernel.library.cache_clear()
+    try:
+        avx2 = run()
+    finally:
+        monkeypatch.undo()
+        q4_kernel.library.cache_clear()
+    ref = x.double() @ q.dequantize().double().t()
+    assert _rel(fast[0], ref) < BOUND
+    for a, b in zip(avx2, fast):
+        assert _rel(a, b) < 1e-6
+
+
+@needs_kernel
 def test_layer_uses_the_kernel_for_few_rows_and_the_dense_gemm_for_many():
     q = quantize_int4(torch.randn(64, 256) * 0.05, 32)
     layer = Int4Linear(q, torch.randn(64), torch.float32)

@@ -195,33 +195,83 @@ static int attention(const model_t *m, const float *q, const void *K, const void
 
 INLINE float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 
+/* The final norm, the head and Gemma's soft-cap: logits (vocab) of the residual stream x. */
+int zen_decode_head(const model_t *m, const float *x, float *logits, int nt) {
+    float *h = malloc(sizeof(float) * m->hidden);
+    if (!h) return -1;
+    rms_norm(m->hidden, x, m->final_norm, m->eps, h);
+    const int rc = linear(&m->head, h, logits, nt);
+    if (rc == 0 && m->softcap > 0.0f)
+        for (int j = 0; j < m->head.n; j++) logits[j] = tanhf(logits[j] / m->softcap) * m->softcap;
+    free(h);
+    return rc;
+}
+
+/* Layer i up to attention: q (n_heads, D), k, v (n_kv, D) of x, normed and rotated (cs: cos then sin
+   rows for the position). h: scratch of `hidden` floats; qkv receives q | k | v. */
+static int attn_inputs(const model_t *m, int i, const float *x, const float *cs, float *h, float *qkv, int nt) {
+    const layer_t *L = m->layers + i;
+    const int D = m->head_dim;
+    rms_norm(m->hidden, x, L->attn_norm, m->eps, h);
+    const int rc = linear(&L->qkv, h, qkv, nt);
+    if (rc) return rc;
+    for (int j = 0; j < m->n_heads + m->n_kv; j++) {  /* q heads, then k heads */
+        const float *w = j < m->n_heads ? L->q_norm : L->k_norm;
+        if (w) rms_norm(D, qkv + j * D, w, m->eps, qkv + j * D);
+        rope(D, qkv + j * D, cs);
+    }
+    return 0;
+}
+
+/* Layer i from the attention output att (n_heads * D) on: x += post(o(att)); x += post(mlp(x)).
+   h: scratch of hidden + 3 * inter floats. */
+static int attn_outputs(const model_t *m, int i, float *x, const float *att, float *h, int nt) {
+    const layer_t *L = m->layers + i;
+    const int H = m->hidden;
+    float *o = h, *gu = h + H, *act = gu + 2 * m->inter;
+    int rc;
+    if ((rc = linear(&L->o, att, o, nt))) return rc;
+    if (L->attn_post_norm) rms_norm(H, o, L->attn_post_norm, m->eps, o);
+    for (int j = 0; j < H; j++) x[j] += o[j];
+    rms_norm(H, x, L->mlp_norm, m->eps, o);
+    if ((rc = linear(&L->gate_up, o, gu, nt))) return rc;
+    for (int j = 0; j < m->inter; j++) {
+        const float g = gu[j];
+        act[j] = (m->gelu ? gelu_tanh(g) : g / (1.0f + expf(-g))) * gu[m->inter + j];
+    }
+    if ((rc = linear(&L->down, act, o, nt))) return rc;
+    if (L->mlp_post_norm) rms_norm(H, o, L->mlp_post_norm, m->eps, o);
+    for (int j = 0; j < H; j++) x[j] += o[j];
+    return 0;
+}
+
+static int check(const model_t *m) {
+    return m->head_dim > MAX_HEAD_DIM || m->head_dim % 2 || m->n_heads % m->n_kv ? -2 : 0;
+}
+
+static size_t scratch_floats(const model_t *m) {
+    const int qd = m->n_heads * m->head_dim, kvd = m->n_kv * m->head_dim;
+    return (size_t)m->hidden + 3 * (size_t)m->inter + (qd + 2 * kvd) + qd;
+}
+
 /* One decode step. x (hidden) float32: the token's embedding in, the final residual stream out.
    pos: the new token's position (= tokens cached before it). rope_global / rope_local: cos then sin
    (head_dim each) for pos. kv: per layer its K then V tensor (n_kv, cap, head_dim). logits (vocab).
    Returns 0, -1 when memory runs out, -2 for a shape it does not take. */
 int zen_decode_step(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
                     void *const *kv, int64_t cap, float *logits, int nt) {
-    const int H = m->hidden, D = m->head_dim, qd = m->n_heads * D, kvd = m->n_kv * D;
-    if (D > MAX_HEAD_DIM || D % 2 || m->n_heads % m->n_kv || pos >= cap) return -2;
-    const size_t nf = (size_t)H + (qd + 2 * kvd) + qd + H + 2 * (size_t)m->inter + m->inter;
-    float *buf = malloc(sizeof(float) * nf);
+    const int D = m->head_dim, qd = m->n_heads * D, kvd = m->n_kv * D;
+    if (check(m) || pos >= cap) return -2;
+    float *buf = malloc(sizeof(float) * scratch_floats(m));
     if (!buf) return -1;
-    float *h = buf, *qkv = h + H, *att = qkv + qd + 2 * kvd, *o = att + qd, *gu = o + H, *act = gu + 2 * m->inter;
+    float *h = buf, *qkv = h + m->hidden + 3 * m->inter, *att = qkv + qd + 2 * kvd;
     int rc = 0;
     const int64_t esz = m->kv_bf16 ? 2 : 4;
     for (int i = 0; i < m->n_layers && rc == 0; i++) {
         const layer_t *L = m->layers + i;
-        rms_norm(H, x, L->attn_norm, m->eps, h);
-        if ((rc = linear(&L->qkv, h, qkv, nt))) break;
-        float *q = qkv, *k = qkv + qd, *v = k + kvd;
-        const float *cs = L->local_rope ? rope_local : rope_global;
-        for (int j = 0; j < m->n_heads; j++) {
-            if (L->q_norm) rms_norm(D, q + j * D, L->q_norm, m->eps, q + j * D);
-            rope(D, q + j * D, cs);
-        }
+        if ((rc = attn_inputs(m, i, x, L->local_rope ? rope_local : rope_global, h, qkv, nt))) break;
+        const float *k = qkv + qd, *v = k + kvd;
         for (int j = 0; j < m->n_kv; j++) {
-            if (L->k_norm) rms_norm(D, k + j * D, L->k_norm, m->eps, k + j * D);
-            rope(D, k + j * D, cs);
             char *kd = (char *)kv[2 * i] + ((int64_t)j * cap + pos) * D * esz;
             char *vd = (char *)kv[2 * i + 1] + ((int64_t)j * cap + pos) * D * esz;
             for (int d = 0; d < D; d++) {
@@ -230,27 +280,31 @@ int zen_decode_step(const model_t *m, float *x, int64_t pos, const float *rope_g
             }
         }
         const int64_t start = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
-        if ((rc = attention(m, q, kv[2 * i], kv[2 * i + 1], cap, start, pos + 1, att, nt))) break;
-        if ((rc = linear(&L->o, att, o, nt))) break;
-        if (L->attn_post_norm) rms_norm(H, o, L->attn_post_norm, m->eps, o);
-        for (int j = 0; j < H; j++) x[j] += o[j];
-        rms_norm(H, x, L->mlp_norm, m->eps, h);
-        if ((rc = linear(&L->gate_up, h, gu, nt))) break;
-        for (int j = 0; j < m->inter; j++) {
-            const float g = gu[j];
-            act[j] = (m->gelu ? gelu_tanh(g) : g / (1.0f + expf(-g))) * gu[m->inter + j];
-        }
-        if ((rc = linear(&L->down, act, o, nt))) break;
-        if (L->mlp_post_norm) rms_norm(H, o, L->mlp_post_norm, m->eps, o);
-        for (int j = 0; j < H; j++) x[j] += o[j];
+        if ((rc = attention(m, qkv, kv[2 * i], kv[2 * i + 1], cap, start, pos + 1, att, nt))) break;
+        rc = attn_outputs(m, i, x, att, h, nt);
     }
-    if (rc == 0) {
-        rms_norm(H, x, m->final_norm, m->eps, h);
-        rc = linear(&m->head, h, logits, nt);
-        if (rc == 0 && m->softcap > 0.0f)
-            for (int j = 0; j < m->head.n; j++) logits[j] = tanhf(logits[j] / m->softcap) * m->softcap;
-    }
+    if (rc == 0) rc = zen_decode_head(m, x, logits, nt);
     free(buf);
+    return rc;
+}
+
+/* The same step in pieces, for a KV cache whose attention runs elsewhere (kv_quant's): layer i's
+   q | k | v (n_heads + 2 * n_kv rows of head_dim) into qkv, then from the attention output att on. */
+int zen_decode_attn_inputs(const model_t *m, int i, const float *x, const float *rope, float *qkv, int nt) {
+    if (check(m) || i < 0 || i >= m->n_layers) return -2;
+    float *h = malloc(sizeof(float) * m->hidden);
+    if (!h) return -1;
+    const int rc = attn_inputs(m, i, x, rope, h, qkv, nt);
+    free(h);
+    return rc;
+}
+
+int zen_decode_attn_outputs(const model_t *m, int i, float *x, const float *att, int nt) {
+    if (check(m) || i < 0 || i >= m->n_layers) return -2;
+    float *h = malloc(sizeof(float) * (m->hidden + 3 * (size_t)m->inter));
+    if (!h) return -1;
+    const int rc = attn_outputs(m, i, x, att, h, nt);
+    free(h);
     return rc;
 }
 """
@@ -287,5 +341,9 @@ def library() -> ctypes.CDLL | None:
         return None
     p = ctypes.c_void_p
     lib.zen_decode_step.restype = ctypes.c_int
-    lib.zen_decode_step.argtypes = [ctypes.POINTER(Model), p, ctypes.c_int64, p, p, p, ctypes.c_int64, p, ctypes.c_int]
+    m, i = ctypes.POINTER(Model), ctypes.c_int
+    lib.zen_decode_step.argtypes = [m, p, ctypes.c_int64, p, p, p, ctypes.c_int64, p, i]
+    for fn, args in ((lib.zen_decode_attn_inputs, [m, i, p, p, p, i]), (lib.zen_decode_attn_outputs, [m, i, p, p, i]),
+                     (lib.zen_decode_head, [m, p, p, i])):
+        fn.restype, fn.argtypes = ctypes.c_int, args
     return lib

@@ -3,10 +3,12 @@
 `NativeStep(model)` describes the model to the C code once (pointers to its weights, float32 copies of
 its norm scales and biases), then each `step(cache, token)` embeds the token (the model's own
 `embed_tokens`), looks up the RoPE rows for its position, and runs every layer and the head in C,
-writing K/V into the cache's own tensors. `decode_one` takes this path wherever `applies` says so;
-everything else (prompts, batched steps, quantized KV caches, CUDA, unsupported weight kinds) stays on
-the model's forward. `Transformer.native_step = False` (`zen_eco.load(native_step=False)`, or the
-environment's ZEN_ECO_NATIVE_STEP=0) turns it off.
+writing K/V into the cache's own tensors. A quantized KV cache (kv_quant) keeps its own attention
+(codes, pages, the unquantized residual window, kv_kernel): the step then calls C twice per layer,
+around the cache's `attend`. `decode_one` takes this path wherever `applies` says so; everything else
+(prompts, batched steps, CUDA, unsupported weight kinds) stays on the model's forward.
+`Transformer.native_step = False` (`zen_eco.load(native_step=False)`, `zen-eco bench --no-native-step`,
+or the environment's ZEN_ECO_NATIVE_STEP=0) turns it off.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from .. import decode_kernel as dk
 from ..kv_cache import KVCache
+from ..kv_quant import QuantizedKVCache
 from ..quant import Int4Linear, Int8BlockLinear, Int8Linear
 from ..rope import rope_cos_sin
 
@@ -118,22 +121,43 @@ class NativeStep:
 
     @torch.inference_mode()
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
-        """(1, 1, vocab) float32 logits of `token` after what `cache` holds; K/V written, cache advanced."""
+        """(1, 1, vocab) float32 logits of `token` after what `cache` holds; K/V written, cache advanced.
+        A plain cache: the whole step in one call. A quantized one (kv_quant): two calls per layer with
+        the cache's own `attend` between them (its codes, pages and residual window stay its business)."""
         model = self.model
         cache.reserve(1)
         pos = cache.length
         x = model.embed_tokens(torch.tensor([[token]])).contiguous()
         logits = torch.empty(1, 1, model.config.vocab_size)
-        local = self._rope_row(True, pos) if model.local_rope else None
         glob = self._rope_row(False, pos)
-        rc = self.lib.zen_decode_step(ctypes.byref(self.desc), x.data_ptr(), pos, glob, local or glob,
-                                      self._kv_pointers(cache), cache.capacity, logits.data_ptr(),
-                                      torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("native decode step: out of memory") if rc == -1 else RuntimeError(
-                f"native decode step refused the model's shapes (code {rc})")
+        local = self._rope_row(True, pos) if model.local_rope else glob
+        desc, threads = ctypes.byref(self.desc), torch.get_num_threads()
+        if type(cache) is KVCache:
+            _check(self.lib.zen_decode_step(desc, x.data_ptr(), pos, glob, local, self._kv_pointers(cache),
+                                            cache.capacity, logits.data_ptr(), threads))
+        else:
+            cfg = model.config
+            h, h_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            qkv = torch.empty((h + 2 * h_kv) * d)
+            q, k, v = qkv.split((h * d, h_kv * d, h_kv * d))
+            att = torch.empty(h * d)
+            for i, layer in enumerate(model.layers):
+                a = layer.attn
+                _check(self.lib.zen_decode_attn_inputs(desc, i, x.data_ptr(), local if a.window is not None else glob,
+                                                       qkv.data_ptr(), threads))
+                out = cache.attend(i, q.view(1, h, 1, d), k.view(1, h_kv, 1, d), v.view(1, h_kv, 1, d), a.scale,
+                                   a.window)
+                att.copy_(out.reshape(-1))
+                _check(self.lib.zen_decode_attn_outputs(desc, i, x.data_ptr(), att.data_ptr(), threads))
+            _check(self.lib.zen_decode_head(desc, x.data_ptr(), logits.data_ptr(), threads))
         cache.advance(1)
         return logits
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("native decode step: out of memory") if rc == -1 else RuntimeError(
+            f"native decode step refused the model's shapes (code {rc})")
 
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (weights key, NativeStep or None)
@@ -156,7 +180,9 @@ def _weights_key(model) -> tuple:
 
 def applies(model, cache) -> bool:
     """Whether a decode step of `model` over `cache` runs as one C call."""
-    if not getattr(model, "native_step", False) or type(cache) is not KVCache or cache.batch_size != 1:
+    if not getattr(model, "native_step", False) or type(cache) not in (KVCache, QuantizedKVCache):
+        return False
+    if cache.batch_size != 1:
         return False
     if cache.device.type != "cpu" or cache.dtype != model.dtype:
         return False
