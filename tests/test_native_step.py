@@ -3,9 +3,11 @@
 Reference: our ordinary decode step (itself checked against transformers in test_model_parity.py and
 test_gemma3.py). Tolerance for float32 models: logits and the K/V written within 2e-5 of the
 reference's norm for dense weights: only float32 summation order differs (RMSNorm, attention, merges
-across threads; measured ~1e-6). With int4/int8 matmuls 2e-4, the q4 kernel's own bound
-(test_q4_kernel.py): each call rounds its activations to int16 per block of 32, and an activation
-one float32 ulp apart in the two paths can round to the next step (2^-15 of its block's largest).
+across threads; measured ~1e-6). With int4/int8 matmuls 1e-3: each call rounds its activations to
+int16 per block of 32, and an activation one float32 ulp apart in the two paths can round to the
+next step (2^-15 of its block's largest), an error the q4 kernel bounds by 2e-4 per call
+(test_q4_kernel.py), here independently in both paths and compounded over the layers and the head
+(measured up to 2.6e-4; a wrong window, RoPE row or scale is off by > 1e-2).
 bfloat16 models: the C step keeps every intermediate in float32 where the forward rounds each to
 bf16, so it is held to the float32 model instead, and must be at least as close to it as the
 bf16 forward is.
@@ -123,7 +125,7 @@ def test_float32_step_equals_the_forward(kind, quant):
     ref = _run(model, False, prompt, tokens, ref_cache)
     got = _run(model, True, prompt, tokens, cache)
     assert native_step.applies(model, cache)
-    tol = 2e-5 if quant == "none" else 2e-4
+    tol = 2e-5 if quant == "none" else 1e-3
     for step, (a, b) in enumerate(zip(got, ref)):
         assert a.shape == b.shape == (1, 1, model.config.vocab_size)
         assert _rel(a, b) < tol, f"step {step}: {_rel(a, b):.2e}"

@@ -71,6 +71,27 @@ def test_groups_and_tails(group, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("k", [160, 640, 1152])
+def test_one_row_decode_loop(group, k):
+    """One row of x (decode) takes its own loop over four rows of W at a time; N = 42 leaves two rows
+    to the general one. All three weight kinds, against float64."""
+    if k % group:
+        pytest.skip("K not a multiple of the group")
+    gen = torch.Generator().manual_seed(k * group)
+    x = torch.randn(1, k, generator=gen)
+    q = quantize_int4(torch.randn(42, k, generator=gen) * 0.05, group)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
+    assert _rel(q4_kernel.matmul(x, packed, sz, group), x.double() @ q.dequantize().double().t()) < BOUND
+    q8 = quantize_int8(torch.randn(42, k, generator=gen) * 0.05)
+    assert _rel(q4_kernel.matmul_int8(x, q8.codes, q8.scale), x.double() @ q8.dequantize().double().t()) < BOUND
+    block = (torch.rand(42, k // 32, generator=gen) * 0.01).half().float()
+    dense = (q8.codes.double().view(42, -1, 32) * block.double()[..., None]).view(42, k)
+    got = q4_kernel.matmul_int8_blocks(x, q8.codes, q4_kernel.pack_block_scales(block))
+    assert _rel(got, x.double() @ dense.t()) < BOUND
+
+
+@needs_kernel
 def test_an_activation_outlier_costs_only_its_groups_precision():
     """Each x is rounded to the nearest multiple of its group's step (max |x| / 32767), so
     |error| <= sum_c |w_c| * step_c / 2 per output, plus float32 rounding."""

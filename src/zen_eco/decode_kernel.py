@@ -109,38 +109,98 @@ static void rope(int D, float *x, const float *cs) {
     }
 }
 
-INLINE float kv_dot(const void *row, const float *q, int D, const int bf16) {
-    float s = 0.0f;
-    if (bf16) for (int d = 0; d < D; d++) s += bf16_to_f32(((const uint16_t *)row)[d]) * q[d];
-    else for (int d = 0; d < D; d++) s += ((const float *)row)[d] * q[d];
-    return s;
+#ifdef __AVX512F__
+/* 16 values of a K or V row from column d, as floats */
+INLINE __m512 kv16(const void *row, int d, const int bf16) {
+    if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d))), 16));
+    return _mm512_loadu_ps((const float *)row + d);
 }
 
-INLINE void kv_axpy(const void *row, float p, float *acc, int D, const int bf16) {
-    if (bf16) for (int d = 0; d < D; d++) acc[d] += p * bf16_to_f32(((const uint16_t *)row)[d]);
-    else for (int d = 0; d < D; d++) acc[d] += p * ((const float *)row)[d];
+/* exp(x) for x <= 0 (scores minus their max), 0 below -87: 2^n * 2^f, n = round(x log2 e), 2^f a
+   degree-6 polynomial on [-1/2, 1/2] (relative error ~2e-7). */
+INLINE __m512 exp512(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), _mm512_scalef_ps(p, n));
 }
+#endif
 
 /* Queries q (n_rep, D) of one KV head over cached tokens [a, b): the unnormalised softmax state
-   m (n_rep), l (n_rep), acc (n_rep, D). s: scratch of n_rep * (b - a) floats. */
+   m (n_rep), l (n_rep), acc (n_rep, D). s: scratch of n_rep * (b - a) floats. Each K and V row is read
+   once for all n_rep queries (rows far apart in a long cache come from DRAM). */
 INLINE void attend_range(int n_rep, int D, const float *q, const void *K, const void *V, int64_t a, int64_t b,
                          float scale, float *s, float *m, float *l, float *acc, const int bf16) {
     const int64_t n = b - a, esz = bf16 ? 2 : 4;
-    for (int r = 0; r < n_rep; r++) {
-        float mx = -INFINITY;
+    for (int r = 0; r < n_rep; r++) m[r] = -INFINITY, l[r] = 0.0f;
+    memset(acc, 0, sizeof(float) * n_rep * D);
+#ifdef __AVX512F__
+    if (D % 16 == 0) {
+        const int nc = D / 16;
+        __m512 row[MAX_HEAD_DIM / 16];
         for (int64_t t = 0; t < n; t++) {
-            const float v = kv_dot((const char *)K + (a + t) * D * esz, q + r * D, D, bf16) * scale;
-            s[r * n + t] = v;
-            mx = v > mx ? v : mx;
+            const void *krow = (const char *)K + (a + t) * D * esz;
+            for (int c = 0; c < nc; c++) row[c] = kv16(krow, 16 * c, bf16);
+            for (int r = 0; r < n_rep; r++) {
+                __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+                int c = 0;
+                for (; c + 1 < nc; c += 2) {
+                    d0 = _mm512_fmadd_ps(row[c], _mm512_loadu_ps(q + r * D + 16 * c), d0);
+                    d1 = _mm512_fmadd_ps(row[c + 1], _mm512_loadu_ps(q + r * D + 16 * c + 16), d1);
+                }
+                if (c < nc) d0 = _mm512_fmadd_ps(row[c], _mm512_loadu_ps(q + r * D + 16 * c), d0);
+                const float v = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) * scale;
+                s[r * n + t] = v;
+                m[r] = v > m[r] ? v : m[r];
+            }
         }
-        float sum = 0.0f;
-        for (int64_t t = 0; t < n; t++) { const float p = expf(s[r * n + t] - mx); s[r * n + t] = p; sum += p; }
-        m[r] = mx, l[r] = sum;
-        memset(acc + r * D, 0, sizeof(float) * D);
+        for (int r = 0; r < n_rep; r++) {
+            __m512 sum = _mm512_setzero_ps();
+            const __m512 mx = _mm512_set1_ps(m[r]);
+            for (int64_t t = 0; t < n; t += 16) {
+                const __mmask16 k = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + r * n + t), mx));
+                _mm512_mask_storeu_ps(s + r * n + t, k, e);
+                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+            }
+            l[r] = _mm512_reduce_add_ps(sum);
+        }
+        for (int64_t t = 0; t < n; t++) {
+            const void *vrow = (const char *)V + (a + t) * D * esz;
+            for (int c = 0; c < nc; c++) row[c] = kv16(vrow, 16 * c, bf16);
+            for (int r = 0; r < n_rep; r++) {
+                const __m512 p = _mm512_set1_ps(s[r * n + t]);
+                float *o = acc + r * D;
+                for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + 16 * c, _mm512_fmadd_ps(p, row[c], _mm512_loadu_ps(o + 16 * c)));
+            }
+        }
+        return;
     }
+#endif
     for (int64_t t = 0; t < n; t++) {
-        const void *vrow = (const char *)V + (a + t) * D * esz;
-        for (int r = 0; r < n_rep; r++) kv_axpy(vrow, s[r * n + t], acc + r * D, D, bf16);
+        const char *krow = (const char *)K + (a + t) * D * esz;
+        for (int r = 0; r < n_rep; r++) {
+            float v = 0.0f;
+            for (int d = 0; d < D; d++)
+                v += (bf16 ? bf16_to_f32(((const uint16_t *)krow)[d]) : ((const float *)krow)[d]) * q[r * D + d];
+            s[r * n + t] = v * scale;
+            m[r] = v * scale > m[r] ? v * scale : m[r];
+        }
+    }
+    for (int r = 0; r < n_rep; r++)
+        for (int64_t t = 0; t < n; t++) { const float p = expf(s[r * n + t] - m[r]); s[r * n + t] = p; l[r] += p; }
+    for (int64_t t = 0; t < n; t++) {
+        const char *vrow = (const char *)V + (a + t) * D * esz;
+        for (int r = 0; r < n_rep; r++)
+            for (int d = 0; d < D; d++)
+                acc[r * D + d] += s[r * n + t] * (bf16 ? bf16_to_f32(((const uint16_t *)vrow)[d]) : ((const float *)vrow)[d]);
     }
 }
 

@@ -238,6 +238,42 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
 #endif
 }
 
+#ifdef ZEN_VNNI
+/* One row of x against four rows of W (int4): as row4_tile8. scale_zero rows are `sz_stride` apart. */
+INLINE void row4_tile(int K, const int G, const uint8_t *codes, const uint16_t *scale_zero, int ngp,
+                      const int16_t *xq, const float *xd, const float *xs, float *out) {
+    const int nb = K / 32;
+    const __m512i low = _mm512_set1_epi16(15);
+    __m512 acc[4];
+    for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int n16 = nb - b0 < 16 ? nb - b0 : 16;
+        const __m512 xdv = _mm512_loadu_ps(xd + b0), xsv = _mm512_loadu_ps(xs + b0);
+        __m512 cs[4];
+        for (int j = 0; j < 4; j++) {
+            const uint16_t *sz = scale_zero + (int64_t)j * 2 * ngp;
+            cs[j] = _mm512_mul_ps(per_block16(sz, b0, n16, G), xdv);
+            acc[j] = _mm512_fmadd_ps(per_block16(sz + ngp, b0, n16, G), xsv, acc[j]);
+        }
+        for (int p = 0; p < n16; p += 2) {
+            const int b = b0 + p;
+            const __m512i xa = _mm512_loadu_si512(xq + b * 32), xb = _mm512_loadu_si512(xq + b * 32 + 32);
+            for (int j = 0; j < 4; j++) {
+                const uint8_t *c = codes + (int64_t)j * (K / 2) + b * 16;
+                if ((b & 3) == 0) __builtin_prefetch(c + PREFETCH, 0, 2);
+                const __m256i raw = p + 1 < n16 ? _mm256_loadu_si256((const __m256i *)c)
+                                                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)c));
+                const __m512i w = _mm512_cvtepu8_epi16(raw);
+                __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, low), xa);
+                d = _mm512_dpwssd_epi32(d, _mm512_srli_epi16(w, 4), xb);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[j], p), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = hsum16(acc[j]);
+}
+#endif
+
 INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
     uint32_t u; __builtin_memcpy(&u, &f, 4);
     if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
@@ -335,6 +371,41 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
 #endif
 }
 
+#ifdef ZEN_VNNI
+/* One row of x against four rows of W (n .. n + 3): out[j] = x . w_{n+j}. At one row of x this is the
+   decode case; four independent accumulators keep the FMA and dot-product latencies overlapped and
+   each loaded block of x serves four rows (on short rows, per-row set-up otherwise rivals the work). */
+INLINE void row4_tile8(int K, const int8_t *codes, const float *scale, const uint16_t *bscale, int nbs,
+                       const int16_t *xq, const float *xd, float *out) {
+    const int nb = K / 32;
+    __m512 acc[4];
+    for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int n16 = nb - b0 < 16 ? nb - b0 : 16;
+        const __m512 xdv = _mm512_loadu_ps(xd + b0);
+        __m512 cs[4];
+        for (int j = 0; j < 4; j++)
+            cs[j] = bscale ? _mm512_mul_ps(per_block16(bscale + (int64_t)j * nbs, b0, n16, 32), xdv) : xdv;
+        for (int p = 0; p < n16; p += 2) {
+            const int b = b0 + p;
+            const __m512i xa = _mm512_loadu_si512(xq + b * 32), xb = _mm512_loadu_si512(xq + b * 32 + 32);
+            for (int j = 0; j < 4; j++) {
+                const int8_t *c = codes + (int64_t)j * K + b * 32;
+                if ((b & 1) == 0) __builtin_prefetch(c + PREFETCH, 0, 2);
+                const __m512i ca = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)c));
+                const __m512i cb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32)))
+                                               : _mm512_setzero_si512();
+                const __m512i da = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ca, xa);
+                const __m512i db = _mm512_dpwssd_epi32(_mm512_setzero_si512(), cb, xb);
+                const __m512i d = _mm512_add_epi32(_mm512_shuffle_i64x2(da, db, 0x44), _mm512_shuffle_i64x2(da, db, 0xEE));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[j], p), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = hsum16(acc[j]) * (scale ? scale[j] : 1.0f);
+}
+#endif
+
 /* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row (scale) or a float16 scale per
    block of 32 (bscale (N, K / 32 rounded up to eights): GGUF's Q8_0, and Q5_0 as int8); dtypes as
    zen_q4_linear. */
@@ -345,6 +416,26 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     if (!prepare_x(M, K, x, x_bf16, 0, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd;
+#ifdef ZEN_VNNI
+    if (M == 1) {  /* decode: four rows of W at a time, the last few one by one */
+        const int N4 = N & ~3;
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int n = 0; n < N4; n += 4) {
+            float out[4];
+            row4_tile8(K, codes + (int64_t)n * K, scale ? scale + n : 0, bscale ? bscale + (int64_t)n * nbs : 0, nbs,
+                       xq, xd, out);
+            for (int j = 0; j < 4; j++) store(y, y_bf16, n + j, out[j]);
+        }
+        for (int n = N4; n < N; n++) {
+            float out[4];
+            row_tile8(1, K, codes + (int64_t)n * K, scale ? scale[n] : 1.0f, bscale ? bscale + (int64_t)n * nbs : 0,
+                      xq, xd, out);
+            store(y, y_bf16, n, out[0]);
+        }
+        free_x(&qx);
+        return 0;
+    }
+#endif
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *cn = codes + (int64_t)n * K;
@@ -389,12 +480,30 @@ int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t 
 int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
                   const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
     const int ngp = (K / G + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
+    int first = 0;  /* rows of W done by the decode loop */
     qx_t qx;
     if (!prepare_x(M, K, x, x_bf16, PAIRED_X, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd, *xs = qx.xs;
+#ifdef ZEN_VNNI
+    if (M == 1) {  /* decode: four rows of W at a time, the last few through the general loop below */
+        const int N4 = N & ~3;
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int n = 0; n < N4; n += 4) {
+            float out[4];
+            const uint8_t *cn = codes + (int64_t)n * (K / 2);
+            const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp;
+            if (G == 32) row4_tile(K, 32, cn, sn, ngp, xq, xd, xs, out);
+            else if (G == 64) row4_tile(K, 64, cn, sn, ngp, xq, xd, xs, out);
+            else if (G == 128) row4_tile(K, 128, cn, sn, ngp, xq, xd, xs, out);
+            else row4_tile(K, G, cn, sn, ngp, xq, xd, xs, out);
+            for (int j = 0; j < 4; j++) store(y, y_bf16, n + j, out[j]);
+        }
+        first = N4;
+    }
+#endif
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int n = 0; n < N; n++) {
+    for (int n = first; n < N; n++) {
         const uint8_t *cn = codes + (int64_t)n * (K / 2);
         const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp, *zn = sn + ngp;  /* one stream per row */
         for (int m0 = 0; m0 < M; m0 += 4) {
