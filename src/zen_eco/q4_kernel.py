@@ -315,8 +315,8 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
         __m512 cs[4];
         for (int r = 0; r < R; r++) cs[r] = _mm512_mul_ps(bs, _mm512_loadu_ps(xd + (int64_t)r * nbx + b0));
         for (int p = 0; p < n16; p += 2) {  /* blocks b, b + 1: each 32 codes widened to one vector */
-            const int b = b0 + p;
-            if ((b & 1) == 0) __builtin_prefetch(codes + b * 32 + PREFETCH, 0, 2);
+            const int b = b0 + p;  /* even: one prefetch per 64 bytes of codes */
+            __builtin_prefetch(codes + b * 32 + PREFETCH, 0, 2);
             const __m512i ca = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32)));
             const __m512i cb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32 + 32)))
                                            : _mm512_setzero_si512();
@@ -391,7 +391,7 @@ INLINE void row4_tile8(int K, const int8_t *codes, const float *scale, const uin
             const __m512i xa = _mm512_loadu_si512(xq + b * 32), xb = _mm512_loadu_si512(xq + b * 32 + 32);
             for (int j = 0; j < 4; j++) {
                 const int8_t *c = codes + (int64_t)j * K + b * 32;
-                if ((b & 1) == 0) __builtin_prefetch(c + PREFETCH, 0, 2);
+                __builtin_prefetch(c + PREFETCH, 0, 2);
                 const __m512i ca = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)c));
                 const __m512i cb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32)))
                                                : _mm512_setzero_si512();
@@ -416,8 +416,9 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     if (!prepare_x(M, K, x, x_bf16, 0, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd;
+    int first = 0;  /* rows of W done by the decode loop */
 #ifdef ZEN_VNNI
-    if (M == 1) {  /* decode: four rows of W at a time, the last few one by one */
+    if (M == 1) {  /* decode: four rows of W at a time, the last few through the general loop below */
         const int N4 = N & ~3;
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int n = 0; n < N4; n += 4) {
@@ -426,18 +427,11 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
                        xq, xd, out);
             for (int j = 0; j < 4; j++) store(y, y_bf16, n + j, out[j]);
         }
-        for (int n = N4; n < N; n++) {
-            float out[4];
-            row_tile8(1, K, codes + (int64_t)n * K, scale ? scale[n] : 1.0f, bscale ? bscale + (int64_t)n * nbs : 0,
-                      xq, xd, out);
-            store(y, y_bf16, n, out[0]);
-        }
-        free_x(&qx);
-        return 0;
+        first = N4;
     }
 #endif
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int n = 0; n < N; n++) {
+    for (int n = first; n < N; n++) {
         const int8_t *cn = codes + (int64_t)n * K;
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];

@@ -52,7 +52,7 @@ class NativeStep:
                              int(model.dtype == torch.bfloat16), cfg.rms_norm_eps, scale,
                              cfg.final_logit_softcapping or 0.0, layers, self._norm(model.norm),
                              self._linear(model.lm_head))
-        self._rope: dict[tuple[bool, int], torch.Tensor] = {}
+        self._rope: dict[bool, tuple[int, torch.Tensor]] = {}  # local? -> (first position, its table)
         self._pointers: "weakref.WeakKeyDictionary[KVCache, tuple]" = weakref.WeakKeyDictionary()
 
     @staticmethod
@@ -101,16 +101,17 @@ class NativeStep:
         return dk.Linear(kind, w.shape[0], w.shape[1], 0, w.data_ptr(), None, bias_ptr)
 
     def _rope_row(self, local: bool, pos: int) -> int:
-        """Address of the (cos, sin) float32 rows for `pos`, computed ROPE_ROWS positions at a time."""
-        key = (local, pos // ROPE_ROWS)
-        table = self._rope.get(key)
-        if table is None:
+        """Address of the (cos, sin) float32 rows for `pos`, computed ROPE_ROWS positions at a time. Only
+        the latest table is kept (decode moves forward): a 160K-token session would otherwise hold
+        640 tables, ~160 MB."""
+        start = pos // ROPE_ROWS * ROPE_ROWS
+        held = self._rope.get(local)
+        if held is None or held[0] != start:
             m = self.model
             inv_freq, scaling = (m.inv_freq_local, m.local_attention_scaling) if local else (m.inv_freq, m.attention_scaling)
-            positions = torch.arange(key[1] * ROPE_ROWS, (key[1] + 1) * ROPE_ROWS)
-            cos, sin = rope_cos_sin(inv_freq, scaling, positions, torch.float32)
-            table = self._rope[key] = torch.stack([cos, sin], 1).contiguous()  # (ROPE_ROWS, 2, head_dim)
-        return table[pos % ROPE_ROWS].data_ptr()
+            cos, sin = rope_cos_sin(inv_freq, scaling, torch.arange(start, start + ROPE_ROWS), torch.float32)
+            held = self._rope[local] = (start, torch.stack([cos, sin], 1).contiguous())  # (ROPE_ROWS, 2, head_dim)
+        return held[1][pos - start].data_ptr()
 
     def _kv_pointers(self, cache: KVCache):
         held = self._pointers.get(cache)
