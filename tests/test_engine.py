@@ -244,3 +244,29 @@ def test_emoji_cut_by_the_token_limit_is_not_emitted_as_replacement_char(zm):
     assert "\ufffd" not in text
     assert text == zm.tokenizer.decode(full.token_ids[:n]).rstrip("\ufffd")
     assert chunks[-1].finish_reason == "length"
+
+
+def test_padded_vocabulary_rows_are_never_chosen():
+    """A model whose table has more rows than its tokenizer has tokens (Qwen3: 151,936 for 151,669):
+    ids without a token are masked, even where the weights favour them (here the padded rows are
+    20x copies of the first 12, so they would win greedy decoding)."""
+    import torch
+
+    from zen_eco.engine.generate import Sequence
+    from zen_eco.engine.sampling import SamplingParams
+    from zen_eco.init import random_model
+
+    model = random_model("llama-tiny")
+    with torch.no_grad():
+        model.lm_head.weight[500:] = 20 * model.lm_head.weight[:12]
+    greedy = SamplingParams(temperature=0)
+
+    def run(token_count):
+        seq = Sequence(model, [1, 2, 3], greedy, max_new_tokens=8, token_count=token_count, top_logprobs=3)
+        out = [seq.step()[0] for _ in range(8)]
+        return out, seq.last_top_logprobs
+
+    unmasked, _ = run(None)
+    assert max(unmasked) >= 500  # the padded rows do win without the mask
+    masked, top = run(500)
+    assert max(masked) < 500 and all(i < 500 for i, _ in top)

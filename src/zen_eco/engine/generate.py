@@ -66,8 +66,12 @@ class Sequence:
         thinking: ThinkingBudget | None = None,
         constraint: "Constraint | None" = None,
         top_logprobs: int = 0,
+        token_count: int | None = None,
     ) -> None:
         self.model = model
+        # ids from token_count up are rows of a padded embedding table (Qwen3: 151,936 rows for 151,669
+        # tokens) with no token behind them: never chosen, whatever the weights say.
+        self.token_count = token_count if token_count is not None and token_count < model.config.vocab_size else None
         self.prompt_ids = list(prompt_ids)
         self.params = params or SamplingParams()
         self.context = context or model.config.max_position_embeddings
@@ -154,16 +158,19 @@ class Sequence:
             self.prefill()
         if self.finished:
             raise ZenError("this sequence has finished")
+        logits = self._logits
+        if self.token_count is not None:
+            logits = logits.clone()
+            logits[self.token_count:] = -torch.inf
         if self.top_logprobs:
-            values, ids = torch.log_softmax(self._logits.float(), dim=-1).topk(self.top_logprobs)
+            values, ids = torch.log_softmax(logits.float(), dim=-1).topk(self.top_logprobs)
             self.last_top_logprobs = list(zip(ids.tolist(), values.tolist()))
         if self._forced:
             token = self._forced.popleft()
-            logprob = float(torch.log_softmax(self._logits.float(), dim=-1)[token])
+            logprob = float(torch.log_softmax(logits.float(), dim=-1)[token])
             self.forced_tokens += 1
         else:
-            logits = self._logits if self.constraint is None else self.constraint.mask(self._logits)
-            token, logprob = self.sampler(logits)
+            token, logprob = self.sampler(logits if self.constraint is None else self.constraint.mask(logits))
         if self.constraint is not None:
             self.constraint.accept(token)
         self.sampler.accept(token)
@@ -288,7 +295,7 @@ class Generation:
         if thinking_budget is not None and tokens is not None:
             budget = ThinkingBudget.for_tokenizer(tokenizer, thinking_budget, start_in_thinking)
         self.seq = Sequence(model, prompt_ids, params, max_new_tokens, tokenizer.eos_token_ids, cache, context, budget,
-                            constraint, top_logprobs)
+                            constraint, top_logprobs, tokenizer.vocab_size)
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.matcher = _StopMatcher([s for s in stop if s])
         self.prompt_tps = 0.0
