@@ -134,6 +134,30 @@ def test_float32_step_equals_the_forward(kind, quant):
         assert _rel(a[:, :, :19], b[:, :, :19]) < tol
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (6, 2, 64), (8, 1, 128), (5, 1, 256), (12, 4, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_long_caches_and_every_head_shape(heads, kv_heads, head_dim, dtype):
+    """A 300-token prompt, then 3 steps: score tiles of 16 with a remainder, V tiles of 32, the cache
+    split into token ranges across threads and merged; 1 to 8 queries per KV head (8: two groups of
+    four) and head sizes with their own unrolled copies (64, 128, 256) or the general one (16, 48).
+    float32 is held to 2e-5 as above; bfloat16 (the cache's rows bf16 in both paths, the step's
+    arithmetic float32) to the bf16 forward's distance from float32 plus that margin."""
+    cfg = dataclasses.replace(preset("llama-tiny"), num_attention_heads=heads, num_key_value_heads=kv_heads,
+                              head_dim=head_dim)
+    model = random_model(cfg, dtype=torch.float32, seed=5)
+    prompt, tokens = _inputs(model, prompt_len=300, steps=3)
+    ref = _run(model, False, prompt, tokens, _cache(model, 320, 64))
+    if dtype == torch.float32:
+        got = _run(model, True, prompt, tokens, _cache(model, 320, 64))
+        assert max(_rel(a, b) for a, b in zip(got, ref)) < 2e-5
+    else:
+        half = model.to(torch.bfloat16)
+        eager = _run(half, False, prompt, tokens, _cache(half, 320, 64))
+        got = _run(half, True, prompt, tokens, _cache(half, 320, 64))
+        for a, b, c in zip(got, eager, ref):
+            assert _rel(a.float(), c) <= _rel(b.float(), c) + 2e-5
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_bfloat16_step_is_as_close_to_float32_as_the_forward(kind):
     ref_model = _model(kind)

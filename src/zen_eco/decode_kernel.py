@@ -39,6 +39,9 @@ C_SOURCE = q4_kernel.C_SOURCE + r"""
 
 enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4 };
 #define MAX_HEAD_DIM 512
+#ifndef KV_PREFETCH
+#define KV_PREFETCH 4096  /* bytes ahead that K and V rows are prefetched: one stream per task, from DRAM */
+#endif
 
 typedef struct {
     int32_t kind, n, k, group;
@@ -133,54 +136,113 @@ INLINE __m512 exp512(__m512 x) {
 }
 #endif
 
+#ifdef __AVX512F__
+/* Lane i of the result: the sum of the 16 lanes of v[i] (pairs, then quads, then 128-bit lanes added). */
+INLINE __m512 transpose_sum16(const __m512 *v) {
+    __m512 w[8], y[4];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums */
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane: [v4i .. v4i+3] partial sums */
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+#define KT 16  /* tokens per tile of scores: one transpose-sum gives 16 of them */
+#define VT 32  /* tokens per tile of the weighted sum of V: their rows stay in L1 for every query */
+
+/* attend_range's AVX-512 body, inlined with constant D (head_dim, a multiple of 16) so that a
+   query's D / 16 accumulators live in registers. Scores: per tile of 16 tokens, each K row is read
+   once for up to four queries and the 16 dot products' lanes are summed together. Weighted sum of
+   V: per tile of 32 tokens, two queries at a time (one where D > 128) hold their outputs in registers. */
+INLINE void attend_avx512(int n_rep, const int D, const float *q, const void *K, const void *V, int64_t a, int64_t b,
+                          float scale, float *s, float *m, float *l, float *acc, const int bf16) {
+    const int64_t n = b - a, row_bytes = (int64_t)D * (bf16 ? 2 : 4);
+    const int nc = D / 16, RS = nc <= 8 ? 2 : 1;
+    for (int64_t t0 = 0; t0 < n; t0 += KT) {
+        const int nt = n - t0 < KT ? (int)(n - t0) : KT;
+        const __mmask16 valid = (__mmask16)((1u << nt) - 1);
+        for (int r0 = 0; r0 < n_rep; r0 += 4) {
+            const int nr = n_rep - r0 < 4 ? n_rep - r0 : 4;
+            __m512 part[4][KT];
+            for (int tt = 0; tt < KT; tt++) {
+                __m512 d[4][2];
+                for (int j = 0; j < 4; j++) d[j][0] = d[j][1] = _mm512_setzero_ps();
+                if (tt < nt) {
+                    const char *krow = (const char *)K + (a + t0 + tt) * row_bytes;
+                    if (r0 == 0) for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(krow + KV_PREFETCH + o, 0, 2);
+                    for (int c = 0; c < nc; c++) {
+                        const __m512 k = kv16(krow, 16 * c, bf16);
+                        for (int j = 0; j < 4; j++)
+                            if (j < nr) d[j][c & 1] = _mm512_fmadd_ps(k, _mm512_loadu_ps(q + (r0 + j) * D + 16 * c), d[j][c & 1]);
+                    }
+                }
+                for (int j = 0; j < 4; j++) part[j][tt] = _mm512_add_ps(d[j][0], d[j][1]);
+            }
+            for (int j = 0; j < nr; j++) {
+                const __m512 sc = _mm512_mul_ps(transpose_sum16(part[j]), _mm512_set1_ps(scale));
+                _mm512_mask_storeu_ps(s + (int64_t)(r0 + j) * n + t0, valid, sc);
+                const float top = _mm512_mask_reduce_max_ps(valid, sc);
+                if (top > m[r0 + j]) m[r0 + j] = top;
+            }
+        }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 mx = _mm512_set1_ps(m[r]);
+        for (int64_t t = 0; t < n; t += 16) {
+            const __mmask16 k = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + r * n + t), mx));
+            _mm512_mask_storeu_ps(s + r * n + t, k, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+        }
+        l[r] = _mm512_reduce_add_ps(sum);
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += VT) {
+        const int64_t t1 = t0 + VT < n ? t0 + VT : n;
+        for (int r0 = 0; r0 < n_rep; r0 += RS) {
+            const int two = RS == 2 && r0 + 1 < n_rep;
+            float *o0 = acc + (int64_t)r0 * D, *o1 = acc + (int64_t)(r0 + two) * D;
+            __m512 a0[MAX_HEAD_DIM / 16], a1[MAX_HEAD_DIM / 16];
+            for (int c = 0; c < nc; c++) {
+                a0[c] = _mm512_loadu_ps(o0 + 16 * c);
+                if (RS == 2) a1[c] = _mm512_loadu_ps(o1 + 16 * c);
+            }
+            for (int64_t t = t0; t < t1; t++) {
+                const char *vrow = (const char *)V + (a + t) * row_bytes;
+                if (r0 == 0) for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(vrow + KV_PREFETCH + o, 0, 2);
+                const __m512 p0 = _mm512_set1_ps(s[(int64_t)r0 * n + t]);
+                const __m512 p1 = _mm512_set1_ps(two ? s[(int64_t)(r0 + 1) * n + t] : 0.0f);
+                for (int c = 0; c < nc; c++) {
+                    const __m512 v = kv16(vrow, 16 * c, bf16);
+                    a0[c] = _mm512_fmadd_ps(p0, v, a0[c]);
+                    if (RS == 2) a1[c] = _mm512_fmadd_ps(p1, v, a1[c]);
+                }
+            }
+            for (int c = 0; c < nc; c++) {
+                _mm512_storeu_ps(o0 + 16 * c, a0[c]);
+                if (two) _mm512_storeu_ps(o1 + 16 * c, a1[c]);
+            }
+        }
+    }
+}
+#endif
+
 /* Queries q (n_rep, D) of one KV head over cached tokens [a, b): the unnormalised softmax state
    m (n_rep), l (n_rep), acc (n_rep, D). s: scratch of n_rep * (b - a) floats. Each K and V row is read
-   once for all n_rep queries (rows far apart in a long cache come from DRAM). */
+   from memory once for all n_rep queries (rows far apart in a long cache come from DRAM). */
 INLINE void attend_range(int n_rep, int D, const float *q, const void *K, const void *V, int64_t a, int64_t b,
                          float scale, float *s, float *m, float *l, float *acc, const int bf16) {
     const int64_t n = b - a, esz = bf16 ? 2 : 4;
     for (int r = 0; r < n_rep; r++) m[r] = -INFINITY, l[r] = 0.0f;
     memset(acc, 0, sizeof(float) * n_rep * D);
 #ifdef __AVX512F__
-    if (D % 16 == 0) {
-        const int nc = D / 16;
-        __m512 row[MAX_HEAD_DIM / 16];
-        for (int64_t t = 0; t < n; t++) {
-            const void *krow = (const char *)K + (a + t) * D * esz;
-            for (int c = 0; c < nc; c++) row[c] = kv16(krow, 16 * c, bf16);
-            for (int r = 0; r < n_rep; r++) {
-                __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
-                int c = 0;
-                for (; c + 1 < nc; c += 2) {
-                    d0 = _mm512_fmadd_ps(row[c], _mm512_loadu_ps(q + r * D + 16 * c), d0);
-                    d1 = _mm512_fmadd_ps(row[c + 1], _mm512_loadu_ps(q + r * D + 16 * c + 16), d1);
-                }
-                if (c < nc) d0 = _mm512_fmadd_ps(row[c], _mm512_loadu_ps(q + r * D + 16 * c), d0);
-                const float v = _mm512_reduce_add_ps(_mm512_add_ps(d0, d1)) * scale;
-                s[r * n + t] = v;
-                m[r] = v > m[r] ? v : m[r];
-            }
-        }
-        for (int r = 0; r < n_rep; r++) {
-            __m512 sum = _mm512_setzero_ps();
-            const __m512 mx = _mm512_set1_ps(m[r]);
-            for (int64_t t = 0; t < n; t += 16) {
-                const __mmask16 k = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
-                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + r * n + t), mx));
-                _mm512_mask_storeu_ps(s + r * n + t, k, e);
-                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
-            }
-            l[r] = _mm512_reduce_add_ps(sum);
-        }
-        for (int64_t t = 0; t < n; t++) {
-            const void *vrow = (const char *)V + (a + t) * D * esz;
-            for (int c = 0; c < nc; c++) row[c] = kv16(vrow, 16 * c, bf16);
-            for (int r = 0; r < n_rep; r++) {
-                const __m512 p = _mm512_set1_ps(s[r * n + t]);
-                float *o = acc + r * D;
-                for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + 16 * c, _mm512_fmadd_ps(p, row[c], _mm512_loadu_ps(o + 16 * c)));
-            }
-        }
+    if (D % 16 == 0) {  /* constant head sizes get their own unrolled copies */
+        if (D == 64) attend_avx512(n_rep, 64, q, K, V, a, b, scale, s, m, l, acc, bf16);
+        else if (D == 128) attend_avx512(n_rep, 128, q, K, V, a, b, scale, s, m, l, acc, bf16);
+        else if (D == 256) attend_avx512(n_rep, 256, q, K, V, a, b, scale, s, m, l, acc, bf16);
+        else attend_avx512(n_rep, D, q, K, V, a, b, scale, s, m, l, acc, bf16);
         return;
     }
 #endif
