@@ -56,13 +56,23 @@ C_SOURCE = r"""
    and the blocks' float sums xs (M, nbp); KP = K rounded up to an even number of blocks, nbp = K / 32
    rounded up to a multiple of 16; the padding is left as it is (zeros, from the caller). pairs: each
    two blocks b, b + 1 stored as [b 0..15, b+1 0..15, b 16..31, b+1 16..31] (the AVX-512 int4 loop's
-   order: the low and the high nibbles of two blocks' codes each make one vector). */
+   order: the low and the high nibbles of two blocks' codes each make one vector); pairs = X_EVEN_ODD
+   (2): per 64 columns the even ones, then the odd ones (the AVX-512 int8 decode loop's order). */
 INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
 
 INLINE int x_stride(int K) { return ((K / 32 + 1) & ~1) * 32; }
 
 INLINE int pair_slot(int b, int c) {  /* where column c of block b goes in the paired order */
     return (b >> 1) * 64 + (c >> 4) * 32 + (b & 1) * 16 + (c & 15);
+}
+
+/* The order of x's columns in xq: one per kind of inner loop. */
+enum { X_PLAIN = 0, X_PAIRS = 1, X_EVEN_ODD = 2 };
+
+INLINE int x_slot(int layout, int b, int c) {
+    if (layout == X_PAIRS) return pair_slot(b, c);
+    const int col = b * 32 + c;  /* X_EVEN_ODD: per 64 columns, the even ones, then the odd ones */
+    return layout == X_EVEN_ODD ? (col & ~63) + ((col & 1) << 5) + ((col & 63) >> 1) : col;
 }
 
 void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int pairs, int16_t *xq, float *xd, float *xs) {
@@ -78,7 +88,7 @@ void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int pairs, int16
             xd[m * nbp + b] = d;
             xs[m * nbp + b] = sum;
             int16_t *row = xq + m * KP;
-            for (int i = 0; i < 32; i++) row[pairs ? pair_slot(b, i) : b * 32 + i] = (int16_t)lrintf(xr[i] * id);
+            for (int i = 0; i < 32; i++) row[x_slot(pairs, b, i)] = (int16_t)lrintf(xr[i] * id);
         }
     }
 }
@@ -372,37 +382,42 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
 }
 
 #ifdef ZEN_VNNI
-/* One row of x against four rows of W (n .. n + 3): out[j] = x . w_{n+j}. At one row of x this is the
-   decode case; four independent accumulators keep the FMA and dot-product latencies overlapped and
-   each loaded block of x serves four rows (on short rows, per-row set-up otherwise rivals the work). */
-INLINE void row4_tile8(int K, const int8_t *codes, const float *scale, const uint16_t *bscale, int nbs,
+/* One row of x (in X_EVEN_ODD order) against rows n .. n + nrows - 1 (nrows <= 4) of W: out[j] = x . w_{n+j}.
+   At one row of x this is the decode case; four independent accumulators keep the FMA and dot-product
+   latencies overlapped and each loaded block of x serves four rows. Each 64 bytes of codes are read as
+   32 int16 words: the low bytes sign-extended by a shift pair and the high bytes by one shift are the
+   even and the odd columns, multiplied with x's even and odd halves (no byte-widening shuffles). */
+INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale, const uint16_t *bscale, int nbs,
                        const int16_t *xq, const float *xd, float *out) {
     const int nb = K / 32;
+    const int8_t *row[4];
+    const uint16_t *bsr[4];
+    for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
+        row[j] = codes + (int64_t)(j < nrows ? j : 0) * K;
+        bsr[j] = bscale ? bscale + (int64_t)(j < nrows ? j : 0) * nbs : 0;
+    }
     __m512 acc[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 16) {
         const int n16 = nb - b0 < 16 ? nb - b0 : 16;
         const __m512 xdv = _mm512_loadu_ps(xd + b0);
         __m512 cs[4];
-        for (int j = 0; j < 4; j++)
-            cs[j] = bscale ? _mm512_mul_ps(per_block16(bscale + (int64_t)j * nbs, b0, n16, 32), xdv) : xdv;
+        for (int j = 0; j < 4; j++) cs[j] = bscale ? _mm512_mul_ps(per_block16(bsr[j], b0, n16, 32), xdv) : xdv;
         for (int p = 0; p < n16; p += 2) {
             const int b = b0 + p;
-            const __m512i xa = _mm512_loadu_si512(xq + b * 32), xb = _mm512_loadu_si512(xq + b * 32 + 32);
+            const __m512i xe = _mm512_loadu_si512(xq + b * 32), xo = _mm512_loadu_si512(xq + b * 32 + 32);
             for (int j = 0; j < 4; j++) {
-                const int8_t *c = codes + (int64_t)j * K + b * 32;
+                const int8_t *c = row[j] + b * 32;
                 __builtin_prefetch(c + PREFETCH, 0, 2);
-                const __m512i ca = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)c));
-                const __m512i cb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32)))
-                                               : _mm512_setzero_si512();
-                const __m512i da = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ca, xa);
-                const __m512i db = _mm512_dpwssd_epi32(_mm512_setzero_si512(), cb, xb);
-                const __m512i d = _mm512_add_epi32(_mm512_shuffle_i64x2(da, db, 0x44), _mm512_shuffle_i64x2(da, db, 0xEE));
+                /* a lone last block: its 32 bytes only (x's padding block is zeros) */
+                const __m512i w = p + 1 < n16 ? _mm512_loadu_si512(c) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, c);
+                __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8), xe);
+                d = _mm512_dpwssd_epi32(d, _mm512_srai_epi16(w, 8), xo);  /* lanes 0-7 block b, 8-15 block b + 1 */
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[j], p), acc[j]);
             }
         }
     }
-    for (int j = 0; j < 4; j++) out[j] = hsum16(acc[j]) * (scale ? scale[j] : 1.0f);
+    for (int j = 0; j < nrows; j++) out[j] = hsum16(acc[j]) * (scale ? scale[j] : 1.0f);
 }
 #endif
 
@@ -413,25 +428,26 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
                      const uint16_t *bscale, void *y, int y_bf16, int n_threads) {
     const int nbs = (K / 32 + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
     qx_t qx;
-    if (!prepare_x(M, K, x, x_bf16, 0, &qx)) return -1;
-    const int16_t *xq = qx.xq;
-    const float *xd = qx.xd;
-    int first = 0;  /* rows of W done by the decode loop */
 #ifdef ZEN_VNNI
-    if (M == 1) {  /* decode: four rows of W at a time, the last few through the general loop below */
-        const int N4 = N & ~3;
+    if (M == 1) {  /* decode: four rows of W at a time */
+        if (!prepare_x(1, K, x, x_bf16, X_EVEN_ODD, &qx)) return -1;
         #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int n = 0; n < N4; n += 4) {
+        for (int n = 0; n < N; n += 4) {
             float out[4];
-            row4_tile8(K, codes + (int64_t)n * K, scale ? scale + n : 0, bscale ? bscale + (int64_t)n * nbs : 0, nbs,
-                       xq, xd, out);
-            for (int j = 0; j < 4; j++) store(y, y_bf16, n + j, out[j]);
+            const int rows = N - n < 4 ? N - n : 4;
+            row4_tile8(K, rows, codes + (int64_t)n * K, scale ? scale + n : 0, bscale ? bscale + (int64_t)n * nbs : 0,
+                       nbs, qx.xq, qx.xd, out);
+            for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
-        first = N4;
+        free_x(&qx);
+        return 0;
     }
 #endif
+    if (!prepare_x(M, K, x, x_bf16, X_PLAIN, &qx)) return -1;
+    const int16_t *xq = qx.xq;
+    const float *xd = qx.xd;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int n = first; n < N; n++) {
+    for (int n = 0; n < N; n++) {
         const int8_t *cn = codes + (int64_t)n * K;
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];
