@@ -256,15 +256,30 @@ QUESTIONS = ["Who combined movable metal type with a press?", "In which century 
              "Why did science benefit?"]
 
 
+NEAR_TIE = 0.25  # logits: the int8 cache moves SmolLM2's by up to ~0.22 on these prompts (measured)
+
+
 def test_greedy_output_is_unchanged_with_int8_kv(zm):
     # ~180-token prompts: past the 128 unquantized sink positions, so int8 codes are really read.
     # fp32: the bf16 cache of a bf16 model attends in bf16 (SDPA) and int8's kernel in fp32, which
-    # alone flips near-ties; here both attend in fp32 and only the codes differ.
+    # alone flips near-ties; here both attend in fp32 and only the codes differ. Greedy choice is
+    # discontinuous: where the full-precision model's two best logits are closer than the int8
+    # cache's own logit error, either token is a faithful answer (one prompt has such a step at 18,
+    # whose winner flipped with float32 summation order alone). So: identical up to such a step, and
+    # most of the 120 tokens compared.
     want, got = ZenModel(zm.model, zm.tokenizer, zm.path), ZenModel(zm.model, zm.tokenizer, zm.path, kv_cache="int8")
+    compared = 0
     for question in QUESTIONS:
         ids = zm.tokenizer.encode_chat([{"role": "user", "content": TEXT + "\n\n" + question}])
         assert len(ids) > 170
-        assert got.generate(ids, 24, temperature=0).token_ids == want.generate(ids, 24, temperature=0).token_ids
+        a, b = want.generate(ids, 24, temperature=0).token_ids, got.generate(ids, 24, temperature=0).token_ids
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        compared += same
+        if same < len(a):
+            with torch.inference_mode():
+                top2 = zm.model(torch.tensor([ids + a[:same]]))[0, -1].topk(2).values
+            assert top2[0] - top2[1] < NEAR_TIE, f"{question!r}: token {same} differs without a near-tie"
+    assert compared >= 100
 
 
 # --------------------------------------------------------------------------- prefix reuse

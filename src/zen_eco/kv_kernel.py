@@ -47,6 +47,9 @@ C_SOURCE = r"""
 #define MAX_DIM 256
 #define MAX_REP 16
 #define BLOCK 64  /* tokens scored before their values are read: scores stay in L1 */
+#ifndef PREFETCH
+#define PREFETCH 4096  /* bytes ahead that code rows are prefetched */
+#endif
 #define NC (MAX_DIM / 16)
 #define INLINE static inline __attribute__((always_inline))
 
@@ -165,6 +168,27 @@ INLINE void read_row(reader_t *rd, int64_t t, v16 *out, const int dim, const int
     }
 }
 
+#ifdef __AVX512F__
+/* Lane i of the result: the sum of the 16 lanes of v[i] (pairs, then quads, then 128-bit lanes added). */
+INLINE v16 transpose_sum16(const v16 *v) {
+    __m512 w[8], y[4];
+    for (int i = 0; i < 8; i++) {
+        const __m512 a = (__m512)v[2 * i], b = (__m512)v[2 * i + 1];
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    for (int i = 0; i < 4; i++)
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+    return (v16)_mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+#endif
+
+/* A code row's bytes PREFETCH ahead, towards L2: each task reads one sequential stream per side. */
+INLINE void prefetch_row(const uint8_t *row, const int bytes) {
+    for (int o = 0; o < bytes; o += 64) __builtin_prefetch(row + PREFETCH + o, 0, 2);
+}
+
 /* Fold (m2, l2, acc2) into (m, l, acc): the log-sum-exp merge of two partial softmaxes. */
 static void merge(int n_rep, int dim, float *m, float *l, float *acc, const float *m2, const float *l2,
                   const float *acc2) {
@@ -187,6 +211,10 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
     const int nc = dim / 16, nr = (n_rep + 3) & ~3;
     v16 qv[MAX_REP][NC], qs[MAX_REP][NC], acc[MAX_REP][NC], row[NC], vbuf[BLOCK][NC];
     float s[MAX_REP][BLOCK], bias[MAX_REP], mr[MAX_REP], lr[MAX_REP];
+#ifdef __AVX512F__
+    v16 part[MAX_REP][BLOCK], biasv[MAX_REP];  /* per query and token: a score's 16 partial sums */
+    for (int r = 0; r < MAX_REP; r++) biasv[r] = splat(0.0f);
+#endif
     reader_t kr, vr;
     reader_init(&kr, k, h);
     reader_init(&vr, v, h);
@@ -216,11 +244,17 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
                             if (kzero) zsum += qv[r][c] * load16h(kr.zero + g * dim + 16 * c);
                         }
                         bias[r] = hsum(zsum);
+#ifdef __AVX512F__
+                        biasv[r] = splat(0.0f);
+                        biasv[r][0] = bias[r];
+#endif
                     }
                 }
                 const uint8_t *codes = kr.codes + tok * (dim * kbits / 8);
+                prefetch_row(codes, dim * kbits / 8);
                 for (int c = 0; c < nc; c++) row[c] = codes16(codes, kbits, nc, c);
             } else {
+                prefetch_row(kr.codes + tok * (dim * kbits / 8), dim * kbits / 8);
                 read_row(&kr, tok, row, dim, kbits, 0, kgroup, kzero);
             }
             for (int r0 = 0; r0 < nr; r0 += 4) {
@@ -232,12 +266,24 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
                     a2 += w[r0 + 2][c] * row[c], b2 += w[r0 + 2][c + 1] * row[c + 1];
                     a3 += w[r0 + 3][c] * row[c], b3 += w[r0 + 3][c + 1] * row[c + 1];
                 }
+#ifdef __AVX512F__  /* the lanes are summed 16 tokens at a time below; the bias rides in lane 0 */
+                part[r0][t] = a0 + b0 + biasv[r0], part[r0 + 1][t] = a1 + b1 + biasv[r0 + 1];
+                part[r0 + 2][t] = a2 + b2 + biasv[r0 + 2], part[r0 + 3][t] = a3 + b3 + biasv[r0 + 3];
+#else
                 s[r0][t] = hsum(a0 + b0) + (kpc ? bias[r0] : 0.0f);
                 s[r0 + 1][t] = hsum(a1 + b1) + (kpc ? bias[r0 + 1] : 0.0f);
                 s[r0 + 2][t] = hsum(a2 + b2) + (kpc ? bias[r0 + 2] : 0.0f);
                 s[r0 + 3][t] = hsum(a3 + b3) + (kpc ? bias[r0 + 3] : 0.0f);
+#endif
             }
         }
+#ifdef __AVX512F__
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < n; t += 16) {
+                for (int i = n - t; i < 16; i++) part[r][t + i] = splat(0.0f);  /* past the range: overwritten below */
+                _mm512_storeu_ps(&s[r][t], transpose_sum16(&part[r][t]));
+            }
+#endif
         for (int r = 0; r < nr; r++) {  /* scores -> exp(score - running max), in vectors of 16 */
             for (int t = n; t < BLOCK; t++) s[r][t] = -__builtin_inff();
             v16 mv = splat(mr[r]);
@@ -262,7 +308,10 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
             lr[r] = lr[r] * corr + hsum(sum);
             mr[r] = mb;
         }
-        for (int t = 0; t < n; t++) read_row(&vr, b0 + t, vbuf[t], dim, vbits, vpc, vgroup, vzero);
+        for (int t = 0; t < n; t++) {
+            prefetch_row(vr.codes + (b0 + t) * (dim * vbits / 8), dim * vbits / 8);
+            read_row(&vr, b0 + t, vbuf[t], dim, vbits, vpc, vgroup, vzero);
+        }
         for (int r0 = 0; r0 < nr; r0 += 4) {
             for (int c = 0; c < nc; c += 2) {  /* 8 independent FMA chains: 2 chunks x 4 queries */
                 v16 a0 = acc[r0][c], a1 = acc[r0 + 1][c], a2 = acc[r0 + 2][c], a3 = acc[r0 + 3][c];
