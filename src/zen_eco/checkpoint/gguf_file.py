@@ -528,6 +528,18 @@ class GGUFFile:
                                   f"(file has {len(self.tensors)} tensors)")
         return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def drop_pages(self, name: str) -> None:
+        """Unmap a tensor's pages from this process once its bytes have been copied out, so a loader
+        that converts tensor by tensor does not hold the file and the converted model resident at
+        once (the pages stay in the page cache; reading them again faults them back in)."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[name]
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(self._mm), info.offset + info.nbytes)
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         if self._mm is not None:
             _close_quietly(self._mm)

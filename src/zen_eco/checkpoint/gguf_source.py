@@ -150,6 +150,7 @@ class GGUFSource:
         gname, info = self._lookup(name)
         w = torch.from_numpy(dequantize(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
                                         what=f"{self.path}: {gname}"))
+        self.file.drop_pages(gname)  # copied out: the file's pages need not stay resident beside it
         if self.config.gemma_norms and gname.endswith("norm.weight"):
             w = w - 1.0  # stored as 1 + w (see the module docstring)
         order = self._row_order(gname, w.shape[0])
@@ -162,6 +163,7 @@ class GGUFSource:
             return None
         codes, scale, offset = q4_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
                                         what=f"{self.path}: {gname}")
+        self.file.drop_pages(gname)
         q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
         order = self._row_order(gname, info.shape[0])
         return q if order is None else q.permute_rows(order)
@@ -173,6 +175,7 @@ class GGUFSource:
             return None
         codes, scale = q8_block_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
                                       what=f"{self.path}: {gname}")
+        self.file.drop_pages(gname)
         q = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale))
         order = self._row_order(gname, info.shape[0])
         return q if order is None else Q8BlockWeight(q.codes[order], q.scale[order])
