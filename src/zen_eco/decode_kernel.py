@@ -120,6 +120,15 @@ INLINE __m512 kv16(const void *row, int d, const int bf16) {
     return _mm512_loadu_ps((const float *)row + d);
 }
 
+/* Chunk c of a bf16 row in even/odd order: chunk 2i holds the even columns of columns [32i, 32i + 32),
+   chunk 2i + 1 the odd ones. Each 32-bit lane holds a pair of bf16 values, so a shift and a mask
+   make floats of both without widening shuffles. Float32 rows as they are. */
+INLINE __m512 kv16p(const void *row, int c, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)row + 16 * c);
+    const __m512i w = _mm512_loadu_si512((const uint16_t *)row + 32 * (c >> 1));
+    return _mm512_castsi512_ps((c & 1) ? _mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)) : _mm512_slli_epi32(w, 16));
+}
+
 /* exp(x) for x <= 0 (scores minus their max), 0 below -87: 2^n * 2^f, n = round(x log2 e), 2^f a
    degree-6 polynomial on [-1/2, 1/2] (relative error ~2e-7). */
 INLINE __m512 exp512(__m512 x) {
@@ -160,6 +169,15 @@ INLINE void attend_avx512(int n_rep, const int D, const float *q, const void *K,
                           float scale, float *s, float *m, float *l, float *acc, const int bf16) {
     const int64_t n = b - a, row_bytes = (int64_t)D * (bf16 ? 2 : 4);
     const int nc = D / 16, RS = nc <= 8 ? 2 : 1;
+    /* bf16 rows are read in even/odd order (kv16p): the queries are permuted to match once here and the
+       outputs, accumulated in that order, put back at the end */
+    const int perm = bf16 && D % 32 == 0;
+    float qp_buf[perm ? n_rep * D : 1];
+    if (perm) {
+        for (int r = 0; r < n_rep; r++)
+            for (int d = 0; d < D; d++) qp_buf[r * D + (d & ~31) + ((d & 1) << 4) + ((d & 31) >> 1)] = q[r * D + d];
+        q = qp_buf;
+    }
     for (int64_t t0 = 0; t0 < n; t0 += KT) {
         const int nt = n - t0 < KT ? (int)(n - t0) : KT;
         const __mmask16 valid = (__mmask16)((1u << nt) - 1);
@@ -173,7 +191,7 @@ INLINE void attend_avx512(int n_rep, const int D, const float *q, const void *K,
                     const char *krow = (const char *)K + (a + t0 + tt) * row_bytes;
                     if (r0 == 0) for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(krow + KV_PREFETCH + o, 0, 2);
                     for (int c = 0; c < nc; c++) {
-                        const __m512 k = kv16(krow, 16 * c, bf16);
+                        const __m512 k = perm ? kv16p(krow, c, 1) : kv16(krow, 16 * c, bf16);
                         for (int j = 0; j < 4; j++)
                             if (j < nr) d[j][c & 1] = _mm512_fmadd_ps(k, _mm512_loadu_ps(q + (r0 + j) * D + 16 * c), d[j][c & 1]);
                     }
@@ -215,7 +233,7 @@ INLINE void attend_avx512(int n_rep, const int D, const float *q, const void *K,
                 const __m512 p0 = _mm512_set1_ps(s[(int64_t)r0 * n + t]);
                 const __m512 p1 = _mm512_set1_ps(two ? s[(int64_t)(r0 + 1) * n + t] : 0.0f);
                 for (int c = 0; c < nc; c++) {
-                    const __m512 v = kv16(vrow, 16 * c, bf16);
+                    const __m512 v = perm ? kv16p(vrow, c, 1) : kv16(vrow, 16 * c, bf16);
                     a0[c] = _mm512_fmadd_ps(p0, v, a0[c]);
                     if (RS == 2) a1[c] = _mm512_fmadd_ps(p1, v, a1[c]);
                 }
@@ -224,6 +242,14 @@ INLINE void attend_avx512(int n_rep, const int D, const float *q, const void *K,
                 _mm512_storeu_ps(o0 + 16 * c, a0[c]);
                 if (two) _mm512_storeu_ps(o1 + 16 * c, a1[c]);
             }
+        }
+    }
+    if (perm) {
+        float row[MAX_HEAD_DIM];
+        for (int r = 0; r < n_rep; r++) {
+            float *o = acc + (int64_t)r * D;
+            for (int d = 0; d < D; d++) row[d] = o[(d & ~31) + ((d & 1) << 4) + ((d & 31) >> 1)];
+            memcpy(o, row, sizeof(float) * D);
         }
     }
 }
