@@ -7,7 +7,11 @@ MODEL is a GGUF file (transformers reads it with `gguf_file=`, llama.cpp nativel
 directory (zen-eco and transformers only), or `default`. Each engine runs in its own subprocess (so
 peak RSS is its own), one after the other in the same invocation; all decode greedily with their KV
 cache for exactly the same token counts, and report the best of `--repeats` runs after a warm-up.
-Prints a markdown table with each engine's ratio to zen-eco. llama.cpp is optional: it needs
+Prints a markdown table with each engine's ratio to zen-eco, and each engine's decode bandwidth: the
+bytes its step reads per token (its own weights as it stores them, once; K/V at the mean context of
+the timed tokens in its cache's dtype) times its decode tok/s, as a share of this machine's read
+bandwidth at the same thread count (a float32 sum over 1 GiB, measured in the same run after the
+engines). llama.cpp is optional: it needs
 `pip install llama-cpp-python` (compiles llama.cpp, ~10 min on 2 cores) and is skipped without it.
 """
 
@@ -56,7 +60,39 @@ def hf_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int,
                 best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
     return {"engine": f"transformers {transformers.__version__}", "dtype": dtype, "threads": threads,
             "prefill_tok_s": prompt_tokens / best_prefill, "decode_tok_s": gen_tokens / best_decode,
-            "ttft_ms": best_prefill * 1000, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+            "ttft_ms": best_prefill * 1000, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
+            "decode_bytes_per_token": _hf_decode_bytes(model, prompt_tokens + gen_tokens / 2)}
+
+
+def _hf_decode_bytes(model, context: float) -> float:
+    """Weights read per decode step (every tensor once; the input embedding only where tied to the
+    head) plus its bf16/fp16 K/V at `context` positions."""
+    embed = model.get_input_embeddings().weight
+    tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in model.parameters()}
+    if not tied:
+        sizes.pop(embed.data_ptr())
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * embed.element_size()
+    return sum(sizes.values()) + context * kv
+
+
+def _gguf_decode_bytes(path, context: float) -> float:
+    """What llama.cpp reads per decode step of a GGUF file: every tensor as stored (token_embd only
+    where no separate output head exists) plus its default f16 K/V at `context` positions."""
+    from zen_eco.checkpoint.gguf_file import GGUFFile
+
+    with GGUFFile(path) as f:
+        sizes = {name: info.nbytes for name, info in f.tensors.items()}
+        if "output.weight" in sizes:
+            sizes.pop("token_embd.weight", None)
+        arch = f.metadata["general.architecture"]
+        meta = lambda key, default=None: f.metadata.get(f"{arch}.{key}", default)  # noqa: E731
+        head_dim = meta("embedding_length") // meta("attention.head_count")
+        kv_dims = meta("attention.key_length", head_dim) + meta("attention.value_length", head_dim)
+        kv = meta("block_count") * meta("attention.head_count_kv") * kv_dims * 2
+    return sum(sizes.values()) + context * kv
 
 
 def llamacpp_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:
@@ -91,7 +127,8 @@ def llamacpp_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads
             best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
     return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "dtype": "file's own",
             "threads": threads, "prefill_tok_s": prompt_tokens / best_prefill, "decode_tok_s": gen_tokens / best_decode,
-            "ttft_ms": best_prefill * 1000, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+            "ttft_ms": best_prefill * 1000, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
+            "decode_bytes_per_token": _gguf_decode_bytes(path, prompt_tokens + gen_tokens / 2)}
 
 
 def _run(cmd: list[str]) -> dict:
@@ -135,18 +172,23 @@ def main() -> None:
                                  "--worker", engine, *sizes]))
         else:
             sys.exit(f"unknown engine {engine!r}; use zen-eco, transformers, llama.cpp")
-    print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}")
-    print("| engine | weights | prefill tok/s | decode tok/s | first token ms | peak RSS MB | load s |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    from zen_eco.bench import read_bandwidth
+
+    bandwidth = read_bandwidth(args.threads)  # measured after the engines, in the same run
+    print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}  "
+          f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print("| engine | weights | prefill tok/s | decode tok/s | decode GB/s (of bandwidth) | first token ms | peak RSS MB | load s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        used = r["decode_bytes_per_token"] * r["decode_tok_s"]
         print(f"| {r['engine']} | {r.get('weights', r['dtype'])} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-              f"{r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |")
+              f"{used / 1e9:.1f} ({used / bandwidth:.0%}) | {r['ttft_ms']:.0f} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |")
     ours = next((r for r in results if r["engine"] == "zen-eco"), None)
     if ours is not None:
         for r in results:
             if r is not ours:
                 print(f"| **zen-eco / {r['engine'].split(' ')[0]}** | | {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x | "
-                      f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x | {r['ttft_ms'] / ours['ttft_ms']:.2f}x faster | "
+                      f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x | | {r['ttft_ms'] / ours['ttft_ms']:.2f}x faster | "
                       f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x | |")
 
 

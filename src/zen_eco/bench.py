@@ -75,6 +75,38 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
     }
 
 
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every tensor once, the embedding table only where it
+    is also the head (tied) — a lookup reads one row of it."""
+    sizes = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if not name.startswith("embed.") and "inv_freq" not in name:
+            sizes[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(sizes.values())
+
+
+def kv_bytes_read(model, kv_format: str, context: float) -> float:
+    """Bytes of K/V one decode step reads at `context` cached positions (every layer over all of them)."""
+    from .kv_quant import bytes_per_token
+
+    cfg = model.config
+    return context * bytes_per_token(kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.dtype)
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second that `threads` threads read from memory: the best of `repeats` sums of a
+    float32 array far bigger than the last-level cache."""
+    torch.set_num_threads(threads)
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.numel() * 4 / best
+
+
 def weights_summary(model) -> str:
     """'int4 x120 + int8 x1 + bfloat16': how many linear layers run on the 4-bit and 8-bit kernels
     (the tied int8 table counts once, as the head), and the dtype of the rest."""
@@ -125,6 +157,8 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "load_s": load_s,
+        # what a decode step reads at the mean context of the timed tokens (for bandwidth use)
+        "decode_bytes_per_token": weight_bytes_per_token(model) + kv_bytes_read(model, kv_cache, prompt_tokens + gen_tokens / 2),
         **figures,
     }
     if json_out:
