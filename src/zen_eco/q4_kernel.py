@@ -52,6 +52,14 @@ C_SOURCE = r"""
 #define PREFETCH 4096  /* bytes ahead that the code stream is prefetched: more reads in flight from DRAM */
 #endif
 
+/* The decode loops read four rows of W side by side; prefetching PREFETCH bytes past a row's position
+   lands in rows being read already (rows of 1-4 KB). So they prefetch the same column of the next
+   groups of four rows: whole groups, at least PREFETCH bytes ahead. */
+INLINE int64_t group_ahead(int64_t row_bytes) {
+    const int64_t group = 4 * row_bytes;
+    return group * ((PREFETCH + group - 1) / group);
+}
+
 /* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 with one scale per block of 32 columns, xd (M, nbp),
    and the blocks' float sums xs (M, nbp); KP = K rounded up to an even number of blocks, nbp = K / 32
    rounded up to a multiple of 16; the padding is left as it is (zeros, from the caller). pairs: each
@@ -253,6 +261,7 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
 INLINE void row4_tile(int K, const int G, const uint8_t *codes, const uint16_t *scale_zero, int ngp,
                       const int16_t *xq, const float *xd, const float *xs, float *out) {
     const int nb = K / 32;
+    const int64_t ahead = group_ahead(K / 2);
     const __m512i low = _mm512_set1_epi16(15);
     __m512 acc[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
@@ -270,7 +279,7 @@ INLINE void row4_tile(int K, const int G, const uint8_t *codes, const uint16_t *
             const __m512i xa = _mm512_loadu_si512(xq + b * 32), xb = _mm512_loadu_si512(xq + b * 32 + 32);
             for (int j = 0; j < 4; j++) {
                 const uint8_t *c = codes + (int64_t)j * (K / 2) + b * 16;
-                if ((b & 3) == 0) __builtin_prefetch(c + PREFETCH, 0, 2);
+                if ((b & 3) == 0) __builtin_prefetch(c + ahead, 0, 2);
                 const __m256i raw = p + 1 < n16 ? _mm256_loadu_si256((const __m256i *)c)
                                                 : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)c));
                 const __m512i w = _mm512_cvtepu8_epi16(raw);
@@ -390,6 +399,7 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
 INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale, const uint16_t *bscale, int nbs,
                        const int16_t *xq, const float *xd, float *out) {
     const int nb = K / 32;
+    const int64_t ahead = group_ahead(K);
     const int8_t *row[4];
     const uint16_t *bsr[4];
     for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
@@ -408,7 +418,7 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
             const __m512i xe = _mm512_loadu_si512(xq + b * 32), xo = _mm512_loadu_si512(xq + b * 32 + 32);
             for (int j = 0; j < 4; j++) {
                 const int8_t *c = row[j] + b * 32;
-                __builtin_prefetch(c + PREFETCH, 0, 2);
+                __builtin_prefetch(c + ahead, 0, 2);
                 /* a lone last block: its 32 bytes only (x's padding block is zeros) */
                 const __m512i w = p + 1 < n16 ? _mm512_loadu_si512(c) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, c);
                 __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8), xe);
