@@ -146,17 +146,7 @@ INLINE __m512 exp512(__m512 x) {
 #endif
 
 #ifdef __AVX512F__
-/* Lane i of the result: the sum of the 16 lanes of v[i] (pairs, then quads, then 128-bit lanes added). */
-INLINE __m512 transpose_sum16(const __m512 *v) {
-    __m512 w[8], y[4];
-    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums */
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)  /* per 128-bit lane: [v4i .. v4i+3] partial sums */
-        y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
-    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
+""" + native.TRANSPOSE_SUM16 + r"""
 
 #define KT 16  /* tokens per tile of scores: one transpose-sum gives 16 of them */
 #define VT 32  /* tokens per tile of the weighted sum of V: their rows stay in L1 for every query */

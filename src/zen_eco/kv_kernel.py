@@ -168,21 +168,7 @@ INLINE void read_row(reader_t *rd, int64_t t, v16 *out, const int dim, const int
     }
 }
 
-#ifdef __AVX512F__
-/* Lane i of the result: the sum of the 16 lanes of v[i] (pairs, then quads, then 128-bit lanes added). */
-INLINE v16 transpose_sum16(const v16 *v) {
-    __m512 w[8], y[4];
-    for (int i = 0; i < 8; i++) {
-        const __m512 a = (__m512)v[2 * i], b = (__m512)v[2 * i + 1];
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    }
-    for (int i = 0; i < 4; i++)
-        y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
-    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
-    return (v16)_mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-#endif
+""" + native.TRANSPOSE_SUM16 + r"""
 
 /* A code row's bytes PREFETCH ahead, towards L2: each task reads one sequential stream per side. */
 INLINE void prefetch_row(const uint8_t *row, const int bytes) {
@@ -232,6 +218,7 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
         const int n = (int)(t1 - b0 < BLOCK ? t1 - b0 : BLOCK);
         for (int t = 0; t < n; t++) {
             const int64_t tok = b0 + t;
+            prefetch_row(kr.codes + tok * (dim * kbits / 8), dim * kbits / 8);
             if (kpc) {  /* per-channel keys: q . (code * sc + zr) = (q * sc) . code + q . zr, folded per group */
                 const int64_t g = tok / kgroup;
                 if (g != kgroup_loaded) {
@@ -251,10 +238,8 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
                     }
                 }
                 const uint8_t *codes = kr.codes + tok * (dim * kbits / 8);
-                prefetch_row(codes, dim * kbits / 8);
                 for (int c = 0; c < nc; c++) row[c] = codes16(codes, kbits, nc, c);
             } else {
-                prefetch_row(kr.codes + tok * (dim * kbits / 8), dim * kbits / 8);
                 read_row(&kr, tok, row, dim, kbits, 0, kgroup, kzero);
             }
             for (int r0 = 0; r0 < nr; r0 += 4) {
@@ -281,7 +266,7 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
         for (int r = 0; r < nr; r++)
             for (int t = 0; t < n; t += 16) {
                 for (int i = n - t; i < 16; i++) part[r][t + i] = splat(0.0f);  /* past the range: overwritten below */
-                _mm512_storeu_ps(&s[r][t], transpose_sum16(&part[r][t]));
+                _mm512_storeu_ps(&s[r][t], transpose_sum16((const __m512 *)&part[r][t]));
             }
 #endif
         for (int r = 0; r < nr; r++) {  /* scores -> exp(score - running max), in vectors of 16 */

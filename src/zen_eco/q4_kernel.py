@@ -60,12 +60,6 @@ INLINE int64_t group_ahead(int64_t row_bytes) {
     return group * ((PREFETCH + group - 1) / group);
 }
 
-/* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 with one scale per block of 32 columns, xd (M, nbp),
-   and the blocks' float sums xs (M, nbp); KP = K rounded up to an even number of blocks, nbp = K / 32
-   rounded up to a multiple of 16; the padding is left as it is (zeros, from the caller). pairs: each
-   two blocks b, b + 1 stored as [b 0..15, b+1 0..15, b 16..31, b+1 16..31] (the AVX-512 int4 loop's
-   order: the low and the high nibbles of two blocks' codes each make one vector); pairs = X_EVEN_ODD
-   (2): per 64 columns the even ones, then the odd ones (the AVX-512 int8 decode loop's order). */
 INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
 
 INLINE int x_stride(int K) { return ((K / 32 + 1) & ~1) * 32; }
@@ -74,7 +68,10 @@ INLINE int pair_slot(int b, int c) {  /* where column c of block b goes in the p
     return (b >> 1) * 64 + (c >> 4) * 32 + (b & 1) * 16 + (c & 15);
 }
 
-/* The order of x's columns in xq: one per kind of inner loop. */
+/* The order of x's columns in xq, one per kind of inner loop. X_PAIRS: each two blocks b, b + 1 stored
+   as [b 0..15, b+1 0..15, b 16..31, b+1 16..31] (the AVX-512 int4 loop's order: the low and the high
+   nibbles of two blocks' codes each make one vector). X_EVEN_ODD: per 64 columns the even ones, then
+   the odd ones (the AVX-512 int8 decode loop's order). */
 enum { X_PLAIN = 0, X_PAIRS = 1, X_EVEN_ODD = 2 };
 
 INLINE int x_slot(int layout, int b, int c) {
@@ -83,7 +80,11 @@ INLINE int x_slot(int layout, int b, int c) {
     return layout == X_EVEN_ODD ? (col & ~63) + ((col & 1) << 5) + ((col & 63) >> 1) : col;
 }
 
-void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int pairs, int16_t *xq, float *xd, float *xs) {
+/* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 in `layout` order with one scale per block of 32
+   columns, xd (M, nbp), and the blocks' float sums xs (M, nbp); KP = K rounded up to an even number of
+   blocks, nbp = K / 32 rounded up to a multiple of 16; the padding is left as it is (zeros, from the
+   caller). */
+void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int layout, int16_t *xq, float *xd, float *xs) {
     const int nbp = (K / 32 + 15) & ~15, KP = x_stride(K);
     for (int64_t m = 0; m < M; m++) {
         for (int b = 0; b < K / 32; b++) {
@@ -96,7 +97,7 @@ void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int pairs, int16
             xd[m * nbp + b] = d;
             xs[m * nbp + b] = sum;
             int16_t *row = xq + m * KP;
-            for (int i = 0; i < 32; i++) row[x_slot(pairs, b, i)] = (int16_t)lrintf(xr[i] * id);
+            for (int i = 0; i < 32; i++) row[x_slot(layout, b, i)] = (int16_t)lrintf(xr[i] * id);
         }
     }
 }
@@ -305,13 +306,13 @@ typedef struct { int16_t *xq; float *dsum, *xd, *xs; } qx_t;
 
 static void free_x(qx_t *q) { free(q->xq); free(q->dsum); }
 
-static int prepare_x(int M, int K, const void *x, int x_bf16, int pairs, qx_t *q) {
+static int prepare_x(int M, int K, const void *x, int x_bf16, int layout, qx_t *q) {
     const int nbx = (K / 32 + 15) & ~15;
     q->xq = calloc((size_t)M * x_stride(K) + 32, sizeof(int16_t));
     q->dsum = calloc((size_t)2 * M * nbx, sizeof(float));
     if (!q->xq || !q->dsum) { free_x(q); return 0; }
     q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbx;
-    zen_q4_quantize_x(M, K, x, x_bf16, pairs, q->xq, q->xd, q->xs);
+    zen_q4_quantize_x(M, K, x, x_bf16, layout, q->xq, q->xd, q->xs);
     return 1;
 }
 
@@ -490,9 +491,9 @@ int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t 
 }
 
 #ifdef ZEN_VNNI
-#define PAIRED_X 1
+#define X_INT4 X_PAIRS  /* the order the int4 loops read x in */
 #else
-#define PAIRED_X 0
+#define X_INT4 X_PLAIN
 #endif
 
 /* y (M, N) = x (M, K) W^T. x and y are float32, or bfloat16 where x_bf16 / y_bf16; scale_zero
@@ -502,7 +503,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
     const int ngp = (K / G + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
     int first = 0;  /* rows of W done by the decode loop */
     qx_t qx;
-    if (!prepare_x(M, K, x, x_bf16, PAIRED_X, &qx)) return -1;
+    if (!prepare_x(M, K, x, x_bf16, X_INT4, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd, *xs = qx.xs;
 #ifdef ZEN_VNNI
