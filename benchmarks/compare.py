@@ -174,7 +174,7 @@ def main() -> None:
             sys.exit(f"unknown engine {engine!r}; use zen-eco, transformers, llama.cpp")
     from zen_eco.bench import read_bandwidth
 
-    bandwidth = read_bandwidth(args.threads)  # measured after the engines, in the same run
+    bandwidth = read_bandwidth(args.threads)[0]  # by the wall clock, after the engines, in the same run
     print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}  "
           f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print("| engine | weights | prefill tok/s | decode tok/s | decode GB/s (of bandwidth) | first token ms | peak RSS MB | load s |")

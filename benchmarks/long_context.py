@@ -44,24 +44,6 @@ FILL_CHUNK = 4096
 MiB = 1 << 20
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> tuple[float, float]:
-    """Bytes per second that `threads` threads read from memory (sum of a float32 array bigger than
-    L3), by the wall clock and by this process's CPU time (which a machine shared with other work
-    inflates less)."""
-    torch.set_num_threads(threads)
-    a = torch.ones(int(gib * (1 << 30)) // 4)
-    a.sum()
-    wall = min(_timed(a.sum, time.perf_counter) for _ in range(repeats))
-    cpu = min(_timed(a.sum, time.process_time) for _ in range(repeats))
-    return a.numel() * 4 / wall, a.numel() * 4 * threads / cpu
-
-
-def _timed(fn, clock) -> float:
-    t0 = clock()
-    fn()
-    return clock() - t0
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -249,13 +231,14 @@ def main() -> None:
 
     import psutil
 
+    from zen_eco.bench import read_bandwidth
     from zen_eco.config import preset
     from zen_eco.kv_quant import bytes_per_token, check_kv_format
 
     formats = [check_kv_format(f) for f in args.formats.split(",")]
     depths = [] if args.only_quality else [int(d) for d in args.depths.split(",")]
     cfg = preset("zen-eco-4b-thinking")
-    bw, bw_cpu = read_bandwidth(args.threads) if depths else (float("nan"), float("nan"))
+    bw, bw_cpu = read_bandwidth(args.threads, repeats=7) if depths else (float("nan"), float("nan"))
     print(f"read bandwidth ({args.threads} threads): {bw / 1e9:.2f} GB/s by the wall clock, {bw_cpu / 1e9:.2f} GB/s "
           f"by CPU time; load average {os.getloadavg()[0]:.1f}", flush=True)
     results = {"bandwidth_gb_s": bw / 1e9, "bandwidth_cpu_gb_s": bw_cpu / 1e9, "threads": args.threads,

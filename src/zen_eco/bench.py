@@ -93,18 +93,22 @@ def kv_bytes_read(model, kv_format: str, context: float) -> float:
     return context * bytes_per_token(kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.dtype)
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second that `threads` threads read from memory: the best of `repeats` sums of a
-    float32 array far bigger than the last-level cache."""
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
+    """Bytes per second that `threads` threads read from memory (the best of `repeats` sums of a
+    float32 array far bigger than the last-level cache), by the wall clock and by this process's CPU
+    time (which a machine shared with other work inflates less)."""
     torch.set_num_threads(threads)
     a = torch.ones(int(gib * (1 << 30)) // 4)
     a.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def timed(clock) -> float:
+        t0 = clock()
         a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.numel() * 4 / best
+        return clock() - t0
+
+    wall = min(timed(time.perf_counter) for _ in range(repeats))
+    cpu = min(timed(time.process_time) for _ in range(repeats))
+    return a.numel() * 4 / wall, a.numel() * 4 * threads / cpu
 
 
 def weights_summary(model) -> str:
