@@ -132,6 +132,29 @@ def test_decode_attention_equals_sdpa_on_the_dequantized_cache(fmt, window, path
     torch.testing.assert_close(out, want.reshape(1, heads * rep, dim), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "k4v2"])
+def test_kernel_attends_bfloat16_sinks_and_window_like_the_torch_path(fmt, monkeypatch):
+    # A bf16 cache: its unquantized first tokens and residual window go through the kernel's bf16 rows.
+    # (The torch path equals SDPA in the float32 test above; update() cannot be the reference here, as
+    # it dequantizes into bf16.)
+    if kv_kernel.library() is None:
+        pytest.skip("no C compiler: the kernel is not built")
+    heads, rep, dim, n = 2, 4, 128, 700
+    cache = make_kv_cache(fmt, 1, heads, dim, n + 8, dtype=torch.bfloat16)
+    k, v = _keys((1, heads, n, dim)).bfloat16(), torch.randn(1, heads, n, dim).bfloat16()
+    cache.reserve(n + 1)
+    cache.update(0, k, v)
+    cache.advance(n)
+    assert cache._native_plain(rep) and 0 < cache.qlen < n
+    q, k1, v1 = torch.randn(1, heads * rep, dim).bfloat16(), torch.randn(1, heads, 1, dim).bfloat16(), torch.randn(1, heads, 1, dim).bfloat16()
+    out = cache.attend(0, q, k1, v1, None, None).float()
+    monkeypatch.setattr(kv_kernel, "library", lambda: None)
+    assert not cache._native(rep)
+    want = cache.attend(0, q, k1, v1, None, None).float()  # rewrites the same position: same cache
+    # float32 arithmetic on both sides, in another order; the output's rounding to bf16 is the tolerance
+    torch.testing.assert_close(out, want, rtol=2**-8, atol=2**-8)
+
+
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_first_and_newest_tokens_stay_unquantized(fmt):
     cache = _filled(fmt, 1000)

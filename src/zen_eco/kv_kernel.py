@@ -22,6 +22,8 @@ Layouts (one per side, K or V; `heads` = batch x KV heads, all contiguous):
   scale, zero (float16): per token, (heads, capacity, dim / group) for groups of `group` columns;
          per channel, (heads, capacity / group, dim) for groups of `group` tokens. zero NULL: symmetric.
   value = code * scale + zero
+  Plain rows (bits 16: bfloat16, 32: float32; scale and zero NULL) are the cache's unquantized first
+  tokens and residual window, attended by the same call so every merge happens here.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
@@ -103,6 +106,16 @@ static inline float exp_neg(float x) { return exp16(splat(x))[0]; }
 /* Columns [16c, 16c + 16) of a code row as floats. Packed rows are planes of n = dim * bits / 8
    bytes' worth of columns: column i + j * n sits in byte i, bits [j * bits, (j + 1) * bits). */
 INLINE v16 codes16(const uint8_t *row, const int bits, const int nc, const int c) {
+    if (bits == 32) {  /* plain float32 rows */
+        v16 x;
+        memcpy(&x, row + 64 * c, 64);
+        return x;
+    }
+    if (bits == 16) {  /* plain bfloat16 rows: the top half of a float32 */
+        u16x16 h;
+        memcpy(&h, row + 32 * c, 32);
+        return (v16)(__builtin_convertvector(h, i32x16) << 16);
+    }
     if (bits == 8) {
         u8x16 b;  /* signed bytes: zero-extend b ^ 0x80 and subtract 128 (GCC vectorizes only this form) */
         memcpy(&b, row + 16 * c, 16);
@@ -148,7 +161,9 @@ INLINE void read_row(reader_t *rd, int64_t t, v16 *out, const int dim, const int
                      const int group, const int has_zero) {
     const int nc = dim / 16;
     const uint8_t *row = rd->codes + t * (dim * bits / 8);
-    if (per_channel) {
+    if (bits >= 16) {  /* plain rows (the unquantized sink and residual window) */
+        for (int c = 0; c < nc; c++) out[c] = codes16(row, bits, nc, c);
+    } else if (per_channel) {
         const int64_t g = t / group;
         if (g != rd->group) {
             rd->group = g;
@@ -332,7 +347,9 @@ typedef void (*range_fn)(int, const float *, const side_t *, const side_t *, int
     SPECIAL(int8_##D, D, 8, 0, D, 0, 8, 0, D, 0)                                                               \
     SPECIAL(int4_##D, D, 4, 1, 128, 1, 4, 0, 32, 1)                                                            \
     SPECIAL(int2_##D, D, 2, 1, 32, 1, 2, 0, 32, 1)                                                            \
-    SPECIAL(k4v2_##D, D, 4, 1, 128, 1, 2, 0, 32, 1)
+    SPECIAL(k4v2_##D, D, 4, 1, 128, 1, 2, 0, 32, 1)                                                            \
+    SPECIAL(bf16_##D, D, 16, 0, D, 0, 16, 0, D, 0)                                                             \
+    SPECIAL(f32_##D, D, 32, 0, D, 0, 32, 0, D, 0)
 FORMATS(64)
 FORMATS(128)
 FORMATS(256)
@@ -346,7 +363,9 @@ static range_fn pick(int dim, const side_t *k, const side_t *v) {
     if (MATCH(D, 8, 0, D, 0, 8, 0, D, 0)) return int8_##D;                                                     \
     if (MATCH(D, 4, 1, 128, 1, 4, 0, 32, 1)) return int4_##D;                                                  \
     if (MATCH(D, 2, 1, 32, 1, 2, 0, 32, 1)) return int2_##D;                                                  \
-    if (MATCH(D, 4, 1, 128, 1, 2, 0, 32, 1)) return k4v2_##D;
+    if (MATCH(D, 4, 1, 128, 1, 2, 0, 32, 1)) return k4v2_##D;                                                  \
+    if (MATCH(D, 16, 0, D, 0, 16, 0, D, 0)) return bf16_##D;                                                   \
+    if (MATCH(D, 32, 0, D, 0, 32, 0, D, 0)) return f32_##D;
     TRY(64) TRY(128) TRY(256)
     return 0;
 }
@@ -413,6 +432,16 @@ def library() -> ctypes.CDLL | None:
                    ctypes.POINTER(Side), ctypes.POINTER(Side), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int]
     return lib
+
+
+def plain_side(x: torch.Tensor) -> Side:
+    """A descriptor of unquantized rows x (batch, heads, tokens, dim), bfloat16 or float32, contiguous."""
+    if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
+        raise ValueError(f"plain rows must be contiguous bfloat16 or float32, not {x.dtype}")
+    heads = x.shape[0] * x.shape[1]
+    side = Side(x.data_ptr(), 0, 0, x.numel() // heads * x.element_size(), 0, 8 * x.element_size(), x.shape[-1], 0)
+    side._keep = x
+    return side
 
 
 def supported(dim: int, k: Side, v: Side) -> bool:

@@ -24,7 +24,8 @@ page grows (in `block_size` steps, one layer at a time). Growing never copies th
 at 160K tokens peak memory is the cache plus one layer's page, not twice the cache.
 
 Attention never holds a dequantized copy of the cache. A decode step (`attend`) runs the C kernel
-of `kv_kernel` (codes read once, online softmax) or, where it is unavailable, dequantizes
+of `kv_kernel` (codes read once, online softmax; the unquantized sink and window rows too, so the
+softmax merges happen there rather than as per-layer tensor ops) or, where it is unavailable, dequantizes
 `ATTEND_CHUNK` positions at a time and merges the chunks' softmaxes by log-sum-exp. A prefill
 (`update`) returns the valid range dequantized (transient, one layer) for SDPA. Every token, the
 new ones included, is attended through its stored value, so a prefill equals the decode steps it
@@ -182,6 +183,7 @@ class QuantizedKVCache(KVCache):
         self.page_caps: list[int] = []
         self._sides: dict[tuple[int, int], tuple] = {}  # kernel descriptors, rebuilt when a page is reallocated
         self._kernel_ok: bool | None = None  # whether kv_kernel has this format (asked once)
+        self._plain_ok: bool | None = None  # whether it has this head_dim for unquantized rows
         self.res_k: list[torch.Tensor] = []
         self.res_v: list[torch.Tensor] = []
         super().__init__(num_layers, num_kv_heads, head_dim, max_tokens, batch_size, dtype, device, block_size)
@@ -284,6 +286,10 @@ class QuantizedKVCache(KVCache):
             self._store(layer, start, k, v)
             return
         rk, rv = self.res_k[layer], self.res_v[layer]
+        if q1 == q0:  # nothing leaves the window: the new rows go straight in
+            rk[:, :, start - q0 : end - q0] = k
+            rv[:, :, start - q0 : end - q0] = v
+            return
         tail_k = torch.cat([rk[:, :, : start - q0], k.to(self.dtype)], dim=2)  # positions [q0, end)
         tail_v = torch.cat([rv[:, :, : start - q0], v.to(self.dtype)], dim=2)
         if q1 > q0:
@@ -325,11 +331,15 @@ class QuantizedKVCache(KVCache):
         m = torch.full((B * H, rep), -math.inf, device=q.device)
         l = torch.zeros(B * H, rep, device=q.device)
         acc = torch.zeros(B * H, rep, D, device=q.device)
-        native = self._native(rep)
+        native, plain = self._native(rep), self._native_plain(rep)
         S = min(self.sink, end)
         if lo < S:  # the unquantized first positions
-            kf, vf = self.sink_k[layer][:, :, lo:S].float().flatten(0, 1), self.sink_v[layer][:, :, lo:S].float().flatten(0, 1)
-            _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
+            if plain:
+                kv_kernel.attend(qf, kv_kernel.plain_side(self.sink_k[layer]), kv_kernel.plain_side(self.sink_v[layer]),
+                                 lo, S, m, l, acc)
+            else:
+                kf, vf = self.sink_k[layer][:, :, lo:S].float().flatten(0, 1), self.sink_v[layer][:, :, lo:S].float().flatten(0, 1)
+                _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
         for p, a, b in self._segments(max(lo, S), q1, PAGE_TOKENS if native else ATTEND_CHUNK):
             if native:
                 kv_kernel.attend(qf, *self._side(p, layer), a, b, m, l, acc)
@@ -338,9 +348,13 @@ class QuantizedKVCache(KVCache):
                 _merge(m, l, acc, qf @ kf.flatten(0, 1).transpose(1, 2), vf.flatten(0, 1))
         if self.res_k and end > max(lo, q1, S):
             r0 = max(lo, q1, S) - q1
-            kf = self.res_k[layer][:, :, r0 : end - q1].float().flatten(0, 1)
-            vf = self.res_v[layer][:, :, r0 : end - q1].float().flatten(0, 1)
-            _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
+            if plain:
+                kv_kernel.attend(qf, kv_kernel.plain_side(self.res_k[layer]), kv_kernel.plain_side(self.res_v[layer]),
+                                 r0, end - q1, m, l, acc)
+            else:
+                kf = self.res_k[layer][:, :, r0 : end - q1].float().flatten(0, 1)
+                vf = self.res_v[layer][:, :, r0 : end - q1].float().flatten(0, 1)
+                _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
         return (acc / l[..., None]).to(q.dtype).reshape(B, H * rep, D)
 
     def advance(self, n: int) -> None:
@@ -379,6 +393,15 @@ class QuantizedKVCache(KVCache):
         if self._kernel_ok is None:
             self._kernel_ok = kv_kernel.supported(self.head_dim, *self._side(0, 0))
         return self._kernel_ok
+
+    def _native_plain(self, rep: int) -> bool:
+        """Whether the kernel also attends the unquantized sink and residual rows (bf16 or float32 caches)."""
+        if self.dtype not in (torch.bfloat16, torch.float32) or not self._native(rep):
+            return False
+        if self._plain_ok is None:
+            rows = torch.zeros(1, 1, 1, self.head_dim, dtype=self.dtype)
+            self._plain_ok = kv_kernel.supported(self.head_dim, kv_kernel.plain_side(rows), kv_kernel.plain_side(rows))
+        return self._plain_ok
 
     def _side(self, p: int, layer: int) -> tuple:
         sides = self._sides.get((p, layer))
