@@ -2,28 +2,40 @@
 
 PyTorch has no CPU op that reads 2-, 4- or 8-bit K/V codes and attends in one pass: dequantizing
 a chunk with tensor ops writes and re-reads float32 copies (~8 passes over 4-byte values per 2-bit
-code), which at 160K tokens costs tens of seconds per token. This kernel reads each code once: per
-block of 64 tokens it scores the keys row by row (per-channel key scales are folded into the query
-once per key group), takes exp against the running max, then adds the dequantized value rows into
-the query heads' accumulators (online softmax, merged across blocks, threads and pages by
-log-sum-exp). The arithmetic is float32 in 16-wide GCC vectors, so it costs 2 x n_rep x head_dim
-multiply-adds per position and KV head whatever the format: on the 2-core build machine that is
-~70 ns per position and KV head per thread, which int8 codes match with memory reads but 2-bit codes
-do not (docs/benchmarks.md, "Long context: KV cache formats"). One specialisation per head_dim (64, 128,
-256) and zen-eco format keeps every loop bound and shift a constant.
+code), which at 160K tokens costs tens of seconds per token. This kernel reads each code once and
+keeps the online softmax (running max, sum and output per query, merged across blocks, threads and
+pages by log-sum-exp). Two ways in, one per kind of format:
 
-It is built on first use by `native.build` (system C compiler, OpenMP threads following
-torch.get_num_threads()). Without a compiler (or with ZEN_ECO_NATIVE=0 or ZEN_ECO_NATIVE_KV=0, or for
-tensors not on the CPU) `kv_quant` uses its chunked PyTorch path instead: the same numbers, slower.
+- Per-token formats (int8; and plain bf16/float32 rows: the cache's unquantized first tokens and
+  residual window): per block of 64 tokens, keys dequantized row by row and scored in float32 16-wide
+  GCC vectors (partial sums reduced 16 tokens at a time), then the value rows added into the query
+  heads' accumulators: 2 x n_rep x head_dim multiply-adds per position and KV head.
+- The KIVI formats (int4, k4v2, int2: per-channel keys, per-token values), in integers: per key group,
+  each query times the group's channel scales is rounded to int8 (one scale per 32 channels) and dotted
+  with the 4-/2-bit codes by VNNI (`vpdpbusd`: 4 byte products per 32-bit lane), 16 tokens per
+  instruction; per block of 64 positions (aligned, so that the threads' split does not change the
+  result), exp(score - block max) times each token's value scale is rounded to uint8 per (query, value
+  group) and dotted with the value codes, 4 tokens per lane. The codes are stored interleaved for this
+  (kv_quant.Codec.store), the value scales group-major per 32 tokens. The rounding adds little error
+  next to the codes' own (docs/benchmarks.md, "Integer attention over quantized KV"); kv_quant's
+  PyTorch path computes the same numbers. Without AVX512-VNNI the same integer arithmetic runs on
+  plain vectors.
+
+One specialisation per head_dim (64, 128, 256) and zen-eco format keeps every loop bound and shift a
+constant. It is built on first use by `native.build` (system C compiler, OpenMP threads following
+torch.get_num_threads(); ~10 s with AVX-512, ~30 s without). Without a compiler (or with
+ZEN_ECO_NATIVE=0 or ZEN_ECO_NATIVE_KV=0, or for tensors not on the CPU) `kv_quant` uses its chunked
+PyTorch path instead: the same numbers, slower.
 
 Layouts (one per side, K or V; `heads` = batch x KV heads, all contiguous):
   codes  (heads, capacity, dim * bits / 8): int8 codes, or 4-/2-bit codes packed by planes: byte i
-         of a row holds column i + j * (dim / n) in bits [j * bits, (j + 1) * bits), n = 8 / bits
-  scale, zero (float16): per token, (heads, capacity, dim / group) for groups of `group` columns;
-         per channel, (heads, capacity / group, dim) for groups of `group` tokens. zero NULL: symmetric.
+         of a row holds column i + j * (dim / n) in bits [j * bits, (j + 1) * bits), n = 8 / bits;
+         for the KIVI formats the planes run over a tile's interleaved codes (kv_quant.interleave)
+  scale, zero (float16): per token, (heads, capacity, dim / group) for groups of `group` columns (the
+         KIVI formats' values: each 32 tokens' rows group-major); per channel, (heads, capacity / group,
+         dim) for groups of `group` tokens. zero NULL: symmetric.
   value = code * scale + zero
-  Plain rows (bits 16: bfloat16, 32: float32; scale and zero NULL) are the cache's unquantized first
-  tokens and residual window, attended by the same call so every merge happens here.
+  Plain rows (bits 16: bfloat16, 32: float32; scale and zero NULL) are attended by the same call.
 """
 
 from __future__ import annotations
@@ -99,6 +111,35 @@ static inline float hsum(v16 v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* The largest of 16 lanes, by halves (a tree: a scalar chain of 15 maxima would cost its latency). */
+static inline float hmax(v16 v) {
+#ifdef __AVX512F__
+    __m512 x;
+    memcpy(&x, &v, 64);
+    return _mm512_reduce_max_ps(x);
+#else
+    float m = v[0];
+    for (int i = 1; i < 16; i++) m = v[i] > m ? v[i] : m;
+    return m;
+#endif
+}
+
+INLINE v16 vmax(v16 a, v16 b) {
+    const i32x16 more = b > a;
+    return (v16)(((i32x16)b & more) | ((i32x16)a & ~more));
+}
+
+/* The largest of 64 scores and `floor` (BLOCK = VBLOCK = 64). */
+INLINE float max64(const float *s, float floor) {
+    v16 m = splat(floor);
+    for (int t = 0; t < 64; t += 16) {
+        v16 x;
+        memcpy(&x, s + t, 64);
+        m = vmax(m, x);
+    }
+    return hmax(m);
+}
+
 /* exp(x) for one x <= 0 (the online softmax's corrections and merges, once per block): exp16's lane 0,
    so scalar and vector exponentials are the same polynomial. */
 static inline float exp_neg(float x) { return exp16(splat(x))[0]; }
@@ -144,35 +185,22 @@ INLINE v16 load16h(const _Float16 *p) {
 typedef struct {
     const uint8_t *codes;
     const _Float16 *scale, *zero;
-    int64_t group;                 /* per channel: the token group whose scales are loaded */
-    v16 sc[NC], zr[NC];            /* per channel: that group's scale and zero rows */
 } reader_t;
 
 INLINE void reader_init(reader_t *rd, const side_t *s, int64_t h) {
     rd->codes = (const uint8_t *)s->codes + h * s->codes_head_stride;
     rd->scale = s->scale + h * s->scale_head_stride;
     rd->zero = s->zero ? s->zero + h * s->scale_head_stride : 0;
-    rd->group = -1;
 }
 
-/* Row t dequantized into out[dim / 16]. The format arguments are compile-time constants in every
-   specialisation below, so the loops unroll and the shifts are immediates. */
-INLINE void read_row(reader_t *rd, int64_t t, v16 *out, const int dim, const int bits, const int per_channel,
-                     const int group, const int has_zero) {
+/* Row t of a per-token format dequantized into out[dim / 16]. The format arguments are compile-time
+   constants in every specialisation below, so the loops unroll and the shifts are immediates. */
+INLINE void read_row(reader_t *rd, int64_t t, v16 *out, const int dim, const int bits, const int group,
+                     const int has_zero) {
     const int nc = dim / 16;
     const uint8_t *row = rd->codes + t * (dim * bits / 8);
     if (bits >= 16) {  /* plain rows (the unquantized sink and residual window) */
         for (int c = 0; c < nc; c++) out[c] = codes16(row, bits, nc, c);
-    } else if (per_channel) {
-        const int64_t g = t / group;
-        if (g != rd->group) {
-            rd->group = g;
-            for (int c = 0; c < nc; c++) {
-                rd->sc[c] = load16h(rd->scale + g * dim + 16 * c);
-                rd->zr[c] = has_zero ? load16h(rd->zero + g * dim + 16 * c) : splat(0.0f);
-            }
-        }
-        for (int c = 0; c < nc; c++) out[c] = codes16(row, bits, nc, c) * rd->sc[c] + rd->zr[c];
     } else {
         const int ng = dim / group;
         const _Float16 *sc = rd->scale + t * ng, *zr = rd->zero + t * ng;
@@ -207,14 +235,12 @@ static void merge(int n_rep, int dim, float *m, float *l, float *acc, const floa
    fours (padded with zeros): each loaded code vector feeds four FMAs. */
 INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
                         int64_t t1, float *m, float *l, float *acc_out, const int dim, const int kbits,
-                        const int kpc, const int kgroup, const int kzero, const int vbits, const int vpc,
-                        const int vgroup, const int vzero) {
+                        const int kgroup, const int kzero, const int vbits, const int vgroup, const int vzero) {
     const int nc = dim / 16, nr = (n_rep + 3) & ~3;
-    v16 qv[MAX_REP][NC], qs[MAX_REP][NC], acc[MAX_REP][NC], row[NC], vbuf[BLOCK][NC];
-    float s[MAX_REP][BLOCK], bias[MAX_REP], mr[MAX_REP], lr[MAX_REP];
+    v16 qv[MAX_REP][NC], acc[MAX_REP][NC], row[NC], vbuf[BLOCK][NC];
+    float s[MAX_REP][BLOCK], mr[MAX_REP], lr[MAX_REP];
 #ifdef __AVX512F__
-    v16 part[MAX_REP][BLOCK], biasv[MAX_REP];  /* per query and token: a score's 16 partial sums */
-    for (int r = 0; r < MAX_REP; r++) biasv[r] = splat(0.0f);
+    v16 part[MAX_REP][BLOCK];  /* per query and token: a score's 16 partial sums */
 #endif
     reader_t kr, vr;
     reader_init(&kr, k, h);
@@ -228,52 +254,25 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
             acc[r][c] = splat(0.0f);
         }
     }
-    int64_t kgroup_loaded = -1;
     for (int64_t b0 = t0; b0 < t1; b0 += BLOCK) {
         const int n = (int)(t1 - b0 < BLOCK ? t1 - b0 : BLOCK);
         for (int t = 0; t < n; t++) {
             const int64_t tok = b0 + t;
             prefetch_row(kr.codes + tok * (dim * kbits / 8), dim * kbits / 8);
-            if (kpc) {  /* per-channel keys: q . (code * sc + zr) = (q * sc) . code + q . zr, folded per group */
-                const int64_t g = tok / kgroup;
-                if (g != kgroup_loaded) {
-                    kgroup_loaded = g;
-                    for (int r = 0; r < nr; r++) {
-                        v16 zsum = splat(0.0f);
-                        for (int c = 0; c < nc; c++) {
-                            const v16 sc = load16h(kr.scale + g * dim + 16 * c);
-                            qs[r][c] = qv[r][c] * sc;
-                            if (kzero) zsum += qv[r][c] * load16h(kr.zero + g * dim + 16 * c);
-                        }
-                        bias[r] = hsum(zsum);
-#ifdef __AVX512F__
-                        biasv[r] = splat(0.0f);
-                        biasv[r][0] = bias[r];
-#endif
-                    }
-                }
-                const uint8_t *codes = kr.codes + tok * (dim * kbits / 8);
-                for (int c = 0; c < nc; c++) row[c] = codes16(codes, kbits, nc, c);
-            } else {
-                read_row(&kr, tok, row, dim, kbits, 0, kgroup, kzero);
-            }
+            read_row(&kr, tok, row, dim, kbits, kgroup, kzero);
             for (int r0 = 0; r0 < nr; r0 += 4) {
                 v16 a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                const v16 (*w)[NC] = kpc ? qs : qv;
                 for (int c = 0; c < nc; c += 2) {  /* 8 independent FMA chains: 4 queries x even/odd chunks */
-                    a0 += w[r0][c] * row[c], b0 += w[r0][c + 1] * row[c + 1];
-                    a1 += w[r0 + 1][c] * row[c], b1 += w[r0 + 1][c + 1] * row[c + 1];
-                    a2 += w[r0 + 2][c] * row[c], b2 += w[r0 + 2][c + 1] * row[c + 1];
-                    a3 += w[r0 + 3][c] * row[c], b3 += w[r0 + 3][c + 1] * row[c + 1];
+                    a0 += qv[r0][c] * row[c], b0 += qv[r0][c + 1] * row[c + 1];
+                    a1 += qv[r0 + 1][c] * row[c], b1 += qv[r0 + 1][c + 1] * row[c + 1];
+                    a2 += qv[r0 + 2][c] * row[c], b2 += qv[r0 + 2][c + 1] * row[c + 1];
+                    a3 += qv[r0 + 3][c] * row[c], b3 += qv[r0 + 3][c + 1] * row[c + 1];
                 }
-#ifdef __AVX512F__  /* the lanes are summed 16 tokens at a time below; the bias rides in lane 0 */
-                part[r0][t] = a0 + b0 + biasv[r0], part[r0 + 1][t] = a1 + b1 + biasv[r0 + 1];
-                part[r0 + 2][t] = a2 + b2 + biasv[r0 + 2], part[r0 + 3][t] = a3 + b3 + biasv[r0 + 3];
+#ifdef __AVX512F__  /* the lanes are summed 16 tokens at a time below */
+                part[r0][t] = a0 + b0, part[r0 + 1][t] = a1 + b1, part[r0 + 2][t] = a2 + b2, part[r0 + 3][t] = a3 + b3;
 #else
-                s[r0][t] = hsum(a0 + b0) + (kpc ? bias[r0] : 0.0f);
-                s[r0 + 1][t] = hsum(a1 + b1) + (kpc ? bias[r0 + 1] : 0.0f);
-                s[r0 + 2][t] = hsum(a2 + b2) + (kpc ? bias[r0 + 2] : 0.0f);
-                s[r0 + 3][t] = hsum(a3 + b3) + (kpc ? bias[r0 + 3] : 0.0f);
+                s[r0][t] = hsum(a0 + b0), s[r0 + 1][t] = hsum(a1 + b1);
+                s[r0 + 2][t] = hsum(a2 + b2), s[r0 + 3][t] = hsum(a3 + b3);
 #endif
             }
         }
@@ -286,15 +285,7 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
 #endif
         for (int r = 0; r < nr; r++) {  /* scores -> exp(score - running max), in vectors of 16 */
             for (int t = n; t < BLOCK; t++) s[r][t] = -__builtin_inff();
-            v16 mv = splat(mr[r]);
-            for (int t = 0; t < BLOCK; t += 16) {
-                v16 x;
-                memcpy(&x, &s[r][t], 64);
-                const i32x16 more = x > mv;
-                mv = (v16)(((i32x16)x & more) | ((i32x16)mv & ~more));
-            }
-            float mb = mv[0];
-            for (int i = 1; i < 16; i++) mb = mv[i] > mb ? mv[i] : mb;
+            const float mb = max64(s[r], mr[r]);
             const float corr = lr[r] == 0.0f ? 0.0f : exp_neg(mr[r] - mb);
             v16 sum = splat(0.0f);
             for (int t = 0; t < BLOCK; t += 16) {
@@ -310,7 +301,7 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
         }
         for (int t = 0; t < n; t++) {
             prefetch_row(vr.codes + (b0 + t) * (dim * vbits / 8), dim * vbits / 8);
-            read_row(&vr, b0 + t, vbuf[t], dim, vbits, vpc, vgroup, vzero);
+            read_row(&vr, b0 + t, vbuf[t], dim, vbits, vgroup, vzero);
         }
         for (int r0 = 0; r0 < nr; r0 += 4) {
             for (int c = 0; c < nc; c += 2) {  /* 8 independent FMA chains: 2 chunks x 4 queries */
@@ -334,22 +325,272 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
     }
 }
 
+/* ---- Integer attention over the KIVI formats' codes (per-channel keys, per-token values).
+
+   Keys, tiles of 16 tokens: once per key group, each query times the group's channel scales is
+   rounded to int8 per block of 32 channels (scale amax / 127); a tile's codes, unpacked plane by
+   plane, hold one token's 4 channels per 32-bit lane, so one VNNI dot product (uint8 codes x int8
+   query, 4 products per lane) advances 16 tokens' scores by 4 channels. score = sum over blocks of
+   scale * int32 sum, plus q . min.
+   Values, blocks of 64 positions aligned to multiples of 64: p = exp(score - block max); per query and
+   group of value channels, p * scale rounded to uint8 (scale max / 255); a value tile's codes hold 4
+   tokens' codes of one channel per lane, dotted with those 4 tokens' weights. The block's output
+   (int32 * weight scale + sum of p * min) joins the running softmax by log-sum-exp.
+   kv_quant's PyTorch path (_key_scores, _merge_blocks) computes the same numbers. */
+
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+#define VBLOCK 64  /* kv_quant.VALUE_BLOCK */
+#define QBLOCK 32  /* kv_quant.QUERY_BLOCK */
+#define STILE 32   /* kv_quant.SCALE_TILE */
+
+/* 64 integer codes as 16 32-bit lanes (vq), and the operations the integer attention needs. */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* unrolled where the shift counts then become constants (elsewhere unrolling costs minutes of compiling) */
+#define UNROLL4 _Pragma("GCC unroll 4")
+#define UNROLL8 _Pragma("GCC unroll 8")
+#define UNROLL16 _Pragma("GCC unroll 16")
+typedef __m512i vq;
+INLINE vq vq_zero(void) { return _mm512_setzero_si512(); }
+INLINE vq vq_set1(int32_t w) { return _mm512_set1_epi32(w); }
+INLINE vq vq_add(vq a, vq b) { return _mm512_add_epi32(a, b); }
+/* acc + the sums of 4 adjacent byte products u * s (u unsigned, s signed) per lane */
+INLINE vq vq_dot(vq acc, vq u, vq s) { return _mm512_dpbusd_epi32(acc, u, s); }
+INLINE v16 vq_float(vq a) {
+    const __m512 f = _mm512_cvtepi32_ps(a);
+    v16 out;
+    memcpy(&out, &f, 64);
+    return out;
+}
+/* bits [shift, shift + bits) of 64 bytes (a 16-bit shift: the mask drops what crossed from the next byte) */
+INLINE vq vq_codes(const uint8_t *p, const int shift, const int bits) {
+    const vq x = _mm512_loadu_si512(p);
+    return bits == 8 ? x : _mm512_and_si512(_mm512_srli_epi16(x, shift), _mm512_set1_epi8((char)((1 << bits) - 1)));
+}
+#else
+#define UNROLL4
+#define UNROLL8
+#define UNROLL16
+typedef i32x16 vq;
+INLINE vq vq_zero(void) { return (vq){0}; }
+INLINE vq vq_set1(int32_t w) { return (vq){w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w}; }
+INLINE vq vq_add(vq a, vq b) { return a + b; }
+INLINE vq vq_dot(vq acc, vq u, vq s) {  /* bytes by shifts: unsigned from u, sign-extended from s */
+    const vq m = vq_set1(0xff);
+    return acc + (u & m) * ((s << 24) >> 24) + ((u >> 8) & m) * ((s << 16) >> 24) + ((u >> 16) & m) * ((s << 8) >> 24) +
+           ((u >> 24) & m) * (s >> 24);
+}
+INLINE v16 vq_float(vq a) { return __builtin_convertvector(a, v16); }
+INLINE vq vq_codes(const uint8_t *p, const int shift, const int bits) {
+    u8x64 x;
+    memcpy(&x, p, 64);
+    if (bits < 8) x = (x >> (uint8_t)shift) & (uint8_t)((1 << bits) - 1);
+    return (vq)x;
+}
+#endif
+
+/* Unpacked vector j (64 codes) of a tile packed by planes into `packed` bytes. */
+INLINE vq tile_codes(const uint8_t *tile, const int j, const int bits, const int packed) {
+    const int per_plane = packed / 64;
+    return vq_codes(tile + 64 * (j % per_plane), (j / per_plane) * bits, bits);
+}
+
+/* x rounded to the nearest integer (ties to even, as torch.round) as 16 int32 lanes, stored as bytes. */
+INLINE void round_to_bytes(v16 x, void *out) {
+#ifdef __AVX512F__
+    __m512 f;
+    memcpy(&f, &x, 64);
+    _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(f)));
+#else
+    uint8_t *o = (uint8_t *)out;
+    for (int k = 0; k < 16; k++) o[k] = (uint8_t)(int32_t)__builtin_rintf(x[k]);
+#endif
+}
+
+INLINE void attend_int_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
+                            int64_t t1, float *m, float *l, float *acc_out, const int dim, const int kbits,
+                            const int kgroup, const int vbits, const int vgroup) {
+    const int nc = dim / 16, nr = (n_rep + 3) & ~3, nqb = dim / QBLOCK, ngv = dim / vgroup;
+    const int ktile = 16 * dim * kbits / 8, vtile = 4 * dim * vbits / 8;  /* packed bytes */
+    v16 acc[MAX_REP][NC];
+    float s[MAX_REP][VBLOCK] __attribute__((aligned(64)));
+    float mr[MAX_REP], lr[MAX_REP], bias[MAX_REP], qscale[MAX_REP][MAX_DIM / QBLOCK];
+    int32_t q8[MAX_REP][MAX_DIM / 4] __attribute__((aligned(64)));  /* the rounded query, 4 channels a word */
+    float scf[MAX_DIM / 16][VBLOCK] __attribute__((aligned(64))), zrf[MAX_DIM / 16][VBLOCK] __attribute__((aligned(64)));
+    uint8_t w8[MAX_REP][MAX_DIM / 16][VBLOCK] __attribute__((aligned(64)));  /* uint8 value weights */
+    float wscale[MAX_REP][MAX_DIM / 16], wzero[MAX_REP][MAX_DIM / 16];
+    const uint8_t *kcodes = (const uint8_t *)k->codes + h * k->codes_head_stride;
+    const uint8_t *vcodes = (const uint8_t *)v->codes + h * v->codes_head_stride;
+    const _Float16 *ksc = k->scale + h * k->scale_head_stride, *kzr = k->zero + h * k->scale_head_stride;
+    const _Float16 *vsc = v->scale + h * v->scale_head_stride, *vzr = v->zero + h * v->scale_head_stride;
+    for (int r = 0; r < nr; r++) {
+        mr[r] = -__builtin_inff(), lr[r] = 0.0f;
+        for (int c = 0; c < nc; c++) acc[r][c] = splat(0.0f);
+    }
+    int64_t kgroup_loaded = -1;
+    for (int64_t bs = t0 / VBLOCK * VBLOCK; bs < t1; bs += VBLOCK) {
+        const int64_t lo = bs > t0 ? bs : t0, hi = bs + VBLOCK < t1 ? bs + VBLOCK : t1;
+        const int first = (int)(lo - bs), last = (int)(hi - bs);
+        /* keys: the block's tiles of 16 */
+        for (int64_t ts = lo / 16 * 16; ts < hi; ts += 16) {
+            const int64_t g = ts / kgroup;
+            if (g != kgroup_loaded) {  /* the group's query: q * scale, int8 per QBLOCK channels; q . min */
+                kgroup_loaded = g;
+                for (int r = 0; r < nr; r++) {
+                    v16 qs[NC], zsum = splat(0.0f);
+                    for (int c = 0; c < nc; c++) {
+                        v16 x = splat(0.0f);
+                        if (r < n_rep) memcpy(&x, q + r * dim + 16 * c, 64);
+                        zsum += x * load16h(kzr + g * dim + 16 * c);
+                        qs[c] = x * load16h(ksc + g * dim + 16 * c);
+                    }
+                    bias[r] = hsum(zsum);
+                    for (int b = 0; b < nqb; b++) {
+                        v16 amax = splat(0.0f);
+                        for (int c = b * QBLOCK / 16; c < (b + 1) * QBLOCK / 16; c++) {
+                            const v16 a = (v16)((i32x16)qs[c] & 0x7fffffff);
+                            amax = vmax(amax, a);
+                        }
+                        const float mx = hmax(amax);
+                        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+                        qscale[r][b] = mx / 127.0f;
+                        for (int c = b * QBLOCK / 16; c < (b + 1) * QBLOCK / 16; c++)
+                            round_to_bytes(qs[c] * inv, (int8_t *)q8[r] + 16 * c);
+                    }
+                }
+            }
+            const uint8_t *tile = kcodes + ts * (dim * kbits / 8);
+            for (int o = 0; o < ktile; o += 64) __builtin_prefetch(tile + PREFETCH + o, 0, 2);
+            const int off = (int)(ts - bs);  /* 0, 16, 32, 48 */
+            for (int r0 = 0; r0 < nr; r0 += 4) {
+                v16 s0 = splat(bias[r0]), s1 = splat(bias[r0 + 1]), s2 = splat(bias[r0 + 2]), s3 = splat(bias[r0 + 3]);
+UNROLL4
+                for (int b = 0; b < nqb; b += 2) {  /* two blocks of 8 words of 4 channels: 8 independent sums */
+                    vq a0 = vq_zero(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+UNROLL8
+                    for (int i = 0; i < QBLOCK / 4; i++) {
+                        const int j = b * QBLOCK / 4 + i, jn = j + QBLOCK / 4;
+                        const vq x = tile_codes(tile, j, kbits, ktile), y = tile_codes(tile, jn, kbits, ktile);
+                        a0 = vq_dot(a0, x, vq_set1(q8[r0][j])), c0 = vq_dot(c0, y, vq_set1(q8[r0][jn]));
+                        a1 = vq_dot(a1, x, vq_set1(q8[r0 + 1][j])), c1 = vq_dot(c1, y, vq_set1(q8[r0 + 1][jn]));
+                        a2 = vq_dot(a2, x, vq_set1(q8[r0 + 2][j])), c2 = vq_dot(c2, y, vq_set1(q8[r0 + 2][jn]));
+                        a3 = vq_dot(a3, x, vq_set1(q8[r0 + 3][j])), c3 = vq_dot(c3, y, vq_set1(q8[r0 + 3][jn]));
+                    }
+                    s0 += vq_float(a0) * qscale[r0][b] + vq_float(c0) * qscale[r0][b + 1];
+                    s1 += vq_float(a1) * qscale[r0 + 1][b] + vq_float(c1) * qscale[r0 + 1][b + 1];
+                    s2 += vq_float(a2) * qscale[r0 + 2][b] + vq_float(c2) * qscale[r0 + 2][b + 1];
+                    s3 += vq_float(a3) * qscale[r0 + 3][b] + vq_float(c3) * qscale[r0 + 3][b + 1];
+                }
+                memcpy(&s[r0][off], &s0, 64), memcpy(&s[r0 + 1][off], &s1, 64);
+                memcpy(&s[r0 + 2][off], &s2, 64), memcpy(&s[r0 + 3][off], &s3, 64);
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
+            for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
+        }
+        /* the block's value scales and minimums by group (stored group-major per STILE tokens; zero
+           outside [lo, hi)) */
+        for (int t = 0; t < VBLOCK; t += 16) {
+            const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            const i32x16 in = (lane + t >= first) & (lane + t < last);
+            const int64_t at = (bs + t) / STILE * STILE * ngv + (bs + t) % STILE;
+            for (int gi = 0; gi < ngv; gi++) {
+                const v16 sc = load16h(vsc + at + gi * STILE), zr = load16h(vzr + at + gi * STILE);
+                const v16 scm = (v16)((i32x16)sc & in), zrm = (v16)((i32x16)zr & in);
+                memcpy(&scf[gi][t], &scm, 64), memcpy(&zrf[gi][t], &zrm, 64);
+            }
+        }
+        /* softmax weights against the block max, joined to the running state; uint8 value weights */
+        for (int r = 0; r < nr; r++) {
+            const float mb = max64(s[r], -__builtin_inff());
+            v16 p[VBLOCK / 16], psum = splat(0.0f);
+            for (int t = 0; t < VBLOCK / 16; t++) {
+                memcpy(&p[t], &s[r][16 * t], 64);
+                p[t] = exp16(p[t] - mb);
+                psum += p[t];
+            }
+            const float m_new = mr[r] > mb ? mr[r] : mb;
+            const float corr = lr[r] == 0.0f ? 0.0f : exp_neg(mr[r] - m_new), f = exp_neg(mb - m_new);
+            lr[r] = lr[r] * corr + f * hsum(psum);
+            mr[r] = m_new;
+            for (int c = 0; c < nc; c++) acc[r][c] *= corr;
+            for (int gi = 0; gi < ngv; gi++) {
+                v16 w[VBLOCK / 16], wmax = splat(0.0f), zs = splat(0.0f);
+                for (int t = 0; t < VBLOCK / 16; t++) {
+                    v16 sc, zr;
+                    memcpy(&sc, &scf[gi][16 * t], 64);
+                    memcpy(&zr, &zrf[gi][16 * t], 64);
+                    w[t] = p[t] * sc;
+                    zs += p[t] * zr;
+                    wmax = vmax(wmax, w[t]);
+                }
+                const float wm = hmax(wmax);
+                const float inv = wm > 0.0f ? 255.0f / wm : 0.0f;
+                wscale[r][gi] = f * (wm / 255.0f);
+                wzero[r][gi] = f * hsum(zs);
+                for (int t = 0; t < VBLOCK / 16; t++) round_to_bytes(w[t] * inv, &w8[r][gi][16 * t]);
+            }
+        }
+        /* values: per chunk of 16 channels, the block's tiles of 4 tokens */
+        const uint8_t *vb = vcodes + bs * (dim * vbits / 8);
+        for (int o = 0; o < 16 * vtile; o += 64) __builtin_prefetch(vb + PREFETCH + o, 0, 2);
+        const int q0 = first / 4, q1 = (last + 3) / 4;
+        for (int r0 = 0; r0 < nr; r0 += 4)
+UNROLL16
+            for (int c = 0; c < nc; c++) {
+                const int gi = c * 16 / vgroup;
+                const int32_t *w0 = (const int32_t *)w8[r0][gi], *w1 = (const int32_t *)w8[r0 + 1][gi];
+                const int32_t *w2 = (const int32_t *)w8[r0 + 2][gi], *w3 = (const int32_t *)w8[r0 + 3][gi];
+                vq a0 = vq_zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                int qd = q0;
+                for (; qd + 1 < q1; qd += 2) {  /* two tiles at a time: 8 independent sums */
+                    const vq x = tile_codes(vb + qd * vtile, c, vbits, vtile);
+                    const vq y = tile_codes(vb + (qd + 1) * vtile, c, vbits, vtile);
+                    a0 = vq_dot(a0, vq_set1(w0[qd]), x), b0 = vq_dot(b0, vq_set1(w0[qd + 1]), y);
+                    a1 = vq_dot(a1, vq_set1(w1[qd]), x), b1 = vq_dot(b1, vq_set1(w1[qd + 1]), y);
+                    a2 = vq_dot(a2, vq_set1(w2[qd]), x), b2 = vq_dot(b2, vq_set1(w2[qd + 1]), y);
+                    a3 = vq_dot(a3, vq_set1(w3[qd]), x), b3 = vq_dot(b3, vq_set1(w3[qd + 1]), y);
+                }
+                if (qd < q1) {
+                    const vq x = tile_codes(vb + qd * vtile, c, vbits, vtile);
+                    a0 = vq_dot(a0, vq_set1(w0[qd]), x), a1 = vq_dot(a1, vq_set1(w1[qd]), x);
+                    a2 = vq_dot(a2, vq_set1(w2[qd]), x), a3 = vq_dot(a3, vq_set1(w3[qd]), x);
+                }
+                a0 = vq_add(a0, b0), a1 = vq_add(a1, b1), a2 = vq_add(a2, b2), a3 = vq_add(a3, b3);
+                acc[r0][c] += vq_float(a0) * wscale[r0][gi] + wzero[r0][gi];
+                acc[r0 + 1][c] += vq_float(a1) * wscale[r0 + 1][gi] + wzero[r0 + 1][gi];
+                acc[r0 + 2][c] += vq_float(a2) * wscale[r0 + 2][gi] + wzero[r0 + 2][gi];
+                acc[r0 + 3][c] += vq_float(a3) * wscale[r0 + 3][gi] + wzero[r0 + 3][gi];
+            }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        m[r] = mr[r];
+        l[r] = lr[r];
+        memcpy(acc_out + r * dim, &acc[r][0], sizeof(float) * dim);
+    }
+}
+
 /* One function per (head_dim, format) that zen-eco uses, the format a constant in each; anything
    else is refused (the caller then uses its PyTorch path). */
 typedef void (*range_fn)(int, const float *, const side_t *, const side_t *, int64_t, int64_t, int64_t, float *,
                          float *, float *);
-#define SPECIAL(NAME, D, KB, KPC, KG, KZ, VB, VPC, VG, VZ)                                                  \
+#define SPECIAL(NAME, D, KB, KG, KZ, VB, VG, VZ)                                                              \
     static void NAME(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,       \
                      int64_t t1, float *m, float *l, float *acc) {                                             \
-        attend_impl(n_rep, q, k, v, h, t0, t1, m, l, acc, D, KB, KPC, KG, KZ, VB, VPC, VG, VZ);               \
+        attend_impl(n_rep, q, k, v, h, t0, t1, m, l, acc, D, KB, KG, KZ, VB, VG, VZ);                         \
+    }
+#define SPECIAL_INT(NAME, D, KB, KG, VB, VG)                                                                   \
+    static void NAME(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,       \
+                     int64_t t1, float *m, float *l, float *acc) {                                             \
+        attend_int_impl(n_rep, q, k, v, h, t0, t1, m, l, acc, D, KB, KG, VB, VG);                              \
     }
 #define FORMATS(D)                                                                                             \
-    SPECIAL(int8_##D, D, 8, 0, D, 0, 8, 0, D, 0)                                                               \
-    SPECIAL(int4_##D, D, 4, 1, 128, 1, 4, 0, 32, 1)                                                            \
-    SPECIAL(int2_##D, D, 2, 1, 32, 1, 2, 0, 32, 1)                                                            \
-    SPECIAL(k4v2_##D, D, 4, 1, 128, 1, 2, 0, 32, 1)                                                            \
-    SPECIAL(bf16_##D, D, 16, 0, D, 0, 16, 0, D, 0)                                                             \
-    SPECIAL(f32_##D, D, 32, 0, D, 0, 32, 0, D, 0)
+    SPECIAL(int8_##D, D, 8, D, 0, 8, D, 0)                                                                     \
+    SPECIAL_INT(int4_##D, D, 4, 128, 4, 32)                                                                    \
+    SPECIAL_INT(int2_##D, D, 2, 32, 2, 32)                                                                     \
+    SPECIAL_INT(k4v2_##D, D, 4, 128, 2, 32)                                                                    \
+    SPECIAL(bf16_##D, D, 16, D, 0, 16, D, 0)                                                                   \
+    SPECIAL(f32_##D, D, 32, D, 0, 32, D, 0)
 FORMATS(64)
 FORMATS(128)
 FORMATS(256)
@@ -372,6 +613,13 @@ static range_fn pick(int dim, const side_t *k, const side_t *v) {
 
 int zen_kv_supported(int dim, const side_t *k, const side_t *v) { return pick(dim, k, v) != 0; }
 
+/* Where task `part` of a range split in `span`s starts: on a multiple of VBLOCK, so that no value block
+   (whose weights share a scale) is split between tasks and the result does not depend on the threads. */
+static int64_t cut(int64_t t0, int64_t t1, int64_t span, int part, int splits) {
+    const int64_t x = (t0 + part * span) / VBLOCK * VBLOCK;
+    return part == 0 ? t0 : part == splits ? t1 : x < t0 ? t0 : x > t1 ? t1 : x;
+}
+
 /* q: (heads, n_rep, dim) float, already scaled. m, l: (heads, n_rep), acc: (heads, n_rep, dim): the
    running online-softmax state, merged with tokens [t0, t1) of every head. dim must be a multiple
    of 16 and of 16 * 8 / bits, per-token groups multiples of 16. Returns 0, or -1 when the shapes do
@@ -392,7 +640,7 @@ int zen_kv_attend(int heads, int n_rep, int dim, int64_t t0, int64_t t1, const f
     #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
     for (int task = 0; task < tasks; task++) {
         const int h = task / splits, part = task % splits;
-        const int64_t a = t0 + part * span, b = a + span < t1 ? a + span : t1;
+        const int64_t a = cut(t0, t1, span, part, splits), b = cut(t0, t1, span, part + 1, splits);
         float *sm = scratch + (size_t)task * per, *sl = sm + n_rep, *sa = sl + n_rep;
         if (a >= b) { for (int r = 0; r < n_rep; r++) { sm[r] = -__builtin_inff(); sl[r] = 0.0f; } continue; }
         fn(n_rep, q + (size_t)h * n_rep * dim, k, v, h, a, b, sm, sl, sa);

@@ -55,6 +55,11 @@ INT4_RESIDUAL = 128
 INT2_KEY_GROUP = 32  # tokens per (scale, min) of a key channel (KIVI's G; 128 tokens cost SmolLM2 3x the KL)
 INT2_VALUE_GROUP = 32  # channels per (scale, min) of a value token
 INT2_RESIDUAL = 128  # newest tokens always kept unquantized (KIVI's R)
+KEY_TILE, VALUE_TILE = 16, 4  # tokens interleaved in storage (see Codec); key groups and `flush` are multiples
+SCALE_TILE = 32  # value scales stored group-major per 32 tokens (int2's flush, the smallest)
+# Decode attention over the KIVI formats' codes is integer arithmetic (the kernel's VNNI dot products):
+QUERY_BLOCK = 32  # channels per int8 scale of (query x key scale) against 4-/2-bit key codes
+VALUE_BLOCK = 64  # positions per uint8 scale of (softmax weight x value scale) against value codes
 SINK_TOKENS = 128  # first tokens kept unquantized by every format: the attention sinks (one key group)
 SCALE_DTYPE = torch.float16
 
@@ -87,16 +92,81 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((packed.unsqueeze(-2) >> shifts[:, None]) & (2**bits - 1)).flatten(-2)
 
 
+def interleave(codes: torch.Tensor, tile: int, lane: int) -> torch.Tensor:
+    """(..., T, D) codes -> (..., T / tile, tile * D) in the order the kernel's 32-bit lanes take them:
+    per tile of `tile` tokens, for each run of `lane` channels, each token's `lane` codes."""
+    T, D = codes.shape[-2:]
+    x = codes.unflatten(-1, (D // lane, lane)).unflatten(-3, (T // tile, tile))  # (..., T/tile, tile, D/lane, lane)
+    return x.transpose(-3, -2).flatten(-3)
+
+
+def deinterleave(rows: torch.Tensor, tile: int, lane: int) -> torch.Tensor:
+    """Inverse of `interleave`: (..., T / tile, tile * D) -> (..., T, D)."""
+    D = rows.shape[-1] // tile
+    x = rows.unflatten(-1, (D // lane, tile, lane))  # (..., T/tile, D/lane, tile, lane)
+    return x.transpose(-3, -2).flatten(-2).flatten(-3, -2)
+
+
 @dataclass(frozen=True)
 class Codec:
     """How one of K or V is stored: `bits`-bit codes, one (scale, min) per `group` channels of a
     token, or with `per_channel` per `group` tokens of a channel. `symmetric` (8 bits only): signed
-    codes, value = code * scale."""
+    codes, value = code * scale.
+
+    `tile` > 1 (the KIVI formats, whose positions are stored `flush` tokens at a time): codes are
+    interleaved over tiles of `tile` tokens before packing by planes, so that the kernel's integer dot
+    products find them in 32-bit lanes: keys (tile 16, `lane` 4): a lane is one token's codes of 4
+    channels, 16 tokens per 512-bit vector, dotted with 4 int8 query channels; values (tile 4, lane 1):
+    a lane is 4 tokens' codes of one channel, dotted with their 4 uint8 softmax weights."""
 
     bits: int
     group: int
     per_channel: bool = False
     symmetric: bool = False
+    tile: int = 1
+    scale_tile: int = 1  # per-token scales: stored group-major over tiles of this many tokens (kernel loads)
+
+    @property
+    def lane(self) -> int:
+        return 4 if self.per_channel else 1
+
+    def store(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., T, D) uint8/int8 codes -> (..., T, row_bytes) as stored (T a multiple of `tile`)."""
+        if self.bits == 8:
+            return codes
+        if self.tile == 1:
+            return pack(codes, self.bits)
+        T, D = codes.shape[-2:]
+        return pack(interleave(codes, self.tile, self.lane), self.bits).reshape(codes.shape[:-2] + (T, self.row_bytes(D)))
+
+    @property
+    def unit(self) -> int:
+        """Stored positions come in whole units of this many (key groups; value tiles)."""
+        return self.group if self.per_channel else math.lcm(self.tile, self.scale_tile)
+
+    def store_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token (..., T, D / group) scales or minimums -> as stored (same shape; T a multiple of
+        `scale_tile`): each tile of `scale_tile` tokens group-major, so a group's run is contiguous."""
+        if self.scale_tile == 1:
+            return x
+        return x.unflatten(-2, (-1, self.scale_tile)).transpose(-1, -2).reshape(x.shape)
+
+    def load_scale(self, stored: torch.Tensor) -> torch.Tensor:
+        """Inverse of `store_scale`."""
+        if self.scale_tile == 1:
+            return stored
+        G = stored.shape[-1]
+        return stored.flatten(-2).unflatten(-1, (-1, G, self.scale_tile)).transpose(-1, -2).reshape(stored.shape)
+
+    def load(self, stored: torch.Tensor) -> torch.Tensor:
+        """Inverse of `store`: (..., T, row_bytes) -> (..., T, D) codes (T a multiple of `tile`)."""
+        if self.bits == 8:
+            return stored
+        if self.tile == 1:
+            return unpack(stored, self.bits)
+        T = stored.shape[-2]
+        rows = unpack(stored.reshape(stored.shape[:-2] + (T // self.tile, self.tile * stored.shape[-1])), self.bits)
+        return deinterleave(rows, self.tile, self.lane)
 
     @property
     def qmax(self) -> int:
@@ -129,12 +199,12 @@ class Codec:
         scale, zero = ((hi - lo) / self.qmax).to(SCALE_DTYPE), lo.to(SCALE_DTYPE)
         s, z = scale.float().unsqueeze(axis), zero.float().unsqueeze(axis)
         codes = torch.round((g - z) / torch.where(s > 0, s, 1.0)).clamp_(0, self.qmax).to(torch.uint8)
-        return pack(codes.reshape(x.shape), self.bits) if self.bits < 8 else codes.reshape(x.shape), scale, zero
+        return self.store(codes.reshape(x.shape)), scale, zero
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(codes, scale, min) of T positions -> (..., T, D) in `dtype` (computed in float32)."""
-        c = (unpack(codes, self.bits) if self.bits < 8 else codes).float()
+        c = self.load(codes).float()
         T, D = c.shape[-2:]
         if self.per_channel:  # the last group may be partial (the scale rows cover ceil(T / group))
             s = scale.float().repeat_interleave(self.group, dim=-2)[..., :T, :]
@@ -143,6 +213,54 @@ class Codec:
         c = c.unflatten(-1, (D // self.group, self.group))
         z = 0.0 if zero is None else zero.float()[..., None]
         return (c * scale.float()[..., None] + z).flatten(-2).to(dtype)
+
+
+def _round(x: torch.Tensor, qmax: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to integers in [-qmax, qmax] (integer-valued floats) on one scale per slice along
+    `dim`, and those scales (amax / qmax, keepdim): x ~ codes * scale. The kernel computes the same."""
+    amax = x.abs().amax(dim, keepdim=True)
+    return torch.round(x * torch.where(amax > 0, qmax / amax, 0.0)), amax / qmax
+
+
+def _key_scores(codec: Codec, qf: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Scores of queries qf (N, R, D) against per-channel key codes k (N, T, D) (integer-valued floats,
+    whole key groups from a group boundary) with their (scale, min) rows (N, T / group, D): per group,
+    q * scale rounded to int8 per QUERY_BLOCK channels, dotted with the codes, plus q . min."""
+    N, T, D = k.shape
+    B = min(QUERY_BLOCK, D)
+    qs = qf[:, :, None, :] * scale.float()[:, None]  # (N, R, G, D)
+    q8, s = _round(qs.unflatten(-1, (D // B, B)), 127, -1)  # (N, R, G, D/B, B), (.., 1)
+    ints = torch.einsum("nrgkb,ngtkb->nrgtk", q8, k.unflatten(1, (-1, codec.group)).unflatten(-1, (D // B, B)))
+    scores = (ints * s.squeeze(-1)[:, :, :, None, :]).sum(-1)  # (N, R, G, group)
+    scores = scores + (qf[:, :, None, :] * zero.float()[:, None]).sum(-1)[..., None]
+    return scores.flatten(2)
+
+
+def _merge_blocks(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor, v: torch.Tensor,
+                  scale: torch.Tensor, zero: torch.Tensor, start: int) -> None:
+    """Fold positions [start, start + n) into the running softmax state (as `_merge`), values as codes
+    v (N, n, D) with per-token (scale, min) (N, n, D / g): per block of VALUE_BLOCK positions (aligned to
+    multiples of it), exp(score - block max) * scale rounded to uint8 per (query, block, value group),
+    dotted with the codes; plus exp(score - block max) * min."""
+    N, R, n = scores.shape
+    B, G = VALUE_BLOCK, scale.shape[-1]
+    left = start % B
+    right = -(left + n) % B
+    pad = torch.nn.functional.pad
+    x = pad(scores, (left, right), value=-math.inf).unflatten(-1, (-1, B))  # (N, R, nb, B)
+    mb = x.amax(-1)  # every block holds at least one position
+    p = torch.exp(x - mb[..., None])
+    sc = pad(scale.float(), (0, 0, left, right)).unflatten(1, (-1, B))  # (N, nb, B, G)
+    zr = pad(zero.float(), (0, 0, left, right)).unflatten(1, (-1, B))
+    w8, ws = _round(p[..., None] * sc[:, None], 255, -2)  # (N, R, nb, B, G), (N, R, nb, 1, G)
+    codes = pad(v, (0, 0, left, right)).unflatten(1, (-1, B)).unflatten(-1, (G, -1))  # (N, nb, B, G, D/G)
+    out = torch.einsum("nrbtg,nbtgc->nrbgc", w8, codes) * ws.squeeze(-2)[..., None]
+    out = (out + torch.einsum("nrbt,nbtg->nrbg", p, zr)[..., None]).flatten(-2)  # (N, R, nb, D)
+    m_new = torch.maximum(m, mb.amax(-1))
+    f, corr = torch.exp(mb - m_new[..., None]), torch.exp(m - m_new)  # corr 0 while nothing was merged
+    l.mul_(corr).add_((p.sum(-1) * f).sum(-1))
+    acc.mul_(corr[..., None]).add_((out * f[..., None]).sum(-2))
+    m.copy_(m_new)
 
 
 def _merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor, v: torch.Tensor) -> None:
@@ -201,9 +319,10 @@ class QuantizedKVCache(KVCache):
         B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
         out = []
         for c in (self.key_codec, self.value_codec):
-            rows, cols = c.scale_shape(cap, D)
-            codes = torch.zeros(B, H, cap, c.row_bytes(D), dtype=torch.int8 if c.symmetric else torch.uint8,
+            rows = -(-cap // c.unit) * c.unit  # whole key groups (whole tiles), whole value tiles
+            codes = torch.zeros(B, H, rows, c.row_bytes(D), dtype=torch.int8 if c.symmetric else torch.uint8,
                                 device=self.device)
+            rows, cols = c.scale_shape(-(-cap // VALUE_BLOCK) * VALUE_BLOCK if c.scale_tile > 1 else cap, D)
             scale = torch.zeros(B, H, rows, cols, dtype=SCALE_DTYPE, device=self.device)
             zero = None if c.symmetric else torch.zeros_like(scale)
             out += [codes, scale, zero]
@@ -230,11 +349,13 @@ class QuantizedKVCache(KVCache):
             self.page_caps[p] = cap
         self.capacity = capacity
 
-    def _segments(self, a: int, b: int, step: int = PAGE_TOKENS):
-        """(page, start, end) pieces of positions [a, b), page-relative, at most `step` long."""
+    def _segments(self, a: int, b: int, step: int | None = None):
+        """(page, start, end) pieces of positions [a, b), page-relative, within one page and one aligned
+        run of `step` (a multiple of the key groups and value blocks, so that none is split)."""
+        step = step or PAGE_TOKENS
         while a < b:
             p, off = divmod(a, PAGE_TOKENS)
-            n = min(b - a, PAGE_TOKENS - off, step)
+            n = min(b - a, PAGE_TOKENS - off, step - off % step)
             yield p, off, off + n
             a += n
 
@@ -247,9 +368,9 @@ class QuantizedKVCache(KVCache):
                 qc, qs, qz = c.quantize(x[:, :, i:j])
                 codes[:, :, a:b] = qc
                 ra, rb = (a // c.group, -(-b // c.group)) if c.per_channel else (a, b)
-                scale[:, :, ra:rb] = qs
+                scale[:, :, ra:rb] = c.store_scale(qs)
                 if zero is not None:
-                    zero[:, :, ra:rb] = qz
+                    zero[:, :, ra:rb] = c.store_scale(qz)
 
     def _load(self, layer: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized K, V (B, H, b - a, D) float32 of quantized positions [a, b) within one page."""
@@ -258,10 +379,11 @@ class QuantizedKVCache(KVCache):
         page = self.pages[p][layer]
         out = []
         for c, (codes, scale, zero) in ((self.key_codec, page[:3]), (self.value_codec, page[3:])):
-            lo, hi = (a // c.group * c.group, -(-b // c.group) * c.group) if c.per_channel else (a, b)
+            lo, hi = a // c.unit * c.unit, -(-b // c.unit) * c.unit  # whole key groups, whole value tiles
             hi = min(hi, codes.shape[2])
             ra, rb = (lo // c.group, -(-hi // c.group)) if c.per_channel else (lo, hi)
-            x = c.dequantize(codes[:, :, lo:hi], scale[:, :, ra:rb], None if zero is None else zero[:, :, ra:rb])
+            x = c.dequantize(codes[:, :, lo:hi], c.load_scale(scale[:, :, ra:rb]),
+                             None if zero is None else c.load_scale(zero[:, :, ra:rb]))
             out.append(x[:, :, a - lo : b - lo])
         return out[0], out[1]
 
@@ -343,6 +465,8 @@ class QuantizedKVCache(KVCache):
         for p, a, b in self._segments(max(lo, S), q1, PAGE_TOKENS if native else ATTEND_CHUNK):
             if native:
                 kv_kernel.attend(qf, *self._side(p, layer), a, b, m, l, acc)
+            elif self.key_codec.tile > 1:
+                self._attend_codes(layer, qf, p, a, b, m, l, acc)
             else:
                 kf, vf = self._load(layer, p * PAGE_TOKENS + a, p * PAGE_TOKENS + b)
                 _merge(m, l, acc, qf @ kf.flatten(0, 1).transpose(1, 2), vf.flatten(0, 1))
@@ -356,6 +480,21 @@ class QuantizedKVCache(KVCache):
                 vf = self.res_v[layer][:, :, r0 : end - q1].float().flatten(0, 1)
                 _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
         return (acc / l[..., None]).to(q.dtype).reshape(B, H * rep, D)
+
+    def _attend_codes(self, layer: int, qf: torch.Tensor, p: int, a: int, b: int, m: torch.Tensor,
+                      l: torch.Tensor, acc: torch.Tensor) -> None:
+        """The PyTorch path of the kernel's integer attention: page p's positions [a, b) (page-relative,
+        within one aligned ATTEND_CHUNK) of a KIVI format, computed as the kernel does."""
+        kc, vc = self.key_codec, self.value_codec
+        kcodes, kscale, kzero, vcodes, vscale, vzero = self.pages[p][layer]
+        lo, hi = a // kc.group * kc.group, -(-b // kc.group) * kc.group
+        k = kc.load(kcodes[:, :, lo:hi].flatten(0, 1)).float()  # (N, hi - lo, D): rows are allocated in whole groups
+        scores = _key_scores(kc, qf, k, kscale[:, :, lo // kc.group : hi // kc.group].flatten(0, 1),
+                             kzero[:, :, lo // kc.group : hi // kc.group].flatten(0, 1))[..., a - lo : b - lo]
+        t0, t1 = a // vc.unit * vc.unit, -(-b // vc.unit) * vc.unit
+        v = vc.load(vcodes[:, :, t0:t1].flatten(0, 1)).float()[:, a - t0 : b - t0]
+        vs, vz = (vc.load_scale(x[:, :, t0:t1].flatten(0, 1))[:, a - t0 : b - t0] for x in (vscale, vzero))
+        _merge_blocks(m, l, acc, scores, v, vs, vz, a)
 
     def advance(self, n: int) -> None:
         self.qlen = self._qlen_for(self.length + n)
@@ -427,12 +566,14 @@ def codecs(kv_format: str, head_dim: int) -> tuple[Codec, Codec, int]:
     if fmt == "int8":
         return Codec(8, head_dim, symmetric=True), Codec(8, head_dim, symmetric=True), 0
     if fmt == "int4":
-        return Codec(4, INT4_KEY_GROUP, per_channel=True), Codec(4, min(INT4_VALUE_GROUP, head_dim)), INT4_RESIDUAL
+        return (Codec(4, INT4_KEY_GROUP, per_channel=True, tile=KEY_TILE),
+                Codec(4, min(INT4_VALUE_GROUP, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), INT4_RESIDUAL)
     if fmt == "int2":
-        return (Codec(2, INT2_KEY_GROUP, per_channel=True), Codec(2, min(INT2_VALUE_GROUP, head_dim)),
-                INT2_RESIDUAL)
+        return (Codec(2, INT2_KEY_GROUP, per_channel=True, tile=KEY_TILE),
+                Codec(2, min(INT2_VALUE_GROUP, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), INT2_RESIDUAL)
     if fmt == "k4v2":
-        return Codec(4, INT4_KEY_GROUP, per_channel=True), Codec(2, min(INT2_VALUE_GROUP, head_dim)), INT4_RESIDUAL
+        return (Codec(4, INT4_KEY_GROUP, per_channel=True, tile=KEY_TILE),
+                Codec(2, min(INT2_VALUE_GROUP, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), INT4_RESIDUAL)
     raise ConfigError(f"{fmt!r} is not a quantized KV format")
 
 
