@@ -342,6 +342,7 @@ typedef uint8_t u8x64 __attribute__((vector_size(64)));
 #define VBLOCK 64  /* kv_quant.VALUE_BLOCK */
 #define QBLOCK 32  /* kv_quant.QUERY_BLOCK */
 #define STILE 32   /* kv_quant.SCALE_TILE */
+#define AHEAD 2    /* blocks ahead that key tiles and value tiles are prefetched (one block: 4 KB ahead, slower) */
 
 /* 64 integer codes as 16 32-bit lanes (vq), and the operations the integer attention needs. */
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -459,7 +460,7 @@ INLINE void attend_int_impl(int n_rep, const float *q, const side_t *k, const si
                 }
             }
             const uint8_t *tile = kcodes + ts * (dim * kbits / 8);
-            for (int o = 0; o < ktile; o += 64) __builtin_prefetch(tile + PREFETCH + o, 0, 2);
+            for (int o = 0; o < ktile; o += 64) __builtin_prefetch(tile + AHEAD * VBLOCK * (dim * kbits / 8) + o, 0, 2);
             const int off = (int)(ts - bs);  /* 0, 16, 32, 48 */
             for (int r0 = 0; r0 < nr; r0 += 4) {
                 v16 s0 = splat(bias[r0]), s1 = splat(bias[r0 + 1]), s2 = splat(bias[r0 + 2]), s3 = splat(bias[r0 + 3]);
@@ -533,7 +534,7 @@ UNROLL8
         }
         /* values: per chunk of 16 channels, the block's tiles of 4 tokens */
         const uint8_t *vb = vcodes + bs * (dim * vbits / 8);
-        for (int o = 0; o < 16 * vtile; o += 64) __builtin_prefetch(vb + PREFETCH + o, 0, 2);
+        for (int o = 0; o < 16 * vtile; o += 64) __builtin_prefetch(vb + AHEAD * VBLOCK * (dim * vbits / 8) + o, 0, 2);
         const int q0 = first / 4, q1 = (last + 3) / 4;
         for (int r0 = 0; r0 < nr; r0 += 4)
 UNROLL16
