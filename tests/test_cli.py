@@ -135,6 +135,30 @@ def test_init_then_bench_json(tmp_path):
     assert_one_line_error(proc, "not empty")
 
 
+def test_read_bandwidth_probe_reads_every_byte():
+    # The roofline figures divide by this probe: its C loop must really load the whole buffer (a loop
+    # that skipped lines would read "faster"). Its xor of all words equals numpy's, at 1 and 2 threads.
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    from zen_eco import bench, native
+
+    lib = native.build("read_probe", bench.READ_PROBE)
+    if lib is None:
+        pytest.skip("no C compiler")
+    lib.zen_read.restype = ctypes.c_uint64
+    lib.zen_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    words = np.random.default_rng(0).integers(0, 2**63, size=37 * 512, dtype=np.uint64)  # 37 chunks of 4 KB
+    buf = torch.from_numpy(words)
+    want = int(np.bitwise_xor.reduce(words))
+    for threads in (1, 2):
+        assert lib.zen_read(buf.data_ptr(), 37, threads) == want
+    wall, cpu = bench.read_bandwidth(1, gib=0.0625, repeats=1)
+    assert wall > 1e8 and cpu > 1e8  # bytes per second: a real figure, not a unit slip
+
+
 def test_bench_default_model_reports_packed_weights():
     """The default GGUF under --quant auto runs its 4-bit layers packed (210 Q4_1 tensors fuse into 120
     layers) and its tied Q8_0 table as int8 blocks (the head, counted once)."""

@@ -25,12 +25,17 @@ at 160K tokens peak memory is the cache plus one layer's page, not twice the cac
 
 Attention never holds a dequantized copy of the cache. A decode step (`attend`) runs the C kernel
 of `kv_kernel` (codes read once, online softmax; the unquantized sink and window rows too, so the
-softmax merges happen there rather than as per-layer tensor ops) or, where it is unavailable, dequantizes
-`ATTEND_CHUNK` positions at a time and merges the chunks' softmaxes by log-sum-exp. A prefill
-(`update`) returns the valid range dequantized (transient, one layer) for SDPA. Every token, the
-new ones included, is attended through its stored value, so a prefill equals the decode steps it
-replaces and a reused prefix gives what recomputing it would (int2: up to which key groups are
-quantized when, as the residual window moves).
+softmax merges happen there rather than as per-layer tensor ops) or, where it is unavailable, works
+through `ATTEND_CHUNK` positions at a time and merges the chunks' softmaxes by log-sum-exp. For the
+KIVI formats both compute decode attention in integers: per key group the query times the channel
+scales rounded to int8 (`QUERY_BLOCK` channels per scale) against the key codes, and per block of
+`VALUE_BLOCK` positions the softmax weights times the value scales rounded to uint8 against the value
+codes (`_key_scores`, `_merge_blocks`; on SmolLM2 this moves the KL against the fp32 cache by under 5%,
+docs/benchmarks.md). For that the codes are stored interleaved (`Codec.store`) and the value scales
+group-major per `SCALE_TILE` tokens. A prefill (`update`) returns the valid range dequantized
+(transient, one layer) for SDPA. Every token, the new ones included, is attended through its stored
+codes, so a prefill equals the decode steps it replaces up to that rounding, and a reused prefix gives
+what recomputing it would (int2: up to which key groups are quantized when, as the residual window moves).
 """
 
 from __future__ import annotations
