@@ -8,6 +8,7 @@ errors with some margin (docs/benchmarks.md, "Long context / KV cache", has the 
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -177,7 +178,7 @@ def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
     kcodes, ksc, kzr = _numpy_codes(k[a:b], kc)  # a, b are whole key groups
     vcodes, vsc, vzr = _numpy_codes(v[a:b], vc)
     R, D = q.shape
-    B = kv_quant.QUERY_BLOCK
+    B = math.gcd(kv_quant.QUERY_BLOCK, D)
     blocks = {}  # position // VALUE_BLOCK -> [(score, exact value or (codes, scale, min))]
     for t in range(lo, len(k)):
         if a <= t < b:
@@ -215,8 +216,9 @@ def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "k4v2", "int2"])
-@pytest.mark.parametrize("n, window", [(1500, None), (1500, 300), (420, None), (420, 250)])
-def test_integer_decode_attention_follows_its_spec(fmt, n, window, path):
+@pytest.mark.parametrize("n, window, dim", [(1500, None, 64), (1500, 300, 64), (420, None, 64), (420, 250, 64),
+                                            (420, None, 16)])  # 16: no kernel specialisation, the torch path
+def test_integer_decode_attention_follows_its_spec(fmt, n, window, dim, path):
     # Keys as int8 (query x scale) . codes, values as uint8 (softmax weight x scale) . codes per block
     # of 64 positions: against the same arithmetic written plainly in numpy. Tolerance: a uint8 weight
     # within float rounding of a half may round the other way (torch.exp / the kernel's exp / numpy's
@@ -224,7 +226,7 @@ def test_integer_decode_attention_follows_its_spec(fmt, n, window, path):
     # max weight / 255 x the code range (seen: 4e-4 over 20 seeds); everything else agrees to float32
     # rounding, so at most a third of the outputs (seen: 16%) may differ by more than 1e-5.
     torch.manual_seed(0)
-    heads, rep, dim = 2, 3, 64
+    heads, rep = 2, 3
     cache = _filled(fmt, n, heads, dim, layers=1)
     q = torch.randn(1, heads * rep, 1, dim)
     k1, v1 = torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim)

@@ -232,7 +232,7 @@ def _key_scores(codec: Codec, qf: torch.Tensor, k: torch.Tensor, scale: torch.Te
     whole key groups from a group boundary) with their (scale, min) rows (N, T / group, D): per group,
     q * scale rounded to int8 per QUERY_BLOCK channels, dotted with the codes, plus q . min."""
     N, T, D = k.shape
-    B = min(QUERY_BLOCK, D)
+    B = math.gcd(QUERY_BLOCK, D)  # small heads (16): one scale for all channels
     qs = qf[:, :, None, :] * scale.float()[:, None]  # (N, R, G, D)
     q8, s = _round(qs.unflatten(-1, (D // B, B)), 127, -1)  # (N, R, G, D/B, B), (.., 1)
     ints = torch.einsum("nrgkb,ngtkb->nrgtk", q8, k.unflatten(1, (-1, codec.group)).unflatten(-1, (D // B, B)))
