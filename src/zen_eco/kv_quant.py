@@ -304,7 +304,8 @@ class QuantizedKVCache(KVCache):
         self.qlen = 0
         self.pages: list[list[tuple]] = []  # pages[p][layer] = (k codes, k scale, k min, v codes, v scale, v min)
         self.page_caps: list[int] = []
-        self._sides: dict[tuple[int, int], tuple] = {}  # kernel descriptors, rebuilt when a page is reallocated
+        self._sides: dict[tuple, tuple] = {}  # kernel descriptors: (page, layer), rebuilt when a page is
+        # reallocated; ("rows", 0 sink / 1 window, layer) for the unquantized rows
         self._kernel_ok: bool | None = None  # whether kv_kernel has this format (asked once)
         self._plain_ok: bool | None = None  # whether it has this head_dim for unquantized rows
         self.res_k: list[torch.Tensor] = []
@@ -419,8 +420,7 @@ class QuantizedKVCache(KVCache):
             return
         tail_k = torch.cat([rk[:, :, : start - q0], k.to(self.dtype)], dim=2)  # positions [q0, end)
         tail_v = torch.cat([rv[:, :, : start - q0], v.to(self.dtype)], dim=2)
-        if q1 > q0:
-            self._store(layer, q0, tail_k[:, :, : q1 - q0], tail_v[:, :, : q1 - q0])
+        self._store(layer, q0, tail_k[:, :, : q1 - q0], tail_v[:, :, : q1 - q0])
         rk[:, :, : end - q1] = tail_k[:, :, q1 - q0 :]
         rv[:, :, : end - q1] = tail_v[:, :, q1 - q0 :]
 
@@ -458,15 +458,10 @@ class QuantizedKVCache(KVCache):
         m = torch.full((B * H, rep), -math.inf, device=q.device)
         l = torch.zeros(B * H, rep, device=q.device)
         acc = torch.zeros(B * H, rep, D, device=q.device)
-        native, plain = self._native(rep), self._native_plain(rep)
+        native = self._native(rep)
         S = min(self.sink, end)
         if lo < S:  # the unquantized first positions
-            if plain:
-                kv_kernel.attend(qf, kv_kernel.plain_side(self.sink_k[layer]), kv_kernel.plain_side(self.sink_v[layer]),
-                                 lo, S, m, l, acc)
-            else:
-                kf, vf = self.sink_k[layer][:, :, lo:S].float().flatten(0, 1), self.sink_v[layer][:, :, lo:S].float().flatten(0, 1)
-                _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
+            self._attend_rows(layer, 0, qf, lo, S, m, l, acc)
         for p, a, b in self._segments(max(lo, S), q1, PAGE_TOKENS if native else ATTEND_CHUNK):
             if native:
                 kv_kernel.attend(qf, *self._side(p, layer), a, b, m, l, acc)
@@ -475,16 +470,24 @@ class QuantizedKVCache(KVCache):
             else:
                 kf, vf = self._load(layer, p * PAGE_TOKENS + a, p * PAGE_TOKENS + b)
                 _merge(m, l, acc, qf @ kf.flatten(0, 1).transpose(1, 2), vf.flatten(0, 1))
-        if self.res_k and end > max(lo, q1, S):
-            r0 = max(lo, q1, S) - q1
-            if plain:
-                kv_kernel.attend(qf, kv_kernel.plain_side(self.res_k[layer]), kv_kernel.plain_side(self.res_v[layer]),
-                                 r0, end - q1, m, l, acc)
-            else:
-                kf = self.res_k[layer][:, :, r0 : end - q1].float().flatten(0, 1)
-                vf = self.res_v[layer][:, :, r0 : end - q1].float().flatten(0, 1)
-                _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
+        if self.res_k and end > max(lo, q1, S):  # the residual window, positions q1 ..
+            self._attend_rows(layer, 1, qf, max(lo, q1, S) - q1, end - q1, m, l, acc)
         return (acc / l[..., None]).to(q.dtype).reshape(B, H * rep, D)
+
+    def _attend_rows(self, layer: int, which: int, qf: torch.Tensor, a: int, b: int, m: torch.Tensor,
+                     l: torch.Tensor, acc: torch.Tensor) -> None:
+        """Merge rows [a, b) of the unquantized sink (which 0) or residual window (1) into the state:
+        by the kernel (bf16/float32 caches) or by a matmul."""
+        keys, values = (self.sink_k, self.sink_v) if which == 0 else (self.res_k, self.res_v)
+        if self._native_plain(qf.shape[1]):
+            sides = self._sides.get(("rows", which, layer))
+            if sides is None:  # the tensors live as long as the cache: one descriptor pair each
+                sides = self._sides[("rows", which, layer)] = (kv_kernel.plain_side(keys[layer]),
+                                                              kv_kernel.plain_side(values[layer]))
+            kv_kernel.attend(qf, *sides, a, b, m, l, acc)
+        else:
+            kf, vf = keys[layer][:, :, a:b].float().flatten(0, 1), values[layer][:, :, a:b].float().flatten(0, 1)
+            _merge(m, l, acc, qf @ kf.transpose(1, 2), vf)
 
     def _attend_codes(self, layer: int, qf: torch.Tensor, p: int, a: int, b: int, m: torch.Tensor,
                       l: torch.Tensor, acc: torch.Tensor) -> None:
