@@ -138,18 +138,14 @@ def test_init_then_bench_json(tmp_path):
 def test_read_bandwidth_probe_reads_every_byte():
     # The roofline figures divide by this probe: its C loop must really load the whole buffer (a loop
     # that skipped lines would read "faster"). Its xor of all words equals numpy's, at 1 and 2 threads.
-    import ctypes
-
     import numpy as np
     import torch
 
-    from zen_eco import bench, native
+    from zen_eco import bench
 
-    lib = native.build("read_probe", bench.READ_PROBE)
+    lib = bench.read_probe()
     if lib is None:
         pytest.skip("no C compiler")
-    lib.zen_read.restype = ctypes.c_uint64
-    lib.zen_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     words = np.random.default_rng(0).integers(0, 2**63, size=37 * 512, dtype=np.uint64)  # 37 chunks of 4 KB
     buf = torch.from_numpy(words)
     want = int(np.bitwise_xor.reduce(words))

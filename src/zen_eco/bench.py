@@ -121,22 +121,28 @@ uint64_t zen_read(const uint8_t *p, int64_t chunks, int threads) {
 """
 
 
+def read_probe():
+    """READ_PROBE compiled, `zen_read(pointer, chunks of 4 KB, threads)` typed; None without a C compiler."""
+    import ctypes
+
+    from . import native
+
+    lib = native.build("read_probe", READ_PROBE)
+    if lib is not None:
+        lib.zen_read.restype = ctypes.c_uint64
+        lib.zen_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> tuple[float, float]:
     """Bytes per second that `threads` threads read from memory (the best of `repeats` passes over an
     array far bigger than the last-level cache), by the wall clock and by this process's CPU time
     (which a machine shared with other work inflates less). The pass is a small C loop (READ_PROBE:
     wide loads, software prefetch), which reads ~30% faster here than torch.sum did, so that kernels
     are not measured against a slower reader than themselves; torch.sum where no C compiler is found."""
-    import ctypes
-
-    from . import native
-
     torch.set_num_threads(threads)
     a = torch.ones(int(gib * (1 << 30)) // 4096 * 1024)  # whole 4 KB chunks
-    lib = native.build("read_probe", READ_PROBE)
-    if lib is not None:
-        lib.zen_read.restype = ctypes.c_uint64
-        lib.zen_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib = read_probe()
 
     def one_pass() -> None:
         if lib is None:
