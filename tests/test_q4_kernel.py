@@ -74,8 +74,9 @@ def test_groups_and_tails(group, k):
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("k", [160, 640, 1152])
 def test_one_row_decode_loop(group, k):
-    """One row of x (decode) takes its own loop over four rows of W at a time; N = 42 leaves two rows
-    to the general one. All three weight kinds, against float64."""
+    """One row of x (decode) takes its own loop over four rows of W at a time; N = 42 ends in a group of
+    two rows. K = 160 and 1,152 end in a partial four of blocks (the int4 loop's masked tail). All
+    three weight kinds, against float64."""
     if k % group:
         pytest.skip("K not a multiple of the group")
     gen = torch.Generator().manual_seed(k * group)
@@ -92,17 +93,19 @@ def test_one_row_decode_loop(group, k):
 
 
 @needs_kernel
-def test_an_activation_outlier_costs_only_its_groups_precision():
-    """Each x is rounded to the nearest multiple of its group's step (max |x| / 32767), so
+@pytest.mark.parametrize("rows, levels", [(3, 32767), (1, 16383)])
+def test_an_activation_outlier_costs_only_its_groups_precision(rows, levels):
+    """Each x is rounded to the nearest multiple of its block's step (max |x| / levels: 16 bits for
+    several rows, 15 for the one-row decode loop, whose int8 planes hold x as 128 h + l), so
     |error| <= sum_c |w_c| * step_c / 2 per output, plus float32 rounding."""
     gen = torch.Generator().manual_seed(3)
     k, group = 512, 32
     q = quantize_int4(torch.randn(48, k, generator=gen) * 0.05, group)
     packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
-    x = torch.randn(3, k, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
     x[:, 3] = 400.0
     w = q.dequantize().double()
-    step = x.abs().view(3, -1, group).amax(-1).double().repeat_interleave(group, -1) / 32767
+    step = x.abs().view(rows, -1, group).amax(-1).double().repeat_interleave(group, -1) / levels
     bound = (step / 2) @ w.abs().t()
     ref = x.double() @ w.t()
     err = (q4_kernel.matmul(x, packed, sz, group).double() - ref).abs()

@@ -11,6 +11,9 @@ scaled together (each block by its group's scale: group sizes 32, 64, 128 run th
 minimum term needs only the float sum of x over each block: w = code * scale + zero gives
     sum_c x_c w_c = scale * sum_c code_c x_c + zero * sum_c x_c.
 Rows of W are split across OpenMP threads; a tile of up to 4 rows of x shares each unpacked block.
+One row of x (decode, AVX-512 VNNI) takes a cheaper loop: x rounded to 15 bits and split into two
+int8 planes (x = 128 h + l), so the codes stay bytes and `vpdpbusd` takes 64 of them per instruction
+(four instructions per 64 bytes of codes where widening to int16 took four per 32).
 
 Layout (`pack`): codes (N, K / 2) uint8 where, in each block of 32 columns, byte j holds column j in
 its low nibble and column j + 16 in its high nibble; scale_zero (N, 2, K / group padded with zeros
@@ -258,39 +261,87 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
 }
 
 #ifdef ZEN_VNNI
-/* One row of x against four rows of W (int4): as row4_tile8. scale_zero rows are `sz_stride` apart. */
-INLINE void row4_tile(int K, const int G, const uint8_t *codes, const uint16_t *scale_zero, int ngp,
-                      const int16_t *xq, const float *xd, const float *xs, float *out) {
+/* x (1, K) -> the int8 planes the one-row int4 loop reads. x is rounded to int16 per block of 32 with
+   max |x| -> 16383 (15 bits: a step of 2^-14 of the block's largest |x|) and split as x = 128 h + l,
+   l in [0, 128), h in [-128, 128), both bytes that vpdpbusd takes as its signed operand. Per four blocks
+   256 bytes, in the order a 64-byte read of four blocks' codes has them (16 bytes a block, low nibbles
+   columns 0-15, high nibbles 16-31): l of columns 0-15 of blocks b .. b + 3, their h, then l and h of
+   columns 16-31. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. */
+static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs) {
+    for (int b = 0; b < K / 32; b++) {
+        float xr[32], amax = 0.0f, sum = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            xr[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[b * 32 + i]) : ((const float *)x)[b * 32 + i];
+            const float a = fabsf(xr[i]);
+            amax = a > amax ? a : amax;
+            sum += xr[i];
+        }
+        const float d = amax / 16383.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        xd[b] = d;
+        xs[b] = sum;
+        int8_t *four = xp + (int64_t)(b / 4) * 256 + (b % 4) * 16;
+        for (int i = 0; i < 32; i++) {
+            const int v = (int)lrintf(xr[i] * id), half = (i / 16) * 128;
+            four[half + i % 16] = (int8_t)(v & 127);
+            four[half + 64 + i % 16] = (int8_t)(v >> 7);  /* arithmetic shift: floor(v / 128) */
+        }
+    }
+}
+
+/* Lanes 4i .. 4i + 3 of the result hold lane p + i of s: four blocks' scales over their int32 sums. */
+INLINE __m512 quad_scale(__m512 s, int p) {
+    const __m512i base = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(base, _mm512_set1_epi32(p)), s);
+}
+
+/* One row of x (quantize_planes) against rows 0 .. nrows - 1 (nrows <= 4) of W (int4), scale_zero rows
+   `2 ngp` apart: out[j] = x . w_j. Each 64 bytes of a row's codes (four blocks) give their low and high
+   nibbles as unsigned bytes, and four vpdpbusd (nibbles times l and times h) give each block's sum in
+   four int32 lanes as l + 128 h: half the instructions of widening the codes to int16. Four independent
+   accumulators keep the latencies overlapped, and each loaded piece of x serves four rows. */
+INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const uint16_t *scale_zero, int ngp,
+                      const int8_t *xp, const float *xd, const float *xs, float *out) {
     const int nb = K / 32;
     const int64_t ahead = group_ahead(K / 2);
-    const __m512i low = _mm512_set1_epi16(15);
+    const __m512i low = _mm512_set1_epi8(15);
+    const uint8_t *row[4];
+    const uint16_t *sz[4];
+    for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
+        row[j] = codes + (int64_t)(j < nrows ? j : 0) * (K / 2);
+        sz[j] = scale_zero + (int64_t)(j < nrows ? j : 0) * 2 * ngp;
+    }
     __m512 acc[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 16) {
         const int n16 = nb - b0 < 16 ? nb - b0 : 16;
+        /* per block: scale * dot(codes, x) * xd + zero * xs; the zero terms of 16 blocks in one FMA */
         const __m512 xdv = _mm512_loadu_ps(xd + b0), xsv = _mm512_loadu_ps(xs + b0);
         __m512 cs[4];
         for (int j = 0; j < 4; j++) {
-            const uint16_t *sz = scale_zero + (int64_t)j * 2 * ngp;
-            cs[j] = _mm512_mul_ps(per_block16(sz, b0, n16, G), xdv);
-            acc[j] = _mm512_fmadd_ps(per_block16(sz + ngp, b0, n16, G), xsv, acc[j]);
+            cs[j] = _mm512_mul_ps(per_block16(sz[j], b0, n16, G), xdv);
+            acc[j] = _mm512_fmadd_ps(per_block16(sz[j] + ngp, b0, n16, G), xsv, acc[j]);
         }
-        for (int p = 0; p < n16; p += 2) {
+        for (int p = 0; p < n16; p += 4) {
             const int b = b0 + p;
-            const __m512i xa = _mm512_loadu_si512(xq + b * 32), xb = _mm512_loadu_si512(xq + b * 32 + 32);
+            const int8_t *x4 = xp + (int64_t)(b / 4) * 256;
+            const __m512i l0 = _mm512_loadu_si512(x4), h0 = _mm512_loadu_si512(x4 + 64);
+            const __m512i l1 = _mm512_loadu_si512(x4 + 128), h1 = _mm512_loadu_si512(x4 + 192);
+            const __mmask64 m = p + 4 <= n16 ? ~0ull : (1ull << (16 * (n16 - p))) - 1;  /* a tail of 1-3 blocks */
             for (int j = 0; j < 4; j++) {
-                const uint8_t *c = codes + (int64_t)j * (K / 2) + b * 16;
-                if ((b & 3) == 0) __builtin_prefetch(c + ahead, 0, 2);
-                const __m256i raw = p + 1 < n16 ? _mm256_loadu_si256((const __m256i *)c)
-                                                : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)c));
-                const __m512i w = _mm512_cvtepu8_epi16(raw);
-                __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, low), xa);
-                d = _mm512_dpwssd_epi32(d, _mm512_srli_epi16(w, 4), xb);
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[j], p), acc[j]);
+                const uint8_t *c = row[j] + b * 16;
+                __builtin_prefetch(c + ahead, 0, 2);
+                const __m512i w = _mm512_maskz_loadu_epi8(m, c);
+                const __m512i c0 = _mm512_and_si512(w, low), c1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, l0);
+                __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, h0);
+                lo = _mm512_dpbusd_epi32(lo, c1, l1);
+                hi = _mm512_dpbusd_epi32(hi, c1, h1);
+                const __m512i d = _mm512_add_epi32(lo, _mm512_slli_epi32(hi, 7));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), quad_scale(cs[j], p), acc[j]);
             }
         }
     }
-    for (int j = 0; j < 4; j++) out[j] = hsum16(acc[j]);
+    for (int j = 0; j < nrows; j++) out[j] = hsum16(acc[j]);
 }
 #endif
 
@@ -501,30 +552,36 @@ int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t 
 int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
                   const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
     const int ngp = (K / G + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
-    int first = 0;  /* rows of W done by the decode loop */
+#ifdef ZEN_VNNI
+    if (M == 1) {  /* decode: x as int8 planes, four rows of W at a time */
+        int8_t *xp = calloc((size_t)(K / 32 + 3) / 4 * 256, 1);
+        float *dsum = calloc((size_t)2 * nbx, sizeof(float));
+        if (!xp || !dsum) { free(xp); free(dsum); return -1; }
+        quantize_planes(K, x, x_bf16, xp, dsum, dsum + nbx);
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int n = 0; n < N; n += 4) {
+            float out[4];
+            const int rows = N - n < 4 ? N - n : 4;
+            const uint8_t *cn = codes + (int64_t)n * (K / 2);
+            const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp;
+            /* constant G: unrolled loops */
+            if (G == 32) row4_tile(K, rows, 32, cn, sn, ngp, xp, dsum, dsum + nbx, out);
+            else if (G == 64) row4_tile(K, rows, 64, cn, sn, ngp, xp, dsum, dsum + nbx, out);
+            else if (G == 128) row4_tile(K, rows, 128, cn, sn, ngp, xp, dsum, dsum + nbx, out);
+            else row4_tile(K, rows, G, cn, sn, ngp, xp, dsum, dsum + nbx, out);
+            for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
+        }
+        free(xp);
+        free(dsum);
+        return 0;
+    }
+#endif
     qx_t qx;
     if (!prepare_x(M, K, x, x_bf16, X_INT4, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd, *xs = qx.xs;
-#ifdef ZEN_VNNI
-    if (M == 1) {  /* decode: four rows of W at a time, the last few through the general loop below */
-        const int N4 = N & ~3;
-        #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int n = 0; n < N4; n += 4) {
-            float out[4];
-            const uint8_t *cn = codes + (int64_t)n * (K / 2);
-            const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp;
-            if (G == 32) row4_tile(K, 32, cn, sn, ngp, xq, xd, xs, out);
-            else if (G == 64) row4_tile(K, 64, cn, sn, ngp, xq, xd, xs, out);
-            else if (G == 128) row4_tile(K, 128, cn, sn, ngp, xq, xd, xs, out);
-            else row4_tile(K, G, cn, sn, ngp, xq, xd, xs, out);
-            for (int j = 0; j < 4; j++) store(y, y_bf16, n + j, out[j]);
-        }
-        first = N4;
-    }
-#endif
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int n = first; n < N; n++) {
+    for (int n = 0; n < N; n++) {
         const uint8_t *cn = codes + (int64_t)n * (K / 2);
         const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp, *zn = sn + ngp;  /* one stream per row */
         for (int m0 = 0; m0 < M; m0 += 4) {
