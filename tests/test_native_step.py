@@ -68,15 +68,17 @@ def _model(kind: str, quant: str = "none", dtype=torch.float32, seed: int = 0):
 
 
 def _int8_layers(model):
-    """Swap the first layer's matrices to the two int8 kinds and the head to int8 per row (untied)."""
+    """Swap the first layer's matrices to the int8 kinds (q|k|v with a scale per 32 as Q8_0, down with a
+    scale per 16 and offsets) and the head to int8 per row (untied)."""
     gen = torch.Generator().manual_seed(7)
     block = model.layers[0]
     for parent, name in ((block.attn, "wqkv"), (block.mlp, "w_down")):
         lin = getattr(parent, name)
         n, k = lin.weight.shape if hasattr(lin, "weight") else (lin.out_features, lin.in_features)
         codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        scale = (torch.rand(n, k // 32, generator=gen) * 0.002).half().float()
-        setattr(parent, name, Int8BlockLinear(Q8BlockWeight(codes, scale), getattr(lin, "bias", None), model.dtype))
+        draw = lambda: (torch.rand(n, k // 32, generator=gen) * 0.002).half().float()  # noqa: E731
+        q = Q8BlockWeight(codes, draw(), *((draw(), draw() - 0.001) if name == "w_down" else (None, None)))
+        setattr(parent, name, Int8BlockLinear(q, getattr(lin, "bias", None), model.dtype))
     block.mlp.w_gate_up = Int8Linear(quantize_int8(torch.randn(block.mlp.w_gate_up.out_features,
                                                                block.mlp.w_gate_up.in_features, generator=gen) * 0.05),
                                      None, model.dtype)

@@ -88,7 +88,7 @@ def test_one_row_decode_loop(group, k):
     assert _rel(q4_kernel.matmul_int8(x, q8.codes, q8.scale), x.double() @ q8.dequantize().double().t()) < BOUND
     block = (torch.rand(42, k // 32, generator=gen) * 0.01).half().float()
     dense = (q8.codes.double().view(42, -1, 32) * block.double()[..., None]).view(42, k)
-    got = q4_kernel.matmul_int8_blocks(x, q8.codes, q4_kernel.pack_block_scales(block))
+    got = q4_kernel.matmul_int8_blocks(x, q8.codes, *q4_kernel.pack_block_scales(block))
     assert _rel(got, x.double() @ dense.t()) < BOUND
 
 
@@ -155,12 +155,12 @@ def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
     q = quantize_int4(torch.randn(24, 160, generator=gen) * 0.05, 32)
     packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
     q8 = quantize_int8(torch.randn(24, 160, generator=gen) * 0.05)
-    scales = q4_kernel.pack_block_scales(torch.rand(24, 5, generator=gen) * 0.01)
+    scales = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(3)))
     x = torch.randn(3, 160, generator=gen)
 
     def run():
         return (q4_kernel.matmul(x, packed, sz, 32), q4_kernel.matmul_int8(x, q8.codes, q8.scale),
-                q4_kernel.matmul_int8_blocks(x, q8.codes, scales))
+                q4_kernel.matmul_int8_blocks(x, q8.codes, *scales))
 
     fast = run()
     base = native.flags
@@ -223,26 +223,38 @@ def test_int8_kernel_against_float64(k):
 # --------------------------------------------------------------------------- int8 with a scale per block (Q8_0, Q5_0)
 
 
+LAYOUTS = {"per 32": (False, False), "per 16": (True, False), "offsets": (False, True), "per 16 + offsets": (True, True)}
+
+
+def _block_weight(n, k, halves, offsets, gen):
+    """Random int8 codes with float16-exact block scales drawn over 3 orders of magnitude (a scale read
+    for the wrong block or half is far off) and offsets of either sign."""
+    draw = lambda: (10 ** (torch.rand(n, k // 32, generator=gen) * 3 - 4)).half().float()  # noqa: E731
+    offset = ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float() if offsets else None
+    return Q8BlockWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen), draw(),
+                         draw() if halves else None, offset)
+
+
 @needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", [576, 640])  # 18 blocks (padded to 24 scales) and 20
-def test_int8_block_kernel_against_float64(k):
-    """Q8_0-style weights (int8 codes, a float16 scale per block of 32) through `matmul_int8_blocks`:
-    the same int16 activations as the other kernels, so the same bound; every block's own scale counts
-    (scales drawn over 3 orders of magnitude, so a scale read for the wrong block is far off)."""
+def test_int8_block_kernel_against_float64(k, layout):
+    """GGUF-style int8 weights (a float16 scale per block of 32 as Q8_0, per 16 columns as Q6_K, offsets
+    as Q5_K) through `matmul_int8_blocks`, 1 row (the decode loop) and several: the same int16
+    activations as the other kernels, so the same bound."""
     gen = torch.Generator().manual_seed(k)
-    codes = torch.randint(-127, 128, (70, k), dtype=torch.int8, generator=gen)
-    scale = (10 ** (torch.rand(70, k // 32, generator=gen) * 3 - 4)).half().float()
-    q = Q8BlockWeight(codes, scale)
+    q = _block_weight(70, k, *LAYOUTS[layout], gen)
     ref_w = q.dequantize().double()
     for rows in (1, 3, 5):
         x = torch.randn(rows, k, generator=gen)
-        got = q4_kernel.matmul_int8_blocks(x, codes, q4_kernel.pack_block_scales(scale))
+        got = q4_kernel.matmul_int8_blocks(x, q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset))
         assert got.shape == (rows, 70) and _rel(got, x.double() @ ref_w.t()) < BOUND
     layer = Int8BlockLinear(q, torch.randn(70), torch.float32)
     assert layer.backend == "native" and torch.equal(layer.dense_weight(torch.float32), q.dequantize())
     ref = lambda x: x.double() @ ref_w.t() + layer.bias.double()  # noqa: E731
     few, many = torch.randn(2, 3, k, generator=gen), torch.randn(NATIVE_MAX_ROWS, k, generator=gen)
     assert _rel(layer(few), ref(few)) < BOUND and _rel(layer(many), ref(many)) < 1e-6  # dense GEMM for a prompt
+    assert _rel(layer(few[:1, :1]), ref(few[:1, :1])) < BOUND
     assert Int8BlockLinear(q, None, torch.float32, kernel=False).backend == "dense"
     # a tied table: the embedding reads the head's rows, as stored
     emb = Int8Embedding(layer)
@@ -250,41 +262,70 @@ def test_int8_block_kernel_against_float64(k):
     assert emb.codes is layer.codes and torch.equal(emb(ids), q.dequantize()[ids])
 
 
+def test_int8_block_weights_join_across_layouts():
+    """A fused matrix whose parts are stored differently (Q4_K_M's q, k as Q4_K and v as Q6_K): the
+    joined weight has every part's values."""
+    gen = torch.Generator().manual_seed(5)
+    parts = [_block_weight(8, 64, *LAYOUTS[name], gen) for name in ("offsets", "per 32", "per 16")]
+    joined = Q8BlockWeight.cat(parts)
+    assert joined.scale_b is not None and joined.offset is not None
+    assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
 @needs_kernel
 def test_int8_block_kernel_portable_path(monkeypatch):
     if not any(f.startswith("-march") for f in native.flags()):
         pytest.skip("not an x86-64 build")
     gen = torch.Generator().manual_seed(3)
-    codes = torch.randint(-127, 128, (24, 576), dtype=torch.int8, generator=gen)
-    scales = q4_kernel.pack_block_scales(torch.rand(24, 18, generator=gen) * 0.01)
+    weights = [_block_weight(24, 576, *LAYOUTS[name], gen) for name in LAYOUTS]
     x = torch.randn(3, 576, generator=gen)
-    fast = q4_kernel.matmul_int8_blocks(x, codes, scales)
+
+    def run():
+        return [q4_kernel.matmul_int8_blocks(x[:rows], q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset))
+                for q in weights for rows in (1, 3)]
+
+    fast = run()
     base = native.flags
     monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"])
     q4_kernel.library.cache_clear()
     try:
-        portable = q4_kernel.matmul_int8_blocks(x, codes, scales)
+        portable = run()
     finally:
         monkeypatch.undo()
         q4_kernel.library.cache_clear()
-    assert _rel(portable, fast) < 1e-6
+    for a, b in zip(portable, fast):
+        assert _rel(a, b) < 1e-6
 
 
-def test_q8_0_and_q5_0_codes_equal_gguf_py(smollm2_gguf_path):
-    """Q8_0 (SmolLM2's tied table) and random Q5_0 / Q8_0 blocks: codes x scales equal gguf-py's
-    dequantization bit for bit."""
+def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
+    """Q8_0 (SmolLM2's tied table), random Q5_0 / Q8_0 / Q5_1 matrices quantized by gguf-py, and random
+    bytes as Q5_K / Q6_K / Q3_K / Q4_K blocks (gguf-py has no K-quant quantizer; any bytes with a finite
+    d are valid blocks): codes x scales (+ offsets) equal gguf-py's dequantization bit for bit."""
     f = GGUFFile(smollm2_gguf_path)
     info = f.tensors["token_embd.weight"]
     data = f.tensor_bytes("token_embd.weight")
-    codes, scale = q8_block_codes(data, info.ggml_type, info.shape)
+    q = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in q8_block_codes(data, info.ggml_type, info.shape)))
     expect = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(info.ggml_type)).reshape(info.shape)
-    got = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale)).dequantize().numpy()
-    assert np.array_equal(got, expect)
+    assert np.array_equal(q.dequantize().numpy(), expect)
     rng = np.random.default_rng(0)
-    for kind in (gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q8_0):
-        w = (rng.standard_normal((16, 96)) * 0.05).astype(np.float32)
-        raw = gguf.quants.quantize(w, kind)
-        codes, scale = q8_block_codes(raw, int(kind), (16, 96))
-        got = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale)).dequantize().numpy()
-        assert np.array_equal(got, gguf.quants.dequantize(raw, kind).reshape(16, 96)), kind.name
-        assert codes.min() >= (-16 if kind == gguf.GGMLQuantizationType.Q5_0 else -127)
+    T = gguf.GGMLQuantizationType
+    for kind in (T.Q5_0, T.Q8_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q4_K):
+        n, k = 16, 512
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        if kind in (T.Q5_0, T.Q8_0, T.Q5_1):
+            raw = gguf.quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), kind)
+        else:
+            raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
+            d = (rng.random((n * k // block, 2)) * 0.01).astype(np.float16).view(np.uint8)
+            at = {T.Q5_K: [0, 2], T.Q4_K: [0, 2], T.Q6_K: [208], T.Q3_K: [108]}[kind]
+            for i, off in enumerate(at):  # d (and dmin) finite
+                raw[:, off:off + 2] = d[:, 2 * i:2 * i + 2]
+            raw = raw.reshape(n, -1)
+        codes, scale, scale_b, offset = q8_block_codes(raw, int(kind), (n, k))
+        got = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in (codes, scale, scale_b, offset)))
+        assert np.array_equal(got.dequantize().numpy(), gguf.quants.dequantize(raw, kind).reshape(n, k)), kind.name
+        assert (scale_b is not None) == (kind in (T.Q6_K, T.Q3_K)), kind.name
+        lowest = {T.Q5_0: -16, T.Q8_0: -127, T.Q6_K: -32, T.Q3_K: -4}.get(kind, 0)
+        assert codes.min() >= lowest and codes.max() <= {T.Q8_0: 127, T.Q6_K: 31, T.Q3_K: 3, T.Q4_K: 15}.get(kind, 31)
+
+

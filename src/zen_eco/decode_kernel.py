@@ -44,9 +44,9 @@ enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4 };
 #endif
 
 typedef struct {
-    int32_t kind, n, k, group;
+    int32_t kind, n, k, group;  /* group: int4's group size; int8 blocks' flags (zen_q8b_linear) */
     const void *w;        /* dense (n, k) weights, or the codes */
-    const void *scale;    /* int4: scale_zero; int8: float32 per row; int8 blocks: float16 per block */
+    const void *scale;    /* int4: scale_zero; int8: float32 per row; int8 blocks: float16 planes per block */
     const float *bias;    /* (n,) or NULL */
 } lin_t;
 
@@ -87,7 +87,7 @@ static int linear(const lin_t *l, const float *x, float *y, int nt) {
     switch (l->kind) {
         case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->scale, y, 0, nt); break;
         case LIN_Q8: rc = zen_q8_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
-        case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
+        case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, l->group, y, 0, nt); break;
         default: rc = dense_linear(l, x, y, nt);
     }
     if (l->bias) for (int i = 0; i < l->n; i++) y[i] += l->bias[i];

@@ -188,7 +188,31 @@ INLINE __m512 pair_scale(__m512 s, int p) {
 }
 
 INLINE float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* Lanes 4i .. 4i + 3 hold, for i = 0 .. 3: a[p], b[p], a[p + 1], b[p + 1]: the scales of the first and
+   the last 16 columns of blocks p, p + 1 over the decode loop's sums (4 columns a lane). */
+INLINE __m512 half_scale4(__m512 a, __m512 b, int p) {
+    const __m512i base = _mm512_setr_epi32(0, 0, 0, 0, 16, 16, 16, 16, 1, 1, 1, 1, 17, 17, 17, 17);
+    return _mm512_permutex2var_ps(a, _mm512_add_epi32(base, _mm512_set1_epi32(p)), b);
+}
+
+/* Lanes 0-7 hold a[p], 8-15 b[p]: block p's two halves over sums of 2 columns a lane. */
+INLINE __m512 half_scale8(__m512 a, __m512 b, int p) {
+    const __m512i base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+    return _mm512_permutex2var_ps(a, _mm512_add_epi32(base, _mm512_set1_epi32(p)), b);
+}
 #endif
+
+/* One row's int8 block scales (zen_q8b_linear): a, the scale per block of 32 or of its first 16 columns;
+   b, of its last 16 (NULL: as a); z, the offsets (NULL: none). All NULL: no block scales. */
+typedef struct { const uint16_t *a, *b, *z; } bscale_t;
+
+INLINE bscale_t block_planes(const uint16_t *row, int flags, int nbs) {
+    bscale_t s = {row, 0, 0};
+    if (row && (flags & 1)) s.b = row + nbs;
+    if (row && (flags & 2)) s.z = row + (int64_t)(1 + (flags & 1)) * nbs;
+    return s;
+}
 
 /* out[r] = (x_r . w_n) for rows r < R (R <= 4) of x and one row n of W. Always inlined with constant
    R and G (see zen_q4_linear): as a called function its accumulators live in memory, ~8x slower.
@@ -373,31 +397,42 @@ INLINE void store(void *y, int y_bf16, int64_t i, float v) {
 }
 
 /* Row n of an int8 weight against R rows of xq: out[r] = x_r . w_n, w_n = K codes times one float
-   scale (bscale NULL) or times a float16 scale per block of 32 (bscale: the row's, padded to eights). */
-INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint16_t *bscale, const int16_t *xq,
-                      const float *xd, float *out) {
+   scale (bs NULL) or times float16 block scales (bs: the row's planes, bs_t). */
+INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t bs, const int16_t *xq,
+                      const float *xd, const float *xs, float *out) {
     const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
 #if defined(ZEN_VNNI)
     __m512 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 16) {
         const int n16 = nb - b0 < 16 ? nb - b0 : 16;
-        const __m512 bs = bscale ? per_block16(bscale, b0, n16, 32) : _mm512_set1_ps(1.0f);
-        __m512 cs[4];
-        for (int r = 0; r < R; r++) cs[r] = _mm512_mul_ps(bs, _mm512_loadu_ps(xd + (int64_t)r * nbx + b0));
+        const __m512 sa = bs.a ? per_block16(bs.a, b0, n16, 32) : _mm512_set1_ps(1.0f);
+        const __m512 sb = bs.b ? per_block16(bs.b, b0, n16, 32) : sa;
+        __m512 ca[4], cb[4];
+        for (int r = 0; r < R; r++) {
+            const __m512 xdv = _mm512_loadu_ps(xd + (int64_t)r * nbx + b0);
+            ca[r] = _mm512_mul_ps(sa, xdv);
+            cb[r] = _mm512_mul_ps(sb, xdv);
+            if (bs.z) acc[r] = _mm512_fmadd_ps(per_block16(bs.z, b0, n16, 32), _mm512_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+        }
         for (int p = 0; p < n16; p += 2) {  /* blocks b, b + 1: each 32 codes widened to one vector */
             const int b = b0 + p;  /* even: one prefetch per 64 bytes of codes */
             __builtin_prefetch(codes + b * 32 + PREFETCH, 0, 2);
-            const __m512i ca = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32)));
-            const __m512i cb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32 + 32)))
+            const __m512i wa = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32)));
+            const __m512i wb = p + 1 < n16 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(codes + b * 32 + 32)))
                                            : _mm512_setzero_si512();
             for (int r = 0; r < R; r++) {
                 const int16_t *q = xq + (int64_t)r * KP + b * 32;
-                const __m512i da = _mm512_dpwssd_epi32(_mm512_setzero_si512(), ca, _mm512_loadu_si512(q));
-                const __m512i db = _mm512_dpwssd_epi32(_mm512_setzero_si512(), cb, _mm512_loadu_si512(q + 32));
-                /* halves added: lanes 0-7 block b's sum, 8-15 block b + 1's */
-                const __m512i d = _mm512_add_epi32(_mm512_shuffle_i64x2(da, db, 0x44), _mm512_shuffle_i64x2(da, db, 0xEE));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[r], p), acc[r]);
+                /* lanes 0-7: columns 0-15 of the block, 8-15: columns 16-31 */
+                const __m512i da = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(q));
+                const __m512i db = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wb, _mm512_loadu_si512(q + 32));
+                if (bs.b) {  /* a scale per 16 columns: each half its own */
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(da), half_scale8(ca[r], cb[r], p), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(db), half_scale8(ca[r], cb[r], p + 1), acc[r]);
+                } else {  /* halves added: lanes 0-7 block b's sum, 8-15 block b + 1's */
+                    const __m512i d = _mm512_add_epi32(_mm512_shuffle_i64x2(da, db, 0x44), _mm512_shuffle_i64x2(da, db, 0xEE));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(ca[r], p), acc[r]);
+                }
             }
         }
     }
@@ -407,7 +442,7 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 8) {
         const int n8 = nb - b0 < 8 ? nb - b0 : 8;
-        __m256i p[4][8];
+        __m256i pa[4][8], pb[4][8];  /* per block: the sums of columns 0-15 and of 16-31 */
         for (int j = 0; j < 8; j++) {
             const int b = b0 + j;
             if (j < n8) {
@@ -416,26 +451,33 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
                 __m256i c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32 + 16)));
                 for (int r = 0; r < R; r++) {
                     const int16_t *q = xq + (int64_t)r * KP + b * 32;
-                    p[r][j] = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
-                                               _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16))));
+                    pa[r][j] = _mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q));
+                    pb[r][j] = _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16)));
+                    if (!bs.b) pa[r][j] = _mm256_add_epi32(pa[r][j], pb[r][j]);
                 }
             } else {
-                for (int r = 0; r < R; r++) p[r][j] = _mm256_setzero_si256();
+                for (int r = 0; r < R; r++) pa[r][j] = pb[r][j] = _mm256_setzero_si256();
             }
         }
-        const __m256 bs = bscale ? per_block(bscale, b0, 32) : _mm256_set1_ps(1.0f);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(p[r])),
-                                     _mm256_mul_ps(bs, _mm256_loadu_ps(xd + (int64_t)r * nbx + b0)), acc[r]);
+        const __m256 sa = bs.a ? per_block(bs.a, b0, 32) : _mm256_set1_ps(1.0f);
+        for (int r = 0; r < R; r++) {
+            const __m256 xdv = _mm256_loadu_ps(xd + (int64_t)r * nbx + b0);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(pa[r])), _mm256_mul_ps(sa, xdv), acc[r]);
+            if (bs.b)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(pb[r])), _mm256_mul_ps(per_block(bs.b, b0, 32), xdv), acc[r]);
+            if (bs.z) acc[r] = _mm256_fmadd_ps(per_block(bs.z, b0, 32), _mm256_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+        }
     }
     for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) * scale;
 #else
     for (int r = 0; r < R; r++) {
         float total = 0.0f;
         for (int b = 0; b < nb; b++) {
-            int32_t dot = 0;
-            for (int j = 0; j < 32; j++) dot += codes[b * 32 + j] * xq[(int64_t)r * KP + b * 32 + j];
-            total += (float)dot * xd[(int64_t)r * nbx + b] * (bscale ? f16(bscale[b]) : 1.0f);
+            int32_t dot[2] = {0, 0};
+            for (int j = 0; j < 32; j++) dot[j / 16] += codes[b * 32 + j] * xq[(int64_t)r * KP + b * 32 + j];
+            const float sa = bs.a ? f16(bs.a[b]) : 1.0f, sb = bs.b ? f16(bs.b[b]) : sa;
+            total += ((float)dot[0] * sa + (float)dot[1] * sb) * xd[(int64_t)r * nbx + b];
+            if (bs.z) total += f16(bs.z[b]) * xs[(int64_t)r * nbx + b];
         }
         out[r] = total * scale;
     }
@@ -447,24 +489,32 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, const uint
    At one row of x this is the decode case; four independent accumulators keep the FMA and dot-product
    latencies overlapped and each loaded block of x serves four rows. Each 64 bytes of codes are read as
    32 int16 words: the low bytes sign-extended by a shift pair and the high bytes by one shift are the
-   even and the odd columns, multiplied with x's even and odd halves (no byte-widening shuffles). */
-INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale, const uint16_t *bscale, int nbs,
-                       const int16_t *xq, const float *xd, float *out) {
+   even and the odd columns, multiplied with x's even and odd halves (no byte-widening shuffles).
+   bs: row n's block scales (bs_t), rows `stride` halves apart. */
+INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale, bscale_t bs, int64_t stride,
+                       const int16_t *xq, const float *xd, const float *xs, float *out) {
     const int nb = K / 32;
     const int64_t ahead = group_ahead(K);
     const int8_t *row[4];
-    const uint16_t *bsr[4];
+    bscale_t bsr[4];
     for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
-        row[j] = codes + (int64_t)(j < nrows ? j : 0) * K;
-        bsr[j] = bscale ? bscale + (int64_t)(j < nrows ? j : 0) * nbs : 0;
+        const int64_t i = j < nrows ? j : 0;
+        row[j] = codes + i * K;
+        bsr[j].a = bs.a ? bs.a + i * stride : 0;
+        bsr[j].b = bs.b ? bs.b + i * stride : 0;
+        bsr[j].z = bs.z ? bs.z + i * stride : 0;
     }
     __m512 acc[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
     for (int b0 = 0; b0 < nb; b0 += 16) {
         const int n16 = nb - b0 < 16 ? nb - b0 : 16;
-        const __m512 xdv = _mm512_loadu_ps(xd + b0);
-        __m512 cs[4];
-        for (int j = 0; j < 4; j++) cs[j] = bscale ? _mm512_mul_ps(per_block16(bsr[j], b0, n16, 32), xdv) : xdv;
+        const __m512 xdv = _mm512_loadu_ps(xd + b0), xsv = _mm512_loadu_ps(xs + b0);
+        __m512 ca[4], cb[4];
+        for (int j = 0; j < 4; j++) {
+            ca[j] = bs.a ? _mm512_mul_ps(per_block16(bsr[j].a, b0, n16, 32), xdv) : xdv;
+            cb[j] = bs.b ? _mm512_mul_ps(per_block16(bsr[j].b, b0, n16, 32), xdv) : ca[j];
+            if (bs.z) acc[j] = _mm512_fmadd_ps(per_block16(bsr[j].z, b0, n16, 32), xsv, acc[j]);
+        }
         for (int p = 0; p < n16; p += 2) {
             const int b = b0 + p;
             const __m512i xe = _mm512_loadu_si512(xq + b * 32), xo = _mm512_loadu_si512(xq + b * 32 + 32);
@@ -474,8 +524,10 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
                 /* a lone last block: its 32 bytes only (x's padding block is zeros) */
                 const __m512i w = p + 1 < n16 ? _mm512_loadu_si512(c) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, c);
                 __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8), xe);
-                d = _mm512_dpwssd_epi32(d, _mm512_srai_epi16(w, 8), xo);  /* lanes 0-7 block b, 8-15 block b + 1 */
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), pair_scale(cs[j], p), acc[j]);
+                d = _mm512_dpwssd_epi32(d, _mm512_srai_epi16(w, 8), xo);
+                /* lane l: columns 4l .. 4l + 3 of the two blocks: 0-3 block b's first 16, 4-7 its last 16, 8-15 b + 1 */
+                const __m512 sc = bs.b ? half_scale4(ca[j], cb[j], p) : pair_scale(ca[j], p);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[j]);
             }
         }
     }
@@ -483,12 +535,13 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
 }
 #endif
 
-/* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row (scale) or a float16 scale per
-   block of 32 (bscale (N, K / 32 rounded up to eights): GGUF's Q8_0, and Q5_0 as int8); dtypes as
-   zen_q4_linear. */
+/* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row (scale) or float16 block scales
+   (bscale, `planes` (N, planes, K / 32 rounded up to eights): see zen_q8b_linear); dtypes as zen_q4_linear. */
 static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
-                     const uint16_t *bscale, void *y, int y_bf16, int n_threads) {
+                     const uint16_t *bscale, int flags, void *y, int y_bf16, int n_threads) {
     const int nbs = (K / 32 + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
+    const int planes = 1 + (flags & 1) + ((flags >> 1) & 1);
+    const int64_t stride = (int64_t)planes * nbs;  /* one row's block scales */
     qx_t qx;
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
@@ -497,8 +550,8 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
         for (int n = 0; n < N; n += 4) {
             float out[4];
             const int rows = N - n < 4 ? N - n : 4;
-            row4_tile8(K, rows, codes + (int64_t)n * K, scale ? scale + n : 0, bscale ? bscale + (int64_t)n * nbs : 0,
-                       nbs, qx.xq, qx.xd, out);
+            const bscale_t bs = block_planes(bscale ? bscale + (int64_t)n * stride : 0, flags, nbs);
+            row4_tile8(K, rows, codes + (int64_t)n * K, scale ? scale + n : 0, bs, stride, qx.xq, qx.xd, qx.xs, out);
             for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
         free_x(&qx);
@@ -507,22 +560,22 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
 #endif
     if (!prepare_x(M, K, x, x_bf16, X_PLAIN, &qx)) return -1;
     const int16_t *xq = qx.xq;
-    const float *xd = qx.xd;
+    const float *xd = qx.xd, *xs = qx.xs;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *cn = codes + (int64_t)n * K;
+        const bscale_t bs = block_planes(bscale ? bscale + (int64_t)n * stride : 0, flags, nbs);
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];
             const int16_t *q = xq + (int64_t)m0 * KP;
-            const float *d = xd + (int64_t)m0 * nbx;
+            const float *d = xd + (int64_t)m0 * nbx, *s = xs + (int64_t)m0 * nbx;
             int R = M - m0 < 4 ? M - m0 : 4;
             const float sn = scale ? scale[n] : 1.0f;
-            const uint16_t *bn = bscale ? bscale + (int64_t)n * nbs : 0;
             switch (R) {
-                case 1: row_tile8(1, K, cn, sn, bn, q, d, out); break;
-                case 2: row_tile8(2, K, cn, sn, bn, q, d, out); break;
-                case 3: row_tile8(3, K, cn, sn, bn, q, d, out); break;
-                default: row_tile8(4, K, cn, sn, bn, q, d, out); break;
+                case 1: row_tile8(1, K, cn, sn, bs, q, d, s, out); break;
+                case 2: row_tile8(2, K, cn, sn, bs, q, d, s, out); break;
+                case 3: row_tile8(3, K, cn, sn, bs, q, d, s, out); break;
+                default: row_tile8(4, K, cn, sn, bs, q, d, s, out); break;
             }
             for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
         }
@@ -533,12 +586,16 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
 
 int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
                   void *y, int y_bf16, int n_threads) {
-    return q8_linear(M, N, K, x, x_bf16, codes, scale, 0, y, y_bf16, n_threads);
+    return q8_linear(M, N, K, x, x_bf16, codes, scale, 0, 0, y, y_bf16, n_threads);
 }
 
+/* int8 W with float16 block scales: per row `planes` streams of K / 32 (rounded up to eights) values:
+   the scale of each block of 32 columns, or (flags & 1) of its first 16 columns followed by a plane for
+   its last 16; then (flags & 2) a plane of offsets, w = code * scale + offset. GGUF's Q8_0 and Q5_0
+   (a scale per 32), Q5_1 / Q5_K / Q4_x (with offsets), Q6_K / Q3_K (a scale per 16). */
 int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const uint16_t *bscale,
-                   void *y, int y_bf16, int n_threads) {
-    return q8_linear(M, N, K, x, x_bf16, codes, 0, bscale, y, y_bf16, n_threads);
+                   int flags, void *y, int y_bf16, int n_threads) {
+    return q8_linear(M, N, K, x, x_bf16, codes, 0, bscale, flags, y, y_bf16, n_threads);
 }
 
 #ifdef ZEN_VNNI
@@ -618,7 +675,7 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8_linear.restype = i
     lib.zen_q8_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
     lib.zen_q8b_linear.restype = i
-    lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
+    lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, i, p, i, i]
     return lib
 
 
@@ -675,18 +732,28 @@ def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_d
     return _q8_linear(x, codes, scale, out_dtype)
 
 
-def matmul_int8_blocks(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor,
+def matmul_int8_blocks(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor, flags: int = 0,
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(M, K) x (CPU) @ W^T -> (M, N) for int8 codes (N, K) with a float16 scale per block of 32 columns,
-    `pack_block_scales`' layout: GGUF's Q8_0 (and Q5_0, whose 5-bit codes are int8 too) as stored."""
+    """(M, K) x (CPU) @ W^T -> (M, N) for int8 codes (N, K) with float16 block scales in
+    `pack_block_scales`' layout and its `flags`: GGUF's Q8_0 and Q5_0 as stored (a scale per block of 32),
+    Q5_1 / Q5_K (and offsets), Q6_K / Q3_K (a scale per 16 columns)."""
     if torch.compiler.is_compiling():
-        return torch.ops.zen_eco.q8b_linear(x, codes, block_scale, out_dtype)
-    return _q8b_linear(x, codes, block_scale, out_dtype)
+        return torch.ops.zen_eco.q8b_linear(x, codes, block_scale, flags, out_dtype)
+    return _q8b_linear(x, codes, block_scale, flags, out_dtype)
 
 
-def pack_block_scales(scale: torch.Tensor) -> torch.Tensor:
-    """(N, K / 32) scales -> (N, K / 32 rounded up to a multiple of 8) float16, the padding zeros."""
-    return torch.nn.functional.pad(scale.to(torch.float16), (0, -scale.shape[1] % 8)).contiguous()
+HALVES, OFFSETS = 1, 2  # pack_block_scales' flags: a scale per 16 columns; an offset per block of 32
+
+
+def pack_block_scales(scale: torch.Tensor, scale_b: torch.Tensor | None = None,
+                      offset: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(N, K / 32) block scales (of the first 16 columns of each block where `scale_b` holds the last 16's),
+    optional offsets (w = code * scale + offset) -> ((N, planes, K / 32 rounded up to a multiple of 8)
+    float16, the padding zeros; flags): the planes are scale, then scale_b, then offset, those present."""
+    planes = [p for p in (scale, scale_b, offset) if p is not None]
+    flags = (HALVES if scale_b is not None else 0) | (OFFSETS if offset is not None else 0)
+    packed = torch.nn.functional.pad(torch.stack(planes, 1).to(torch.float16), (0, -scale.shape[1] % 8))
+    return packed.contiguous(), flags
 
 
 def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
@@ -702,10 +769,11 @@ def _q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dt
         m, n, k, xp, xb, codes.data_ptr(), scale.data_ptr(), yp, yb, torch.get_num_threads()))
 
 
-def _q8b_linear(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _q8b_linear(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor, flags: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
     (m, k), n = x.shape, codes.shape[0]
     return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q8b_linear(
-        m, n, k, xp, xb, codes.data_ptr(), block_scale.data_ptr(), yp, yb, torch.get_num_threads()))
+        m, n, k, xp, xb, codes.data_ptr(), block_scale.data_ptr(), flags, yp, yb, torch.get_num_threads()))
 
 
 # The kernels as PyTorch operators, so torch.compile can trace a model that calls them (engine.graphs).
@@ -725,5 +793,5 @@ def _(x, codes, scale, out_dtype):
 
 
 @_q8b_op.register_fake
-def _(x, codes, block_scale, out_dtype):
+def _(x, codes, block_scale, flags, out_dtype):
     return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)

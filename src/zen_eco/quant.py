@@ -13,8 +13,9 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
   quantizers); PyTorch's kernels in the activation dtype (bf16: a rounding of ~2^-9 relative).
 - `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row; on the CPU our
   kernel (`q4_kernel.matmul_int8`, the same int16-activation scheme), else `_weight_int8pack_mm`.
-- `Int8BlockLinear`: int8 codes with a float16 scale per block of 32 columns: GGUF's Q8_0 and Q5_0
-  (whose 5-bit codes minus 16 are int8) kept as stored, on our kernel (`matmul_int8_blocks`).
+- `Int8BlockLinear`: int8 codes with a float16 scale per block of 32 columns (or per 16) and optional
+  offsets: GGUF's Q8_0 and Q5_0 (whose 5-bit codes minus 16 are int8) kept as stored, Q5_1 / Q5_K /
+  Q6_K / Q3_K with their values as codes, on our kernel (`matmul_int8_blocks`).
 
 Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`); CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
@@ -98,19 +99,38 @@ class Q8Weight:
 
 @dataclass
 class Q8BlockWeight:
-    """An 8-bit weight with a scale per block of 32 input columns: w[r, c] = scale[r, c // 32] * codes[r, c].
-    GGUF's Q8_0 as stored, and Q5_0 (w = d * (q - 16): int8 codes in [-16, 15]) without rounding."""
+    """An 8-bit weight with scales per block of input columns: w[r, c] = scale[r, c // 32] * codes[r, c]
+    (+ offset[r, c // 32]); where `scale_b` is given, `scale` holds the scale of each block's first 16
+    columns and `scale_b` of its last 16. GGUF's Q8_0 and Q5_0 (w = d * (q - 16): int8 codes in [-16, 15])
+    as stored; Q5_1, Q5_K (offsets), Q6_K, Q3_K (a scale per 16) with the products d * sc as scales."""
 
     codes: torch.Tensor  # (N, K) int8
-    scale: torch.Tensor  # (N, K // 32) float32 (float16 values)
+    scale: torch.Tensor  # (N, K // 32) float32
+    scale_b: torch.Tensor | None = None  # (N, K // 32) float32: the last 16 columns' scale
+    offset: torch.Tensor | None = None  # (N, K // 32) float32
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.codes.shape
-        return (self.codes.float().view(n, k // 32, 32) * self.scale[..., None]).view(n, k)
+        halves = torch.stack([self.scale, self.scale if self.scale_b is None else self.scale_b], -1)
+        w = self.codes.float().view(n, k // 32, 2, 16) * halves[..., None]
+        if self.offset is not None:
+            w = w + self.offset[..., None, None]
+        return w.view(n, k)
+
+    def rows(self, order: torch.Tensor) -> "Q8BlockWeight":
+        pick = lambda t: None if t is None else t[order]  # noqa: E731
+        return Q8BlockWeight(self.codes[order], self.scale[order], pick(self.scale_b), pick(self.offset))
 
     @staticmethod
     def cat(parts: list["Q8BlockWeight"]) -> "Q8BlockWeight":
-        return Q8BlockWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
+        """Rows of parts one after another; a part without second-half scales or offsets gets its own
+        scale / zeros where another part has them."""
+        halves = any(p.scale_b is not None for p in parts)
+        offsets = any(p.offset is not None for p in parts)
+        return Q8BlockWeight(
+            torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+            torch.cat([p.scale if p.scale_b is None else p.scale_b for p in parts]) if halves else None,
+            torch.cat([torch.zeros_like(p.scale) if p.offset is None else p.offset for p in parts]) if offsets else None)
 
 
 def _stored(x: torch.Tensor) -> torch.Tensor:
@@ -416,10 +436,11 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int8BlockLinear(_QuantizedLinear):
-    """y = x W^T (+ b) for a `Q8BlockWeight` (int8 codes, a float16 scale per block of 32 columns: a GGUF
-    file's Q8_0 and Q5_0 matrices kept as stored, 1.06 bytes a weight instead of bf16's 2). On the CPU
-    our kernel (`q4_kernel.matmul_int8_blocks`) for up to NATIVE_MAX_ROWS rows; else the weight is
-    dequantized for the call (prompts: the dense GEMM; other devices: correct, no speed-up)."""
+    """y = x W^T (+ b) for a `Q8BlockWeight` (int8 codes, float16 scales per block of 32 columns or per 16,
+    optional offsets: a GGUF file's Q8_0 / Q5_0 kept as stored, 1.06 bytes a weight instead of bf16's 2;
+    Q5_1 / Q5_K / Q6_K / Q3_K 1.09-1.13 bytes, their scale products rounded to float16, at most 2^-11
+    relative). On the CPU our kernel (`q4_kernel.matmul_int8_blocks`) for up to NATIVE_MAX_ROWS rows; else
+    the weight is dequantized for the call (prompts: the dense GEMM; other devices: correct, no speed-up)."""
 
     def __init__(self, weight: Q8BlockWeight, bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
@@ -428,42 +449,48 @@ class Int8BlockLinear(_QuantizedLinear):
         self.out_features, self.in_features = weight.codes.shape
         self.dtype = dtype
         self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
-        self.register_buffer("block_scales", q4_kernel.pack_block_scales(weight.scale).to(device))  # (N, nb padded) f16
+        scales, self.block_flags = q4_kernel.pack_block_scales(weight.scale, weight.scale_b, weight.offset)
+        self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
         self.backend = "native" if native else "dense"
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return _block_rows(self.codes, self.block_scales, slice(None), dtype)
+        return _block_rows(self.codes, self.block_scales, self.block_flags, slice(None), dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native" and x2.shape[0] < NATIVE_MAX_ROWS:
-            return q4_kernel.matmul_int8_blocks(x2, self.codes, self.block_scales, self.dtype)
+            return q4_kernel.matmul_int8_blocks(x2, self.codes, self.block_scales, self.block_flags, self.dtype)
         return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
 
 
 class Int8Embedding(nn.Module):
     """The embedding of a model whose tied output head is an `Int8Linear` (row i is codes[i] * scale[i])
-    or an `Int8BlockLinear` (a scale per block of 32), read from the head's own buffers, so the
+    or an `Int8BlockLinear` (block scales), read from the head's own buffers, so the
     vocabulary table exists once, in int8 (for zen-eco-4b 0.39 GB instead of 0.78 GB in bf16)."""
 
     def __init__(self, head: "Int8Linear | Int8BlockLinear") -> None:
         super().__init__()
         self.register_buffer("codes", head.codes)  # the same tensors, not copies
         self.blocks = isinstance(head, Int8BlockLinear)
+        self.block_flags = head.block_flags if self.blocks else 0
         self.register_buffer("scales", head.block_scales if self.blocks else head.scales)
         self.dtype = head.dtype if self.blocks else head.scales.dtype
         self.num_embeddings, self.embedding_dim = head.codes.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.blocks:  # few rows: computed in float32, rounded once
-            return _block_rows(self.codes, self.scales, ids, torch.float32).to(self.dtype)
+            return _block_rows(self.codes, self.scales, self.block_flags, ids, torch.float32).to(self.dtype)
         return self.codes[ids].to(self.dtype) * self.scales[ids].unsqueeze(-1)
 
 
-def _block_rows(codes: torch.Tensor, block_scales: torch.Tensor, rows, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `rows` of an int8 weight with a scale per block of 32 (`Int8BlockLinear`'s buffers), in `dtype`."""
+def _block_rows(codes: torch.Tensor, block_scales: torch.Tensor, flags: int, rows, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `rows` of an int8 weight with block scales (`Int8BlockLinear`'s buffers and flags), in `dtype`."""
     picked = codes[rows]
     nb = codes.shape[1] // 32
-    scale = block_scales[rows][..., :nb].to(dtype)
-    return (picked.view(*picked.shape[:-1], nb, 32).to(dtype) * scale[..., None]).view(picked.shape)
+    planes = block_scales[rows][..., :nb].to(dtype)  # (..., planes, nb)
+    halves = planes[..., : 1 + (flags & q4_kernel.HALVES), :]  # first and (where stored) last 16 columns' scale
+    w = picked.view(*picked.shape[:-1], nb, 2, 16).to(dtype) * halves.movedim(-2, -1)[..., None]
+    if flags & q4_kernel.OFFSETS:
+        w = w + planes[..., -1, :, None, None]
+    return w.view(picked.shape)

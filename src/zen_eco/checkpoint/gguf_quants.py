@@ -148,8 +148,8 @@ def _q2_k(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(n, 256)
 
 
-@_register(11)
-def _q3_k(blocks: np.ndarray) -> np.ndarray:
+def _q3_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q3_K blocks -> (values int8 (n, 16, 16) in [-4, 3], scale d * (sc - 32) float32 (n, 16)) per sub-block of 16."""
     # hmask: 32 bytes | qs: 64 bytes of 2-bit q | scales: 12 bytes of 6-bit | d: f16
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
@@ -164,9 +164,15 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     # Group g = 4 * half + shift reads bit g of hmask; a CLEAR bit means "subtract 4".
     hbit = (blocks[:, 0:32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
     q = lo.view(np.int8) - ((hbit ^ 1) << 2).view(np.int8)
-    out = q.reshape(n, 16, 16).astype(np.float32)
+    return q.reshape(n, 16, 16), dl
+
+
+@_register(11)
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    q, dl = _q3_k_values(blocks)
+    out = q.astype(np.float32)
     out *= dl[:, :, None]
-    return out.reshape(n, 256)
+    return out.reshape(blocks.shape[0], 256)
 
 
 @_register(12)
@@ -184,8 +190,8 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(n, 256)
 
 
-@_register(13)
-def _q5_k(blocks: np.ndarray) -> np.ndarray:
+def _q5_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_K blocks -> (values uint8 (n, 8, 32) in [0, 31], d * sc, dmin * m float32 (n, 8)) per sub-block of 32."""
     # d: f16 | dmin: f16 | scales: 12 bytes | qh: 32 bytes | qs: 128 bytes
     n = blocks.shape[0]
     sc, mn = _k_scales(blocks[:, 4:16])
@@ -194,14 +200,20 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
     low = _nibbles(blocks[:, 48:176].reshape(n * 4, 32)).reshape(n, 8, 32)
     # Sub-block s takes its 5th bit from bit s of qh[l].
     hbit = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-    out = (low | (hbit << 4)).astype(np.float32)
+    return low | (hbit << 4), d1, m1
+
+
+@_register(13)
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    q, d1, m1 = _q5_k_values(blocks)
+    out = q.astype(np.float32)
     out *= d1[:, :, None]
     out -= m1[:, :, None]
-    return out.reshape(n, 256)
+    return out.reshape(blocks.shape[0], 256)
 
 
-@_register(14)
-def _q6_k(blocks: np.ndarray) -> np.ndarray:
+def _q6_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K blocks -> (values int8 (n, 16, 16) in [-32, 31], scale d * sc float32 (n, 16)) per sub-block of 16."""
     # ql: 128 bytes of low nibbles | qh: 64 bytes of 2-bit highs | scales: 16 x int8 | d: f16
     n = blocks.shape[0]
     d16 = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
@@ -211,9 +223,15 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
     high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3
     q = (low | (high << 4)).view(np.int8) - np.int8(32)
-    out = q.reshape(n, 16, 16).astype(np.float32)
+    return q.reshape(n, 16, 16), d16
+
+
+@_register(14)
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    q, d16 = _q6_k_values(blocks)
+    out = q.astype(np.float32)
     out *= d16[:, :, None]
-    return out.reshape(n, 256)
+    return out.reshape(blocks.shape[0], 256)
 
 
 SUPPORTED_TYPES: dict[int, str] = {t: GGML_TYPES[t].name for t in sorted(_REGISTRY)}
@@ -297,16 +315,33 @@ def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     return codes.reshape(n, k), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
 
 
-Q8_BLOCK_TYPES = (6, 8)  # Q5_0, Q8_0: 32-element blocks, w = d * integer code (no offset)
+Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
 
 
 def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
-    """Q8_0/Q5_0 bytes of a (N, K) matrix -> (codes int8 (N, K), scale f32 (N, K/32)) with w = scale * code:
-    Q8_0's int8 values, Q5_0's 5-bit values minus 16 (in [-16, 15]); for `quant.Int8BlockLinear`."""
+    """Bytes of a (N, K) matrix -> (codes int8 (N, K), scale, scale_b, offset), each (N, K/32) float32 or
+    None, with w = scale * code (+ offset) per block of 32 columns, or per 16 where scale_b (the last 16
+    columns' scale) is given; for `quant.Int8BlockLinear`. Q8_0's int8 values and Q5_0's 5-bit values
+    minus 16 with the file's d; Q5_1 (d, m) and Q5_K (d * sc, -dmin * m) with their 5-bit values 0..31;
+    Q6_K (values -32..31) and Q3_K (-4..3) with d * sc per 16; Q4_0/Q4_1/Q4_K as `q4_codes` gives them
+    (for a fused matrix whose other parts are not 4-bit). Scales and offsets are ggml's float32 products,
+    so codes * scale (+ offset) equals `dequantize` bit for bit."""
     n, k = shape
-    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_0", what)
+    if ggml_type in Q4_TYPES:
+        codes, scale, offset = q4_codes(data, ggml_type, shape, what=what)
+        return codes.view(np.int8), scale, None, offset
+    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q4_x", what)
+    rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
     if ggml_type == 8:  # Q8_0: d | 32 int8
-        codes = blocks[:, 2:].view(np.int8)
-    else:  # Q5_0: d | qh (32 high bits) | 16 bytes of nibbles; code = q - 16
+        return np.ascontiguousarray(blocks[:, 2:].view(np.int8)).reshape(n, k), rows(_f16(blocks, 0)), None, None
+    if ggml_type == 6:  # Q5_0: d | qh (32 high bits) | 16 bytes of nibbles; code = q - 16
         codes = (_nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4)).view(np.int8) - np.int8(16)
-    return np.ascontiguousarray(codes).reshape(n, k), _f16(blocks, 0)[:, 0].reshape(n, k // 32)
+        return np.ascontiguousarray(codes).reshape(n, k), rows(_f16(blocks, 0)), None, None
+    if ggml_type == 7:  # Q5_1: d | m | qh | nibbles; w = q * d + m
+        codes = (_nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8]) << 4)).view(np.int8)
+        return np.ascontiguousarray(codes).reshape(n, k), rows(_f16(blocks, 0)), None, rows(_f16(blocks, 2))
+    if ggml_type == 13:  # Q5_K: w = (d * sc) * q - (dmin * m) per sub-block of 32
+        q, d1, m1 = _q5_k_values(blocks)
+        return np.ascontiguousarray(q.view(np.int8)).reshape(n, k), rows(d1), None, rows(-m1)
+    q, d16 = (_q6_k_values if ggml_type == 14 else _q3_k_values)(blocks)  # w = (d * sc) * q per sub-block of 16
+    return np.ascontiguousarray(q).reshape(n, k), rows(d16[:, 0::2]), rows(d16[:, 1::2]), None

@@ -169,16 +169,15 @@ class GGUFSource:
         return q if order is None else q.permute_rows(order)
 
     def get_q8_blocks(self, name: str) -> Q8BlockWeight | None:
-        """The tensor's int8 codes and per-block scales if it is stored as Q8_0/Q5_0, else None."""
+        """The tensor as int8 codes with block scales (`q8_block_codes`) if its type maps onto them, else None."""
         gname, info = self._lookup(name)
         if info.ggml_type not in Q8_BLOCK_TYPES or len(info.shape) != 2:
             return None
-        codes, scale = q8_block_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
-                                      what=f"{self.path}: {gname}")
+        parts = q8_block_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape, what=f"{self.path}: {gname}")
         self.file.drop_pages(gname)
-        q = Q8BlockWeight(torch.from_numpy(codes), torch.from_numpy(scale))
+        q = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in parts))
         order = self._row_order(gname, info.shape[0])
-        return q if order is None else Q8BlockWeight(q.codes[order], q.scale[order])
+        return q if order is None else q.rows(order)
 
     def close(self) -> None:
         self.file.close()

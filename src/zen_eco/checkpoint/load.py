@@ -104,9 +104,9 @@ def load_weights(
 
     quant (see zen_eco.quant.QUANT_MODES):
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
-              stay packed 4-bit, and its Q8_0/Q5_0 layer matrices and tied Q8_0 table int8 with
-              their block scales (`Int8BlockLinear`), where our kernels run (CPU, bf16 activations);
-              everything else is `dtype`.
+              stay packed 4-bit, and its Q8_0/Q5_x/Q6_K/Q3_K layer matrices and tied table int8 with
+              their block scales (`Int8BlockLinear`; also a fused matrix whose parts mix those and
+              4-bit types), where our kernels run (CPU, bf16 activations); everything else is `dtype`.
       "none"  every weight dequantized to `dtype`.
       "int8", "int4" (= "int4-g32"), "int4-g64", "int4-g128": the layers' linear matrices quantized
               while loading, an untied output head int8 (see QuantSpec). A quantized checkpoint only
@@ -164,7 +164,7 @@ def load_weights(
         if gguf_packed and name.startswith("layers."):
             return _packed_q4(ckpt.source, hf_names, shape, available) or _packed_q8_blocks(ckpt.source, hf_names, shape, available)
         if gguf_packed and name == "embed.weight" and config.tie_word_embeddings:
-            return _packed_q8_blocks(ckpt.source, hf_names, shape, available)  # the tied Q8_0 table as stored
+            return _packed_q8_blocks(ckpt.source, hf_names, shape, available)  # the tied table as stored
         spec = (on_the_fly.for_weight(name, config.tie_word_embeddings, int8_head=device.type == "cpu")
                 if on_the_fly is not None else None)
         if spec is None:
@@ -287,7 +287,8 @@ def _packed(get, cat, hf_names, shape, available):
 
 
 def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | None:
-    """The fused weight as int8 blocks if every part is stored as Q8_0/Q5_0 and our kernel is built."""
+    """The fused weight as int8 blocks if every part's type maps onto them (`q8_block_codes`) and our
+    kernel is built."""
     if not q4_kernel.available():
         return None
     return _packed(source.get_q8_blocks, Q8BlockWeight.cat, hf_names, shape, available)

@@ -91,7 +91,7 @@ class NativeStep:
             return dk.Linear(dk.LIN_Q8, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
                              mod.scales_f32.data_ptr(), bias_ptr)
         if isinstance(mod, Int8BlockLinear):
-            return dk.Linear(dk.LIN_Q8B, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
+            return dk.Linear(dk.LIN_Q8B, mod.out_features, mod.in_features, mod.block_flags, mod.codes.data_ptr(),
                              mod.block_scales.data_ptr(), bias_ptr)
         w = mod.weight.detach()
         if not w.is_contiguous():
