@@ -186,7 +186,10 @@ def test_layer_uses_the_kernel_for_few_rows_and_the_dense_gemm_for_many():
     few, many = torch.randn(2, 7, 256), torch.randn(NATIVE_MAX_ROWS, 256)
     assert layer(few).shape == (2, 7, 64) and _rel(layer(few), ref(few)) < BOUND
     assert _rel(layer(many), ref(many)) < 1e-6  # dense float32 GEMM
+    # a prompt's dense weight (one C pass): the float32 value, rounded once to bfloat16
     assert torch.equal(layer.dense_weight(torch.float32), q.dequantize())
+    assert torch.equal(layer.dense_weight(torch.bfloat16), q.dequantize().bfloat16())
+    assert torch.equal(layer.dense_weight(torch.float16), q.dequantize().half())  # other dtypes: PyTorch ops
     assert Int4Linear(q, None, torch.float32, kernel=False).backend == "dense"
 
 
@@ -251,6 +254,7 @@ def test_int8_block_kernel_against_float64(k, layout):
         assert got.shape == (rows, 70) and _rel(got, x.double() @ ref_w.t()) < BOUND
     layer = Int8BlockLinear(q, torch.randn(70), torch.float32)
     assert layer.backend == "native" and torch.equal(layer.dense_weight(torch.float32), q.dequantize())
+    assert torch.equal(layer.dense_weight(torch.bfloat16), q.dequantize().bfloat16())  # rounded once
     ref = lambda x: x.double() @ ref_w.t() + layer.bias.double()  # noqa: E731
     few, many = torch.randn(2, 3, k, generator=gen), torch.randn(NATIVE_MAX_ROWS, k, generator=gen)
     assert _rel(layer(few), ref(few)) < BOUND and _rel(layer(many), ref(many)) < 1e-6  # dense GEMM for a prompt

@@ -598,6 +598,55 @@ int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t 
     return q8_linear(M, N, K, x, x_bf16, codes, 0, bscale, flags, y, y_bf16, n_threads);
 }
 
+/* 32 floats to out[0..32), float32 or (bf16) bfloat16 rounded to nearest even: a loop the compiler
+   vectorizes. */
+INLINE void store32(void *out, int bf16, int64_t at, const float *v) {
+    if (bf16) for (int j = 0; j < 32; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(v[j]);
+    else for (int j = 0; j < 32; j++) ((float *)out)[at + j] = v[j];
+}
+
+/* The dense (N, K) weight, float32 or (out_bf16) bfloat16, for a prompt's GEMM: each value computed in
+   float32 (code * scale exact, + offset rounded once) and rounded once to bfloat16; one pass over the
+   codes, rows split across threads. int4: `zen_q4_linear`'s buffers; int8 blocks: `zen_q8b_linear`'s. */
+void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint16_t *scale_zero, void *out, int out_bf16,
+                    int n_threads) {
+    const int ngp = (K / G + 7) & ~7;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *c = codes + (int64_t)n * (K / 2);
+        const uint16_t *sz = scale_zero + (int64_t)n * 2 * ngp;
+        for (int b = 0; b < K / 32; b++) {
+            const float s = f16(sz[b * 32 / G]), z = f16(sz[ngp + b * 32 / G]);
+            float v[32];
+            for (int j = 0; j < 16; j++) {
+                v[j] = (float)(c[b * 16 + j] & 15) * s + z;
+                v[j + 16] = (float)(c[b * 16 + j] >> 4) * s + z;
+            }
+            store32(out, out_bf16, (int64_t)n * K + b * 32, v);
+        }
+    }
+}
+
+void zen_q8b_dequant(int N, int K, const int8_t *codes, const uint16_t *bscale, int flags, void *out, int out_bf16,
+                     int n_threads) {
+    const int nbs = (K / 32 + 7) & ~7;
+    const int64_t stride = (int64_t)(1 + (flags & 1) + ((flags >> 1) & 1)) * nbs;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const bscale_t bs = block_planes(bscale + (int64_t)n * stride, flags, nbs);
+        const int8_t *c = codes + (int64_t)n * K;
+        for (int b = 0; b < K / 32; b++) {
+            const float sa = f16(bs.a[b]), sb = bs.b ? f16(bs.b[b]) : sa, z = bs.z ? f16(bs.z[b]) : 0.0f;
+            float v[32];
+            for (int j = 0; j < 16; j++) {
+                v[j] = (float)c[b * 32 + j] * sa + z;
+                v[j + 16] = (float)c[b * 32 + j + 16] * sb + z;
+            }
+            store32(out, out_bf16, (int64_t)n * K + b * 32, v);
+        }
+    }
+}
+
 #ifdef ZEN_VNNI
 #define X_INT4 X_PAIRS  /* the order the int4 loops read x in */
 #else
@@ -676,6 +725,10 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
     lib.zen_q8b_linear.restype = i
     lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, i, p, i, i]
+    lib.zen_q4_dequant.restype = None
+    lib.zen_q4_dequant.argtypes = [i, i, i, p, p, p, i, i]
+    lib.zen_q8b_dequant.restype = None
+    lib.zen_q8b_dequant.argtypes = [i, i, p, p, i, p, i, i]
     return lib
 
 
@@ -754,6 +807,26 @@ def pack_block_scales(scale: torch.Tensor, scale_b: torch.Tensor | None = None,
     flags = (HALVES if scale_b is not None else 0) | (OFFSETS if offset is not None else 0)
     packed = torch.nn.functional.pad(torch.stack(planes, 1).to(torch.float16), (0, -scale.shape[1] % 8))
     return packed.contiguous(), flags
+
+
+def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """`pack`'s buffers -> the dense (N, K) weight in `dtype` (float32 or bfloat16), code * scale + zero
+    computed in float32 and rounded once."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(n, k, dtype=dtype)
+    library().zen_q4_dequant(n, k, group, packed.data_ptr(), scale_zero.data_ptr(), out.data_ptr(),
+                             dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags: int, dtype: torch.dtype) -> torch.Tensor:
+    """`pack_block_scales`' buffers with int8 codes (N, K) -> the dense weight in `dtype` (float32 or
+    bfloat16), code * scale (+ offset) computed in float32 and rounded once."""
+    n, k = codes.shape
+    out = torch.empty(n, k, dtype=dtype)
+    library().zen_q8b_dequant(n, k, codes.data_ptr(), block_scale.data_ptr(), flags, out.data_ptr(),
+                              dtype == torch.bfloat16, torch.get_num_threads())
+    return out
 
 
 def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,

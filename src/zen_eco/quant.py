@@ -376,6 +376,8 @@ class Int4Linear(_QuantizedLinear):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the stored buffers."""
         n, k, g = self.out_features, self.in_features, self.group_size
+        if self.backend == "native" and dtype in (torch.float32, torch.bfloat16):  # one C pass, rounded once
+            return q4_kernel.dequantize_int4(self.packed, self.scale_zero, g, dtype)
         if self.backend == "native":  # w = code * scale + zero
             codes = self._unpack_codes().view(n, k // g, g).to(dtype)
             scale, zero = self.scale_zero[:, :, : k // g, None].to(dtype).unbind(1)
@@ -456,6 +458,8 @@ class Int8BlockLinear(_QuantizedLinear):
         self.backend = "native" if native else "dense"
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.backend == "native" and dtype in (torch.float32, torch.bfloat16):  # one C pass, rounded once
+            return q4_kernel.dequantize_int8_blocks(self.codes, self.block_scales, self.block_flags, dtype)
         return _block_rows(self.codes, self.block_scales, self.block_flags, slice(None), dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
