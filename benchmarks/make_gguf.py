@@ -2,6 +2,7 @@
 
     python benchmarks/make_gguf.py --preset zen-eco-4b --type q8_0 -o /tmp/zen-eco-4b-q8_0.gguf [--seed 0]
     python benchmarks/make_gguf.py --preset zen-eco-4b --type q4_0 -o /tmp/zen-eco-4b-q4_0.gguf
+    python benchmarks/make_gguf.py --preset zen-eco-4b --type q4_k_m -o /tmp/zen-eco-4b-q4_k_m.gguf   # needs llama-cpp-python
     python benchmarks/compare.py /tmp/zen-eco-4b-q8_0.gguf
 
 Why: speed comparisons against llama.cpp need the real model's shape in a format both engines read,
@@ -20,6 +21,10 @@ What the file holds, all through gguf-py (the `gguf` package) as a library:
     wrong tensor shows up in a logit comparison). Matrices are Q8_0 or Q4_0; with q4_0 the token
     embedding (also the output head: the presets tie them) stays Q8_0, because llama.cpp's own
     quantizer keeps that table at higher precision too (Q6_K, which gguf-py cannot write).
+    q4_k_m and q5_k_m (llama.cpp's own mixes: Q4_K / Q5_K matrices, Q6_K for the table and for half of
+    the v and down matrices) are written as Q8_0 first and then requantized by llama.cpp's quantizer
+    (`llama_model_quantize` through llama-cpp-python, the optional extra), since gguf-py has no K-quant
+    encoder: ~3 minutes more for zen-eco-4b on 2 cores.
 
 Q/K row order: llama.cpp applies RoPE to qwen3 in the NEOX layout (dimension i pairs with i + d/2),
 the same as Hugging Face, so its converter stores qwen3 Q/K rows unpermuted (it permutes only for
@@ -60,6 +65,8 @@ WEIGHT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.GGMLQuantizationTy
     "q8_0": (Q.Q8_0, Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+# --type -> llama.cpp's file type (llama_ftype), for the mixes its quantizer makes from the Q8_0 file
+LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17}  # LLAMA_FTYPE_MOSTLY_Q4_K_M, _Q5_K_M
 MATRIX_STD = 0.02
 NORM_NOISE_STD = 0.1
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 drawn at a time
@@ -255,8 +262,10 @@ def write_gguf(cfg: ModelConfig, path: str | os.PathLike, weight_type: str = "q8
 
     on_tensor is called after each tensor is written (for progress display)."""
     check_config(cfg)
+    if weight_type in LLAMA_CPP_TYPES:
+        return _requantize(cfg, Path(path), weight_type, seed, name, on_tensor)
     if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"unknown type {weight_type!r}; use one of {', '.join(WEIGHT_TYPES)}")
+        raise ValueError(f"unknown type {weight_type!r}; use one of {', '.join([*WEIGHT_TYPES, *LLAMA_CPP_TYPES])}")
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     plan = tensor_plan(cfg, weight_type)
@@ -284,6 +293,30 @@ def write_gguf(cfg: ModelConfig, path: str | os.PathLike, weight_type: str = "q8
     return path
 
 
+def _requantize(cfg: ModelConfig, path: Path, weight_type: str, seed: int, name: str,
+                on_tensor: Callable[[TensorPlan], None] | None) -> Path:
+    """The Q8_0 file, then llama.cpp's quantizer to `weight_type` (one of LLAMA_CPP_TYPES)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ValueError(f"--type {weight_type} needs llama-cpp-python (pip install -e '.[llamacpp]'): "
+                         "gguf-py cannot write K-quants") from None
+    source = write_gguf(cfg, path.with_name(path.name + ".q8_0.partial"), "q8_0", seed, name, on_tensor)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_CPP_TYPES[weight_type]
+        params.allow_requantize = True  # from Q8_0: the file's weights are random draws, not a trained model
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+            raise ValueError(f"llama.cpp could not quantize {source} to {weight_type}")
+        os.replace(partial, path)
+    finally:
+        source.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def _progress_printer(plan: list[TensorPlan]) -> Callable[[TensorPlan], None]:
     """A callback printing one line per finished layer (and for the embedding and the head)."""
     total = sum(t.nbytes for t in plan)
@@ -306,7 +339,7 @@ def _progress_printer(plan: list[TensorPlan]) -> Callable[[TensorPlan], None]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="zen-eco-4b", help="a qwen3 preset of zen_eco.config (default zen-eco-4b)")
-    ap.add_argument("--type", dest="weight_type", choices=sorted(WEIGHT_TYPES), default="q8_0")
+    ap.add_argument("--type", dest="weight_type", choices=sorted([*WEIGHT_TYPES, *LLAMA_CPP_TYPES]), default="q8_0")
     ap.add_argument("-o", "--output", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -315,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         check_config(cfg)
         t0 = time.perf_counter()
         write_gguf(cfg, args.output, args.weight_type, args.seed, name=args.preset,
-                   on_tensor=_progress_printer(tensor_plan(cfg, args.weight_type)))
+                   on_tensor=_progress_printer(tensor_plan(cfg, "q8_0" if args.weight_type in LLAMA_CPP_TYPES
+                                                           else args.weight_type)))
     except (ValueError, ConfigError) as exc:
         raise SystemExit(f"error: {exc}") from None
     size = args.output.stat().st_size
