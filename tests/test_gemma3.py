@@ -311,13 +311,13 @@ def test_real_file_tensors_bit_identical_to_gguf_py(gemma3_gguf_path):
 
 def test_real_file_packed_codes_equal_gguf_py(gemma3_gguf_path):
     """What `--quant auto` keeps packed from this file: Q4_K as 4-bit codes with a (scale, offset) per
-    32 (`q4_codes`), Q5_0 and Q8_0 as int8 codes with a scale per 32, Q6_K with a scale per 16
-    (`q8_block_codes`). Codes x scales (+ offsets) equal gguf-py's dequantization bit for bit, for every
-    such tensor."""
+    32 (`q4_codes`), Q5_0 as 5-bit codes (`q5_codes`), Q8_0 as int8 codes with a scale per 32, Q6_K with
+    a scale per 16 (`q8_block_codes`, which takes Q5_0 too). Codes x scales (+ offsets) equal gguf-py's
+    dequantization bit for bit, for every such tensor."""
     gguf = pytest.importorskip("gguf")
 
     from zen_eco.checkpoint.gguf_file import GGUFFile
-    from zen_eco.checkpoint.gguf_quants import Q4_TYPES, Q8_BLOCK_TYPES, q4_codes, q8_block_codes
+    from zen_eco.checkpoint.gguf_quants import Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, q4_codes, q5_codes, q8_block_codes
     from zen_eco.quant import Q4Weight, Q8BlockWeight
 
     counts = {}
@@ -333,6 +333,10 @@ def test_real_file_packed_codes_equal_gguf_py(gemma3_gguf_path):
                                     for a in q8_block_codes(raw, info.ggml_type, info.shape)))
             want = gguf.quants.dequantize(raw.reshape(info.shape[0], -1), gguf.GGMLQuantizationType(info.ggml_type))
             assert np.array_equal(w.dequantize().numpy().view(np.uint32), want.astype(np.float32).view(np.uint32)), info.name
+            if info.ggml_type in Q5_TYPES:
+                five = Q4Weight(*map(torch.from_numpy, q5_codes(raw, info.ggml_type, info.shape)), bits=5)
+                # equal as numbers: d * q - 16 d gives +0 where ggml's (q - 16) * d gives -0 (d < 0)
+                assert np.array_equal(five.dequantize().numpy(), want.astype(np.float32)), info.name
             name = gguf.GGMLQuantizationType(info.ggml_type).name
             counts[name] = counts.get(name, 0) + 1
     assert counts["Q4_K"] == 27 and counts["Q6_K"] == 9 and counts["Q5_0"] > 0 and counts["Q8_0"] > 0

@@ -28,7 +28,7 @@ from zen_eco.errors import ContextLengthError
 from zen_eco.init import random_model
 from zen_eco.kv_cache import KVCache
 from zen_eco.model import RMSNorm
-from zen_eco.quant import Int8BlockLinear, Int8Linear, Q8BlockWeight, quantize_int8
+from zen_eco.quant import Int4Linear, Int8BlockLinear, Int8Linear, Q4Weight, Q8BlockWeight, quantize_int8
 
 pytestmark = pytest.mark.skipif(decode_kernel.library() is None, reason="no C compiler for the native step")
 
@@ -69,7 +69,7 @@ def _model(kind: str, quant: str = "none", dtype=torch.float32, seed: int = 0):
 
 def _int8_layers(model):
     """Swap the first layer's matrices to the int8 kinds (q|k|v with a scale per 32 as Q8_0, down with a
-    scale per 16 and offsets) and the head to int8 per row (untied)."""
+    scale per 16 and offsets), its o to 5-bit codes (GGUF's Q5 types), and the head to int8 per row (untied)."""
     gen = torch.Generator().manual_seed(7)
     block = model.layers[0]
     for parent, name in ((block.attn, "wqkv"), (block.mlp, "w_down")):
@@ -79,6 +79,12 @@ def _int8_layers(model):
         draw = lambda: (torch.rand(n, k // 32, generator=gen) * 0.002).half().float()  # noqa: E731
         q = Q8BlockWeight(codes, draw(), *((draw(), draw() - 0.001) if name == "w_down" else (None, None)))
         setattr(parent, name, Int8BlockLinear(q, getattr(lin, "bias", None), model.dtype))
+    n, k = block.attn.wo.out_features, block.attn.wo.in_features
+    assert k % 32 == 0
+    five = Q4Weight(torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=gen),
+                    (torch.rand(n, k // 32, generator=gen) * 0.004).half().float(),
+                    (-0.06 * torch.rand(n, k // 32, generator=gen)).half().float(), bits=5)
+    block.attn.wo = Int4Linear(five, getattr(block.attn.wo, "bias", None), model.dtype)
     block.mlp.w_gate_up = Int8Linear(quantize_int8(torch.randn(block.mlp.w_gate_up.out_features,
                                                                block.mlp.w_gate_up.in_features, generator=gen) * 0.05),
                                      None, model.dtype)

@@ -14,7 +14,7 @@ import torch
 
 from zen_eco import native, q4_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
-from zen_eco.checkpoint.gguf_quants import q4_codes, q8_block_codes
+from zen_eco.checkpoint.gguf_quants import q4_codes, q5_codes, q8_block_codes
 from zen_eco.quant import (NATIVE_MAX_ROWS, Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear, Q4Weight,
                            Q8BlockWeight, quantize_int4, quantize_int8)
 
@@ -90,6 +90,75 @@ def test_one_row_decode_loop(group, k):
     dense = (q8.codes.double().view(42, -1, 32) * block.double()[..., None]).view(42, k)
     got = q4_kernel.matmul_int8_blocks(x, q8.codes, *q4_kernel.pack_block_scales(block))
     assert _rel(got, x.double() @ dense.t()) < BOUND
+
+
+def _five_bit(n, k, gen):
+    """Random 5-bit codes with float16-exact scales and offsets per 32 columns (GGUF's Q5 types)."""
+    return Q4Weight(torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=gen),
+                    (torch.rand(n, k // 32, generator=gen) * 0.01).half().float(),
+                    ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.2).half().float(), bits=5)
+
+
+def test_fifth_bits_are_packed_where_the_kernel_reads_them():
+    """Per row, per four blocks: 64 bits for the columns in the low nibbles (bit p: block p // 16,
+    column p % 16), then 64 for those in the high nibbles (column 16 + p % 16); a partial four is padded."""
+    codes = torch.zeros(2, 160, dtype=torch.uint8)  # 5 blocks: one whole four and a partial one
+    codes[0, 32 * 2 + 3] = 16  # block 2, column 3: low-nibble mask, bit 2 * 16 + 3
+    codes[0, 32 * 1 + 16 + 5] = 31  # block 1, column 21: high-nibble mask, bit 16 + 5
+    codes[1, 32 * 4 + 31] = 17  # block 4 (second four), column 31: its high mask, bit 15
+    high = q4_kernel.pack_high(codes)
+    assert high.shape == (2, 32) and high.dtype == torch.uint8
+    as_int = lambda row, at: int.from_bytes(bytes(high[row, at:at + 8].tolist()), "little")  # noqa: E731
+    assert (as_int(0, 0), as_int(0, 8), as_int(0, 16), as_int(0, 24)) == (1 << 35, 1 << 21, 0, 0)
+    assert (as_int(1, 0), as_int(1, 8), as_int(1, 16), as_int(1, 24)) == (0, 0, 0, 1 << 15)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [160, 640, 1152])  # 5, 20, 36 blocks: partial fours and 16-block tails
+def test_five_bit_codes_against_float64(k):
+    """GGUF's Q5 types as int4 codes plus a plane of fifth bits: one row (the decode loop) and several,
+    the layer's dense weight (exact in float32, rounded once to bf16) and the decode step's view of it."""
+    gen = torch.Generator().manual_seed(k + 5)
+    q = _five_bit(42, k, gen)
+    layer = Int4Linear(q, None, torch.float32)
+    assert layer.backend == "native" and layer.bits == 5 and layer.high is not None
+    ref_w = q.dequantize().double()
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, k, generator=gen)
+        assert _rel(layer(x), x.double() @ ref_w.t()) < BOUND, rows
+    assert torch.equal(layer.dense_weight(torch.float32), q.dequantize())
+    assert torch.equal(layer.dense_weight(torch.bfloat16), q.dequantize().bfloat16())
+    with pytest.raises(ValueError, match="5-bit"):
+        Int4Linear(q, None, torch.float32, kernel=False)
+
+
+@needs_kernel
+def test_five_bit_codes_portable_and_avx2_paths(monkeypatch):
+    if not any(f.startswith("-march") for f in native.flags()):
+        pytest.skip("not an x86-64 build")
+    gen = torch.Generator().manual_seed(8)
+    q = _five_bit(24, 160, gen)
+    packed, sz = q4_kernel.pack(q.codes & 15, q.scale, q.offset)
+    high = q4_kernel.pack_high(q.codes)
+    x = torch.randn(3, 160, generator=gen)
+
+    def run():
+        return [q4_kernel.matmul(x[:rows], packed, sz, 32, high=high) for rows in (1, 3)]
+
+    fast = run()
+    ref = x.double() @ q.dequantize().double().t()
+    assert _rel(fast[1], ref) < BOUND
+    base = native.flags
+    for flags in (lambda: base() + ["-DZEN_NO_VNNI"],
+                  lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"]):
+        monkeypatch.setattr(native, "flags", flags)
+        q4_kernel.library.cache_clear()
+        try:
+            other = run()
+        finally:
+            monkeypatch.undo()
+            q4_kernel.library.cache_clear()
+        assert _rel(other[1], fast[1]) < 1e-6 and _rel(other[0], ref[:1]) < BOUND
 
 
 @needs_kernel
@@ -329,6 +398,10 @@ def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
         got = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in (codes, scale, scale_b, offset)))
         assert np.array_equal(got.dequantize().numpy(), gguf.quants.dequantize(raw, kind).reshape(n, k)), kind.name
         assert (scale_b is not None) == (kind in (T.Q6_K, T.Q3_K)), kind.name
+        if kind in (T.Q5_0, T.Q5_1, T.Q5_K):  # and as 5-bit codes (`q5_codes`)
+            five = Q4Weight(*map(torch.from_numpy, q5_codes(raw, int(kind), (n, k))), bits=5)
+            assert np.array_equal(five.dequantize().numpy(), gguf.quants.dequantize(raw, kind).reshape(n, k)), kind.name
+            assert five.codes.max() <= 31
         lowest = {T.Q5_0: -16, T.Q8_0: -127, T.Q6_K: -32, T.Q3_K: -4}.get(kind, 0)
         assert codes.min() >= lowest and codes.max() <= {T.Q8_0: 127, T.Q6_K: 31, T.Q3_K: 3, T.Q4_K: 15}.get(kind, 31)
 

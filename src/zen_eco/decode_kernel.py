@@ -48,6 +48,7 @@ typedef struct {
     const void *w;        /* dense (n, k) weights, or the codes */
     const void *scale;    /* int4: scale_zero; int8: float32 per row; int8 blocks: float16 planes per block */
     const float *bias;    /* (n,) or NULL */
+    const uint8_t *high;  /* 5-bit int4 layout: the codes' fifth bits (q4_kernel.pack_high); else NULL */
 } lin_t;
 
 typedef struct {
@@ -85,7 +86,7 @@ static int dense_linear(const lin_t *l, const float *x, float *y, int nt) {
 static int linear(const lin_t *l, const float *x, float *y, int nt) {
     int rc;
     switch (l->kind) {
-        case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->scale, y, 0, nt); break;
+        case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->high, l->scale, y, 0, nt); break;
         case LIN_Q8: rc = zen_q8_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
         case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, l->group, y, 0, nt); break;
         default: rc = dense_linear(l, x, y, nt);
@@ -450,7 +451,7 @@ int zen_decode_attn_outputs(const model_t *m, int i, float *x, const float *att,
 
 class Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("group", ctypes.c_int32),
-                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("high", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):

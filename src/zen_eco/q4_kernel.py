@@ -119,6 +119,19 @@ INLINE float f16(uint16_t h) {
 #endif
 }
 
+/* 5-bit weights (GGUF's Q5 types) add a plane of each code's fifth bit to the int4 layout: per row, per
+   four blocks of 32 columns, 16 bytes: a 64-bit mask whose bit p is that of column p % 16 of block
+   4q + p / 16 (the columns in the low nibbles), then one for columns 16 + p % 16 (the high nibbles), in
+   the order a 64-byte read of four blocks' codes has them. The 16 bits of block b's low (half 0) or high
+   (half 1) columns: */
+INLINE uint32_t high_bits16(const uint8_t *high, int b, int half) {
+    uint64_t m;
+    __builtin_memcpy(&m, high + (b / 4) * 16 + half * 8, 8);
+    return (uint32_t)(m >> (16 * (b % 4))) & 0xFFFF;
+}
+
+INLINE int high_stride(int K) { return (K / 32 + 3) / 4 * 16; }  /* bytes of one row's fifth bits */
+
 #ifdef __AVX2__
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -136,11 +149,18 @@ INLINE __m256i transpose_sum(const __m256i *v) {
 }
 
 /* Integer dot product of block b's 32 codes with R rows of xq: p[r] holds 8 partial int32 sums. */
-INLINE void block_dot(int R, int KP, int b, const uint8_t *codes, const int16_t *xq, __m256i *p) {
+INLINE __m256i add_high16(__m256i c, uint32_t bits) {  /* + 16 in the lanes whose bit is set */
+    const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, -32768);
+    const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)bits), sel), sel);
+    return _mm256_add_epi16(c, _mm256_and_si256(set, _mm256_set1_epi16(16)));
+}
+
+INLINE void block_dot(int R, int KP, int b, const uint8_t *codes, const uint8_t *high, const int16_t *xq, __m256i *p) {
     const __m256i low = _mm256_set1_epi16(15);
     if ((b & 3) == 0) __builtin_prefetch(codes + b * 16 + PREFETCH, 0, 2);
     __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
     __m256i c0 = _mm256_and_si256(raw, low), c1 = _mm256_srli_epi16(raw, 4);
+    if (high) c0 = add_high16(c0, high_bits16(high, b, 0)), c1 = add_high16(c1, high_bits16(high, b, 1));
     for (int r = 0; r < R; r++) {
         const int16_t *q = xq + (int64_t)r * KP + b * 32;
         p[r] = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q)),
@@ -217,8 +237,8 @@ INLINE bscale_t block_planes(const uint16_t *row, int flags, int nbs) {
 /* out[r] = (x_r . w_n) for rows r < R (R <= 4) of x and one row n of W. Always inlined with constant
    R and G (see zen_q4_linear): as a called function its accumulators live in memory, ~8x slower.
    xq rows are KP apart (x_stride), in the paired order where ZEN_VNNI; xd, xs rows nbx apart. */
-INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,
-                     const int16_t *xq, const float *xd, const float *xs, float *out) {
+INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale,
+                     const uint16_t *zero, const int16_t *xq, const float *xd, const float *xs, float *out) {
     const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
 #if defined(ZEN_VNNI)
     const __m512i low = _mm512_set1_epi16(15);
@@ -239,7 +259,13 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
             const __m256i raw = p + 1 < n16 ? _mm256_loadu_si256((const __m256i *)(codes + b * 16))
                                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
             const __m512i w = _mm512_cvtepu8_epi16(raw);
-            const __m512i c0 = _mm512_and_si512(w, low), c1 = _mm512_srli_epi16(w, 4);
+            __m512i c0 = _mm512_and_si512(w, low), c1 = _mm512_srli_epi16(w, 4);
+            if (high) {  /* b is even: blocks b, b + 1 are bits 16 (b % 4) .. + 32 of their four's masks */
+                const __mmask32 h0 = high_bits16(high, b, 0) | (p + 1 < n16 ? high_bits16(high, b + 1, 0) << 16 : 0);
+                const __mmask32 h1 = high_bits16(high, b, 1) | (p + 1 < n16 ? high_bits16(high, b + 1, 1) << 16 : 0);
+                c0 = _mm512_mask_add_epi16(c0, h0, c0, _mm512_set1_epi16(16));
+                c1 = _mm512_mask_add_epi16(c1, h1, c1, _mm512_set1_epi16(16));
+            }
             for (int r = 0; r < R; r++) {
                 const int16_t *q = xq + (int64_t)r * KP + b * 32;
                 __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(q));
@@ -257,7 +283,7 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
         __m256i p[4][8];
         for (int j = 0; j < 8; j++) {
             __m256i pj[4];
-            if (j < n8) block_dot(R, KP, b0 + j, codes, xq, pj);
+            if (j < n8) block_dot(R, KP, b0 + j, codes, high, xq, pj);
             else for (int r = 0; r < R; r++) pj[r] = _mm256_setzero_si256();
             for (int r = 0; r < R; r++) p[r][j] = pj[r];
         }
@@ -276,7 +302,10 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint16_t *
         for (int b = 0; b < nb; b++) {
             const int16_t *q = xq + (int64_t)r * KP + b * 32;
             int32_t dot = 0;
-            for (int j = 0; j < 16; j++) dot += (codes[b * 16 + j] & 15) * q[j] + (codes[b * 16 + j] >> 4) * q[j + 16];
+            for (int j = 0; j < 16; j++) {
+                const int hb = high ? high_bits16(high, b, 0) >> j & 1 : 0, hb1 = high ? high_bits16(high, b, 1) >> j & 1 : 0;
+                dot += ((codes[b * 16 + j] & 15) + 16 * hb) * q[j] + ((codes[b * 16 + j] >> 4) + 16 * hb1) * q[j + 16];
+            }
             const int g = b * 32 / G;
             out[r] += (float)dot * xd[(int64_t)r * nbx + b] * f16(scale[g]) + f16(zero[g]) * xs[(int64_t)r * nbx + b];
         }
@@ -323,15 +352,16 @@ INLINE __m512 quad_scale(__m512 s, int p) {
    nibbles as unsigned bytes, and four vpdpbusd (nibbles times l and times h) give each block's sum in
    four int32 lanes as l + 128 h: half the instructions of widening the codes to int16. Four independent
    accumulators keep the latencies overlapped, and each loaded piece of x serves four rows. */
-INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const uint16_t *scale_zero, int ngp,
-                      const int8_t *xp, const float *xd, const float *xs, float *out) {
+INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale_zero,
+                      int ngp, const int8_t *xp, const float *xd, const float *xs, float *out) {
     const int nb = K / 32;
     const int64_t ahead = group_ahead(K / 2);
     const __m512i low = _mm512_set1_epi8(15);
-    const uint8_t *row[4];
+    const uint8_t *row[4], *hrow[4];
     const uint16_t *sz[4];
     for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
         row[j] = codes + (int64_t)(j < nrows ? j : 0) * (K / 2);
+        hrow[j] = high ? high + (int64_t)(j < nrows ? j : 0) * high_stride(K) : 0;
         sz[j] = scale_zero + (int64_t)(j < nrows ? j : 0) * 2 * ngp;
     }
     __m512 acc[4];
@@ -355,7 +385,13 @@ INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const
                 const uint8_t *c = row[j] + b * 16;
                 __builtin_prefetch(c + ahead, 0, 2);
                 const __m512i w = _mm512_maskz_loadu_epi8(m, c);
-                const __m512i c0 = _mm512_and_si512(w, low), c1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                __m512i c0 = _mm512_and_si512(w, low), c1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                if (high) {  /* the fifth bits: + 16 where set (padding blocks' bits are 0) */
+                    uint64_t h[2];
+                    __builtin_memcpy(h, hrow[j] + (b / 4) * 16, 16);
+                    c0 = _mm512_mask_add_epi8(c0, (__mmask64)h[0], c0, _mm512_set1_epi8(16));
+                    c1 = _mm512_mask_add_epi8(c1, (__mmask64)h[1], c1, _mm512_set1_epi8(16));
+                }
                 __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, l0);
                 __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, h0);
                 lo = _mm512_dpbusd_epi32(lo, c1, l1);
@@ -608,8 +644,8 @@ INLINE void store32(void *out, int bf16, int64_t at, const float *v) {
 /* The dense (N, K) weight, float32 or (out_bf16) bfloat16, for a prompt's GEMM: each value computed in
    float32 (code * scale exact, + offset rounded once) and rounded once to bfloat16; one pass over the
    codes, rows split across threads. int4: `zen_q4_linear`'s buffers; int8 blocks: `zen_q8b_linear`'s. */
-void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint16_t *scale_zero, void *out, int out_bf16,
-                    int n_threads) {
+void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale_zero,
+                    void *out, int out_bf16, int n_threads) {
     const int ngp = (K / G + 7) & ~7;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
@@ -617,10 +653,12 @@ void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint16_t *s
         const uint16_t *sz = scale_zero + (int64_t)n * 2 * ngp;
         for (int b = 0; b < K / 32; b++) {
             const float s = f16(sz[b * 32 / G]), z = f16(sz[ngp + b * 32 / G]);
+            const uint8_t *h = high ? high + (int64_t)n * high_stride(K) : 0;
+            const uint32_t h0 = h ? high_bits16(h, b, 0) : 0, h1 = h ? high_bits16(h, b, 1) : 0;
             float v[32];
             for (int j = 0; j < 16; j++) {
-                v[j] = (float)(c[b * 16 + j] & 15) * s + z;
-                v[j + 16] = (float)(c[b * 16 + j] >> 4) * s + z;
+                v[j] = (float)((c[b * 16 + j] & 15) + 16 * (h0 >> j & 1)) * s + z;
+                v[j + 16] = (float)((c[b * 16 + j] >> 4) + 16 * (h1 >> j & 1)) * s + z;
             }
             store32(out, out_bf16, (int64_t)n * K + b * 32, v);
         }
@@ -655,7 +693,7 @@ void zen_q8b_dequant(int N, int K, const int8_t *codes, const uint16_t *bscale, 
 
 /* y (M, N) = x (M, K) W^T. x and y are float32, or bfloat16 where x_bf16 / y_bf16; scale_zero
    (N, 2, ngp) float16: each row's scales, then its zeros. Returns 0, or -1 when memory runs out. */
-int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
+int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
                   const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
     const int ngp = (K / G + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
 #ifdef ZEN_VNNI
@@ -668,13 +706,13 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
         for (int n = 0; n < N; n += 4) {
             float out[4];
             const int rows = N - n < 4 ? N - n : 4;
-            const uint8_t *cn = codes + (int64_t)n * (K / 2);
+            const uint8_t *cn = codes + (int64_t)n * (K / 2), *hn = high ? high + (int64_t)n * high_stride(K) : 0;
             const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp;
             /* constant G: unrolled loops */
-            if (G == 32) row4_tile(K, rows, 32, cn, sn, ngp, xp, dsum, dsum + nbx, out);
-            else if (G == 64) row4_tile(K, rows, 64, cn, sn, ngp, xp, dsum, dsum + nbx, out);
-            else if (G == 128) row4_tile(K, rows, 128, cn, sn, ngp, xp, dsum, dsum + nbx, out);
-            else row4_tile(K, rows, G, cn, sn, ngp, xp, dsum, dsum + nbx, out);
+            if (G == 32) row4_tile(K, rows, 32, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
+            else if (G == 64) row4_tile(K, rows, 64, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
+            else if (G == 128) row4_tile(K, rows, 128, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
+            else row4_tile(K, rows, G, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
             for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
         free(xp);
@@ -688,7 +726,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
     const float *xd = qx.xd, *xs = qx.xs;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
-        const uint8_t *cn = codes + (int64_t)n * (K / 2);
+        const uint8_t *cn = codes + (int64_t)n * (K / 2), *hn = high ? high + (int64_t)n * high_stride(K) : 0;
         const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp, *zn = sn + ngp;  /* one stream per row */
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];
@@ -696,7 +734,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
             const float *d = xd + (int64_t)m0 * nbx, *s = xs + (int64_t)m0 * nbx;
             int R = M - m0 < 4 ? M - m0 : 4;
             /* constant R and G: unrolled loops, accumulators in registers */
-            #define TILE(r_, g_) row_tile(r_, K, g_, cn, sn, zn, q, d, s, out)
+            #define TILE(r_, g_) row_tile(r_, K, g_, cn, hn, sn, zn, q, d, s, out)
             #define TILES(g_) switch (R) { case 1: TILE(1, g_); break; case 2: TILE(2, g_); break; \
                                             case 3: TILE(3, g_); break; default: TILE(4, g_); break; }
             if (G == 32) { TILES(32) } else if (G == 64) { TILES(64) } else if (G == 128) { TILES(128) } else { TILES(G) }
@@ -720,13 +758,13 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.zen_q4_linear.restype = i
-    lib.zen_q4_linear.argtypes = [i, i, i, i, p, i, p, p, p, i, i]
+    lib.zen_q4_linear.argtypes = [i, i, i, i, p, i, p, p, p, p, i, i]
     lib.zen_q8_linear.restype = i
     lib.zen_q8_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
     lib.zen_q8b_linear.restype = i
     lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, i, p, i, i]
     lib.zen_q4_dequant.restype = None
-    lib.zen_q4_dequant.argtypes = [i, i, i, p, p, p, i, i]
+    lib.zen_q4_dequant.argtypes = [i, i, i, p, p, p, p, i, i]
     lib.zen_q8b_dequant.restype = None
     lib.zen_q8b_dequant.argtypes = [i, i, p, p, i, p, i, i]
     return lib
@@ -769,12 +807,13 @@ def _linear(x: torch.Tensor, n: int, out_dtype: torch.dtype, run) -> torch.Tenso
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
-           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           out_dtype: torch.dtype = torch.float32, high: torch.Tensor | None = None) -> torch.Tensor:
     """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype`, for `pack`'s buffers of a W in groups of `group`
-    columns. float32 and bfloat16 go in and out as they are; other dtypes through float32."""
+    columns (and `pack_high`'s fifth bits for 5-bit codes). float32 and bfloat16 go in and out as they
+    are; other dtypes through float32."""
     if torch.compiler.is_compiling():  # traced: an opaque op (calling it eagerly costs dispatcher time)
-        return torch.ops.zen_eco.q4_linear(x, packed, scale_zero, group, out_dtype)
-    return _q4_linear(x, packed, scale_zero, group, out_dtype)
+        return torch.ops.zen_eco.q4_linear(x, packed, scale_zero, group, out_dtype, high)
+    return _q4_linear(x, packed, scale_zero, group, out_dtype, high)
 
 
 def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -809,14 +848,25 @@ def pack_block_scales(scale: torch.Tensor, scale_b: torch.Tensor | None = None,
     return packed.contiguous(), flags
 
 
-def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """`pack`'s buffers -> the dense (N, K) weight in `dtype` (float32 or bfloat16), code * scale + zero
-    computed in float32 and rounded once."""
+def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, dtype: torch.dtype,
+                    high: torch.Tensor | None = None) -> torch.Tensor:
+    """`pack`'s buffers (and `pack_high`'s for 5-bit codes) -> the dense (N, K) weight in `dtype` (float32
+    or bfloat16), code * scale + zero computed in float32 and rounded once."""
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(n, k, dtype=dtype)
-    library().zen_q4_dequant(n, k, group, packed.data_ptr(), scale_zero.data_ptr(), out.data_ptr(),
-                             dtype == torch.bfloat16, torch.get_num_threads())
+    library().zen_q4_dequant(n, k, group, packed.data_ptr(), None if high is None else high.data_ptr(),
+                             scale_zero.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
     return out
+
+
+def pack_high(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 31] -> their fifth bits (N, 16 per four blocks of 32 columns) uint8, in the order
+    the kernel reads them (C source: high_bits16); `pack` takes the low four bits."""
+    n, k = codes.shape
+    nb = k // BLOCK
+    bits = torch.nn.functional.pad((codes >> 4).view(n, nb, 2, BLOCK // 2), (0, 0, 0, 0, 0, -nb % 4))
+    bits = bits.view(n, -1, 4, 2, BLOCK // 2).transpose(2, 3).reshape(n, -1, 8)  # per four: half, block, column
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).contiguous()
 
 
 def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags: int, dtype: torch.dtype) -> torch.Tensor:
@@ -830,10 +880,11 @@ def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags
 
 
 def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               out_dtype: torch.dtype, high: torch.Tensor | None = None) -> torch.Tensor:
     (m, k), n = x.shape, packed.shape[0]
     return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q4_linear(
-        m, n, k, group, xp, xb, packed.data_ptr(), scale_zero.data_ptr(), yp, yb, torch.get_num_threads()))
+        m, n, k, group, xp, xb, packed.data_ptr(), None if high is None else high.data_ptr(), scale_zero.data_ptr(),
+        yp, yb, torch.get_num_threads()))
 
 
 def _q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -856,7 +907,7 @@ _q8b_op = torch.library.custom_op("zen_eco::q8b_linear", _q8b_linear, mutates_ar
 
 
 @_q4_op.register_fake
-def _(x, packed, scale_zero, group, out_dtype):
+def _(x, packed, scale_zero, group, out_dtype, high=None):
     return x.new_empty((x.shape[0], packed.shape[0]), dtype=out_dtype)
 
 

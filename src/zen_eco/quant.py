@@ -10,7 +10,8 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
   w = (code - 8) * scale + zero, one (scale, zero) per group and output row. GGUF Q4_0
   (w = d * (q - 8)) and Q4_1 (w = d * q + m) map onto it without requantizing: scale = d, and
   zero = 0 or m + 8d. `q4_kernel` holds scales and minimums in float16 (exact for GGUF and for our
-  quantizers); PyTorch's kernels in the activation dtype (bf16: a rounding of ~2^-9 relative).
+  quantizers); PyTorch's kernels in the activation dtype (bf16: a rounding of ~2^-9 relative). GGUF's
+  Q5 types keep their fifth bits in an extra plane (`bits` = 5, our kernel only).
 - `Int8Linear`: symmetric int8 codes, w = code * scale, one scale per output row; on the CPU our
   kernel (`q4_kernel.matmul_int8`, the same int16-activation scheme), else `_weight_int8pack_mm`.
 - `Int8BlockLinear`: int8 codes with a float16 scale per block of 32 columns (or per 16) and optional
@@ -58,11 +59,13 @@ _QUANT_ELEMENTS = 2**24  # weights quantized at once
 
 @dataclass
 class Q4Weight:
-    """A 4-bit weight: w[r, c] = scale[r, c // group] * codes[r, c] + offset[r, c // group]."""
+    """A 4-bit weight: w[r, c] = scale[r, c // group] * codes[r, c] + offset[r, c // group]; with bits = 5
+    (GGUF's Q5_0 / Q5_1 / Q5_K) the codes span [0, 31] and only our CPU kernel runs it."""
 
-    codes: torch.Tensor  # (N, K) uint8 in [0, 15]
+    codes: torch.Tensor  # (N, K) uint8 in [0, 2**bits - 1]
     scale: torch.Tensor  # (N, K // group) float32
     offset: torch.Tensor  # (N, K // group) float32
+    bits: int = 4
 
     @property
     def group_size(self) -> int:
@@ -75,11 +78,12 @@ class Q4Weight:
         return w.view(n, k)
 
     def permute_rows(self, index: torch.Tensor) -> "Q4Weight":
-        return Q4Weight(self.codes[index], self.scale[index], self.offset[index])
+        return Q4Weight(self.codes[index], self.scale[index], self.offset[index], self.bits)
 
     @staticmethod
     def cat(parts: list["Q4Weight"]) -> "Q4Weight":
-        return Q4Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "offset")))
+        return Q4Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "offset")),
+                        max(p.bits for p in parts))
 
 
 @dataclass
@@ -344,13 +348,18 @@ class Int4Linear(_QuantizedLinear):
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
         self.dtype = dtype  # of activations and outputs
         self.backend = _int4_backend(device, dtype, n, k, weight.group_size, kernel)
+        self.bits = weight.bits
+        if self.bits != 4 and self.backend != "native":
+            raise ValueError(f"{self.bits}-bit codes run on our CPU kernel only (here: {self.backend})")
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         if self.backend == "native":  # our kernel's layout: codes by blocks of 32, float16 scale and zero
-            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, weight.offset)
+            packed, scale_zero = q4_kernel.pack(weight.codes & 15, weight.scale, weight.offset)
             self.register_buffer("packed", packed)
             self.register_buffer("scale_zero", scale_zero)
-            self.can_unpack = True
+            self.register_buffer("high", q4_kernel.pack_high(weight.codes) if self.bits == 5 else None)
+            self.can_unpack = self.bits == 4
             return
+        self.register_buffer("high", None)  # 5-bit codes: native only
         zero = weight.offset + 8 * weight.scale
         # (K // group, N, 2): the kernels' layout for per-group (scale, zero)
         scales_zeros = torch.stack([weight.scale, zero], -1).transpose(0, 1).contiguous().to(device, dtype)
@@ -376,12 +385,10 @@ class Int4Linear(_QuantizedLinear):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the stored buffers."""
         n, k, g = self.out_features, self.in_features, self.group_size
-        if self.backend == "native" and dtype in (torch.float32, torch.bfloat16):  # one C pass, rounded once
-            return q4_kernel.dequantize_int4(self.packed, self.scale_zero, g, dtype)
-        if self.backend == "native":  # w = code * scale + zero
-            codes = self._unpack_codes().view(n, k // g, g).to(dtype)
-            scale, zero = self.scale_zero[:, :, : k // g, None].to(dtype).unbind(1)
-            return torch.addcmul(zero, codes, scale).reshape(n, k)
+        if self.backend == "native":  # one C pass: w = code * scale + zero in float32, rounded once
+            direct = dtype in (torch.float32, torch.bfloat16)
+            w = q4_kernel.dequantize_int4(self.packed, self.scale_zero, g, dtype if direct else torch.float32, self.high)
+            return w if direct else w.to(dtype)
         scale, zero = self.scales_zeros.to(dtype).unbind(-1)  # (K/g, N) each
         scale, zero = scale.t().contiguous()[..., None], zero.t().contiguous()[..., None]  # (N, K/g, 1)
         codes = self._unpack_codes().view(n, k // g, g).to(dtype)
@@ -390,7 +397,7 @@ class Int4Linear(_QuantizedLinear):
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
             if x2.shape[0] < NATIVE_MAX_ROWS:
-                return q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype)
+                return q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype, self.high)
             return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
         x2 = x2.to(self.dtype)
         if self.backend == "dense" or (self.can_unpack and x2.shape[0] >= _dense_min_rows(x2.dtype)):

@@ -315,6 +315,29 @@ def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     return codes.reshape(n, k), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
 
 
+Q5_TYPES = (6, 7, 13)  # Q5_0, Q5_1 (32-element blocks), Q5_K (256, as 8 sub-blocks of 32)
+
+
+def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+    """Q5_0/Q5_1/Q5_K (and Q4_0/Q4_1/Q4_K, whose codes are 5-bit codes too) bytes of a (N, K) matrix ->
+    (codes uint8 (N, K) in [0, 31], scale f32 (N, K/32), offset f32 (N, K/32)) with w = scale * code +
+    offset, for the 5-bit variant of the int4 layout (`quant.Q4Weight` with bits = 5): Q5_0 w = d * q - 16 d,
+    Q5_1 w = d * q + m, Q5_K w = (d * sc) * q - (dmin * m), exact in float32 (ggml's own products)."""
+    n, k = shape
+    if ggml_type in Q4_TYPES:
+        return q4_codes(data, ggml_type, shape, what=what)
+    blocks = _matrix_blocks(data, ggml_type, shape, Q5_TYPES, "Q5_0/Q5_1/Q5_K/Q4_x", what)
+    rows = lambda a: np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // 32)  # noqa: E731
+    if ggml_type == 13:
+        q, d1, m1 = _q5_k_values(blocks)
+        return np.ascontiguousarray(q).reshape(n, k), rows(d1), rows(-m1)
+    at = 2 if ggml_type == 6 else 4  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
+    q = _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4]) << 4)
+    d = _f16(blocks, 0)
+    offset = -16.0 * d if ggml_type == 6 else _f16(blocks, 2)
+    return np.ascontiguousarray(q).reshape(n, k), rows(d), rows(offset)
+
+
 Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
 
 
@@ -334,14 +357,10 @@ def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, 
     rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
     if ggml_type == 8:  # Q8_0: d | 32 int8
         return np.ascontiguousarray(blocks[:, 2:].view(np.int8)).reshape(n, k), rows(_f16(blocks, 0)), None, None
-    if ggml_type == 6:  # Q5_0: d | qh (32 high bits) | 16 bytes of nibbles; code = q - 16
-        codes = (_nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4)).view(np.int8) - np.int8(16)
-        return np.ascontiguousarray(codes).reshape(n, k), rows(_f16(blocks, 0)), None, None
-    if ggml_type == 7:  # Q5_1: d | m | qh | nibbles; w = q * d + m
-        codes = (_nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8]) << 4)).view(np.int8)
-        return np.ascontiguousarray(codes).reshape(n, k), rows(_f16(blocks, 0)), None, rows(_f16(blocks, 2))
-    if ggml_type == 13:  # Q5_K: w = (d * sc) * q - (dmin * m) per sub-block of 32
-        q, d1, m1 = _q5_k_values(blocks)
-        return np.ascontiguousarray(q.view(np.int8)).reshape(n, k), rows(d1), None, rows(-m1)
+    if ggml_type in Q5_TYPES:  # the 5-bit values as codes; Q5_0's minus 16 (w = d * (q - 16), no offset)
+        q, scale, offset = q5_codes(data, ggml_type, shape, what=what)
+        if ggml_type == 6:
+            return q.view(np.int8) - np.int8(16), scale, None, None
+        return q.view(np.int8), scale, None, offset
     q, d16 = (_q6_k_values if ggml_type == 14 else _q3_k_values)(blocks)  # w = (d * sc) * q per sub-block of 16
     return np.ascontiguousarray(q).reshape(n, k), rows(d16[:, 0::2]), rows(d16[:, 1::2]), None

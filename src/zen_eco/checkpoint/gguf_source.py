@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..quant import Q4Weight, Q8BlockWeight
 from .gguf_file import GGUFFile
-from .gguf_quants import Q4_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q8_block_codes
+from .gguf_quants import Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q5_codes, q8_block_codes
 from .names import gguf_to_hf, hf_to_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
@@ -165,6 +165,19 @@ class GGUFSource:
                                         what=f"{self.path}: {gname}")
         self.file.drop_pages(gname)
         q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
+        order = self._row_order(gname, info.shape[0])
+        return q if order is None else q.permute_rows(order)
+
+    def get_q5(self, name: str) -> Q4Weight | None:
+        """The tensor's codes as 5-bit (`q5_codes`, `Q4Weight` with bits = 5) if it is stored as a Q5 or Q4
+        type, else None."""
+        gname, info = self._lookup(name)
+        if info.ggml_type not in Q5_TYPES + Q4_TYPES or len(info.shape) != 2:
+            return None
+        codes, scale, offset = q5_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
+                                        what=f"{self.path}: {gname}")
+        self.file.drop_pages(gname)
+        q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset), bits=5)
         order = self._row_order(gname, info.shape[0])
         return q if order is None else q.permute_rows(order)
 

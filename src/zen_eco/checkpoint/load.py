@@ -104,7 +104,8 @@ def load_weights(
 
     quant (see zen_eco.quant.QUANT_MODES):
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
-              stay packed 4-bit, and its Q8_0/Q5_x/Q6_K/Q3_K layer matrices and tied table int8 with
+              stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q8_0/Q6_K/Q3_K layer matrices
+              (and those mixing types) and tied table int8 with
               their block scales (`Int8BlockLinear`; also a fused matrix whose parts mix those and
               4-bit types), where our kernels run (CPU, bf16 activations); everything else is `dtype`.
       "none"  every weight dequantized to `dtype`.
@@ -162,7 +163,9 @@ def load_weights(
         if use_stored:
             return _stored_weight(ckpt, hf_names, shape)
         if gguf_packed and name.startswith("layers."):
-            return _packed_q4(ckpt.source, hf_names, shape, available) or _packed_q8_blocks(ckpt.source, hf_names, shape, available)
+            return (_packed_q4(ckpt.source, hf_names, shape, available)
+                    or _packed_q5(ckpt.source, hf_names, shape, available)
+                    or _packed_q8_blocks(ckpt.source, hf_names, shape, available))
         if gguf_packed and name == "embed.weight" and config.tie_word_embeddings:
             return _packed_q8_blocks(ckpt.source, hf_names, shape, available)  # the tied table as stored
         spec = (on_the_fly.for_weight(name, config.tie_word_embeddings, int8_head=device.type == "cpu")
@@ -292,6 +295,14 @@ def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | Non
     if not q4_kernel.available():
         return None
     return _packed(source.get_q8_blocks, Q8BlockWeight.cat, hf_names, shape, available)
+
+
+def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:
+    """The fused weight with 5-bit codes if every part is stored as a Q5 type (or Q4, with some part
+    Q5) in 32-column groups and our kernel is built (the only one that runs 5-bit codes)."""
+    if not q4_kernel.available():
+        return None
+    return _packed(source.get_q5, Q4Weight.cat, hf_names, shape, available)
 
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:

@@ -86,7 +86,7 @@ class NativeStep:
         bias_ptr = None if bias is None else bias.data_ptr()
         if isinstance(mod, Int4Linear):
             return dk.Linear(dk.LIN_Q4, mod.out_features, mod.in_features, mod.group_size, mod.packed.data_ptr(),
-                             mod.scale_zero.data_ptr(), bias_ptr)
+                             mod.scale_zero.data_ptr(), bias_ptr, None if mod.high is None else mod.high.data_ptr())
         if isinstance(mod, Int8Linear):
             return dk.Linear(dk.LIN_Q8, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
                              mod.scales_f32.data_ptr(), bias_ptr)
