@@ -217,12 +217,22 @@ def _q6_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # ql: 128 bytes of low nibbles | qh: 64 bytes of 2-bit highs | scales: 16 x int8 | d: f16
     n = blocks.shape[0]
     d16 = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
-    # Per half of 128: low nibbles of its 64 ql bytes, then their high nibbles.
-    low = _nibbles(blocks[:, 0:128].reshape(n * 2, 64)).reshape(n, 2, 4, 32)
-    # Group k of 32 in a half takes bits 2k..2k+1 of the half's 32 qh bytes.
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3
-    q = (low | (high << 4)).view(np.int8) - np.int8(32)
+    # Per half of 128 values, four groups of 32: the low nibbles of its ql bytes 0..31, of 32..63, then
+    # their high nibbles; group g takes bits 2g..2g+1 of the half's 32 qh bytes as bits 4..5. In place,
+    # a quarter-size temporary at a time: this table is the largest tensor of a Q4_K_M / Q5_K_M file.
+    q = np.empty((n, 2, 4, 32), dtype=np.uint8)
+    ql = blocks[:, 0:128].reshape(n, 2, 2, 32)
+    qh = blocks[:, 128:192].reshape(n, 2, 32)
+    np.bitwise_and(ql, 15, out=q[:, :, 0:2])
+    np.right_shift(ql, 4, out=q[:, :, 2:4])
+    high = np.empty((n, 2, 32), dtype=np.uint8)
+    for g in range(4):
+        np.right_shift(qh, 2 * g, out=high)
+        np.bitwise_and(high, 3, out=high)
+        np.left_shift(high, 4, out=high)
+        np.bitwise_or(q[:, :, g], high, out=q[:, :, g])
+    q = q.view(np.int8)
+    q -= np.int8(32)
     return q.reshape(n, 16, 16), d16
 
 
