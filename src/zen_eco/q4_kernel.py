@@ -227,10 +227,14 @@ INLINE __m512 half_scale8(__m512 a, __m512 b, int p) {
    b, of its last 16 (NULL: as a); z, the offsets (NULL: none). All NULL: no block scales. */
 typedef struct { const uint16_t *a, *b, *z; } bscale_t;
 
+/* Values of one row's block scales: `nbs` per plane, a plane each for the scale, (flags & 1) the second
+   half's scale, (flags & 2) the offset. */
+INLINE int64_t block_stride(int flags, int nbs) { return (int64_t)(1 + (flags & 1) + ((flags >> 1) & 1)) * nbs; }
+
 INLINE bscale_t block_planes(const uint16_t *row, int flags, int nbs) {
     bscale_t s = {row, 0, 0};
     if (row && (flags & 1)) s.b = row + nbs;
-    if (row && (flags & 2)) s.z = row + (int64_t)(1 + (flags & 1)) * nbs;
+    if (row && (flags & 2)) s.z = row + block_stride(flags & 1, nbs);  /* after the scale plane(s) */
     return s;
 }
 
@@ -302,10 +306,9 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
         for (int b = 0; b < nb; b++) {
             const int16_t *q = xq + (int64_t)r * KP + b * 32;
             int32_t dot = 0;
-            for (int j = 0; j < 16; j++) {
-                const int hb = high ? high_bits16(high, b, 0) >> j & 1 : 0, hb1 = high ? high_bits16(high, b, 1) >> j & 1 : 0;
-                dot += ((codes[b * 16 + j] & 15) + 16 * hb) * q[j] + ((codes[b * 16 + j] >> 4) + 16 * hb1) * q[j + 16];
-            }
+            const uint32_t h0 = high ? high_bits16(high, b, 0) : 0, h1 = high ? high_bits16(high, b, 1) : 0;
+            for (int j = 0; j < 16; j++)
+                dot += ((codes[b * 16 + j] & 15) + 16 * (h0 >> j & 1)) * q[j] + ((codes[b * 16 + j] >> 4) + 16 * (h1 >> j & 1)) * q[j + 16];
             const int g = b * 32 / G;
             out[r] += (float)dot * xd[(int64_t)r * nbx + b] * f16(scale[g]) + f16(zero[g]) * xs[(int64_t)r * nbx + b];
         }
@@ -433,7 +436,7 @@ INLINE void store(void *y, int y_bf16, int64_t i, float v) {
 }
 
 /* Row n of an int8 weight against R rows of xq: out[r] = x_r . w_n, w_n = K codes times one float
-   scale (bs NULL) or times float16 block scales (bs: the row's planes, bs_t). */
+   scale (bs.a NULL) or times float16 block scales (bs: the row's planes, bscale_t). */
 INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t bs, const int16_t *xq,
                       const float *xd, const float *xs, float *out) {
     const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
@@ -526,7 +529,7 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t b
    latencies overlapped and each loaded block of x serves four rows. Each 64 bytes of codes are read as
    32 int16 words: the low bytes sign-extended by a shift pair and the high bytes by one shift are the
    even and the odd columns, multiplied with x's even and odd halves (no byte-widening shuffles).
-   bs: row n's block scales (bs_t), rows `stride` halves apart. */
+   bs: row n's block scales (bscale_t), the next rows' `stride` values further on. */
 INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale, bscale_t bs, int64_t stride,
                        const int16_t *xq, const float *xd, const float *xs, float *out) {
     const int nb = K / 32;
@@ -576,8 +579,7 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
 static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
                      const uint16_t *bscale, int flags, void *y, int y_bf16, int n_threads) {
     const int nbs = (K / 32 + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
-    const int planes = 1 + (flags & 1) + ((flags >> 1) & 1);
-    const int64_t stride = (int64_t)planes * nbs;  /* one row's block scales */
+    const int64_t stride = block_stride(flags, nbs);  /* one row's block scales */
     qx_t qx;
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
@@ -649,11 +651,10 @@ void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint8_t *hi
     const int ngp = (K / G + 7) & ~7;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
-        const uint8_t *c = codes + (int64_t)n * (K / 2);
+        const uint8_t *c = codes + (int64_t)n * (K / 2), *h = high ? high + (int64_t)n * high_stride(K) : 0;
         const uint16_t *sz = scale_zero + (int64_t)n * 2 * ngp;
         for (int b = 0; b < K / 32; b++) {
             const float s = f16(sz[b * 32 / G]), z = f16(sz[ngp + b * 32 / G]);
-            const uint8_t *h = high ? high + (int64_t)n * high_stride(K) : 0;
             const uint32_t h0 = h ? high_bits16(h, b, 0) : 0, h1 = h ? high_bits16(h, b, 1) : 0;
             float v[32];
             for (int j = 0; j < 16; j++) {
@@ -668,7 +669,7 @@ void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint8_t *hi
 void zen_q8b_dequant(int N, int K, const int8_t *codes, const uint16_t *bscale, int flags, void *out, int out_bf16,
                      int n_threads) {
     const int nbs = (K / 32 + 7) & ~7;
-    const int64_t stride = (int64_t)(1 + (flags & 1) + ((flags >> 1) & 1)) * nbs;
+    const int64_t stride = block_stride(flags, nbs);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const bscale_t bs = block_planes(bscale + (int64_t)n * stride, flags, nbs);
