@@ -121,7 +121,7 @@ class Q8BlockWeight:
             w = w + self.offset[..., None, None]
         return w.view(n, k)
 
-    def rows(self, order: torch.Tensor) -> "Q8BlockWeight":
+    def permute_rows(self, order: torch.Tensor) -> "Q8BlockWeight":
         pick = lambda t: None if t is None else t[order]  # noqa: E731
         return Q8BlockWeight(self.codes[order], self.scale[order], pick(self.scale_b), pick(self.offset))
 

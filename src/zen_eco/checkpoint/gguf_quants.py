@@ -110,11 +110,16 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
+def _q5_values(blocks: np.ndarray, at: int) -> np.ndarray:
+    """Q5_0 (at 2) / Q5_1 (at 4) blocks -> their 5-bit values uint8 (n, 32): qh's 32 high bits at byte
+    `at`, then 16 bytes of nibbles."""
+    return _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4]) << 4)
+
+
 @_register(6)
 def _q5_0(blocks: np.ndarray) -> np.ndarray:
     # d: f16 | qh: 32 high bits | qs: 16 bytes of nibbles.  y = (q - 16) * d
-    q = _nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4)
-    out = (q.view(np.int8) - np.int8(16)).astype(np.float32)
+    out = (_q5_values(blocks, 2).view(np.int8) - np.int8(16)).astype(np.float32)
     out *= _f16(blocks, 0)
     return out
 
@@ -122,8 +127,7 @@ def _q5_0(blocks: np.ndarray) -> np.ndarray:
 @_register(7)
 def _q5_1(blocks: np.ndarray) -> np.ndarray:
     # d: f16 | m: f16 | qh: 32 high bits | qs: 16 bytes of nibbles.  y = q * d + m
-    q = _nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8]) << 4)
-    out = q.astype(np.float32)
+    out = _q5_values(blocks, 4).astype(np.float32)
     out *= _f16(blocks, 0)
     out += _f16(blocks, 2)
     return out
@@ -341,8 +345,7 @@ def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     if ggml_type == 13:
         q, d1, m1 = _q5_k_values(blocks)
         return np.ascontiguousarray(q).reshape(n, k), rows(d1), rows(-m1)
-    at = 2 if ggml_type == 6 else 4  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
-    q = _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4]) << 4)
+    q = _q5_values(blocks, 2 if ggml_type == 6 else 4)  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
     d = _f16(blocks, 0)
     offset = -16.0 * d if ggml_type == 6 else _f16(blocks, 2)
     return np.ascontiguousarray(q).reshape(n, k), rows(d), rows(offset)

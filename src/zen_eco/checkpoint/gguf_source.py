@@ -12,6 +12,7 @@ period 6, the local RoPE base 10000, the attention scale) we fill in the same wa
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ from ..quant import Q4Weight, Q8BlockWeight
 from .gguf_file import GGUFFile
 from .gguf_quants import Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q5_codes, q8_block_codes
 from .names import gguf_to_hf, hf_to_gguf
+
+# The engine layouts a GGUF matrix can load into as stored: (its types, their decoder, the weight).
+PACKED = {
+    "int4": (Q4_TYPES, q4_codes, Q4Weight),
+    "int5": (Q5_TYPES + Q4_TYPES, q5_codes, partial(Q4Weight, bits=5)),
+    "int8 blocks": (Q8_BLOCK_TYPES, q8_block_codes, Q8BlockWeight),
+}
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # GGUF general.architecture -> our model_type, where they differ.
@@ -156,41 +164,24 @@ class GGUFSource:
         order = self._row_order(gname, w.shape[0])
         return w if order is None else w[order]
 
-    def get_q4(self, name: str) -> Q4Weight | None:
-        """The tensor's 4-bit codes, scales and offsets if it is stored as Q4_0/Q4_1/Q4_K, else None."""
-        gname, info = self._lookup(name)
-        if info.ggml_type not in Q4_TYPES or len(info.shape) != 2:
+    def stores_as(self, layout: str, name: str) -> bool:
+        """Whether tensor `name` is a matrix whose stored type maps onto `layout` (a key of PACKED)."""
+        _, info = self._lookup(name)
+        return info.ggml_type in PACKED[layout][0] and len(info.shape) == 2
+
+    def get_packed(self, layout: str, name: str) -> Q4Weight | Q8BlockWeight | None:
+        """The tensor in `layout` (PACKED: "int4" Q4_0/Q4_1/Q4_K codes; "int5" those and the Q5 types as
+        5-bit codes; "int8 blocks" `q8_block_codes`' types as int8 with block scales), or None where its
+        type does not map onto it."""
+        if not self.stores_as(layout, name):
             return None
-        codes, scale, offset = q4_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
-                                        what=f"{self.path}: {gname}")
+        gname, info = self._lookup(name)
+        _, decode, weight = PACKED[layout]
+        arrays = decode(self.file.tensor_bytes(gname), info.ggml_type, info.shape, what=f"{self.path}: {gname}")
         self.file.drop_pages(gname)
-        q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
+        q = weight(*(None if a is None else torch.from_numpy(a) for a in arrays))
         order = self._row_order(gname, info.shape[0])
         return q if order is None else q.permute_rows(order)
-
-    def get_q5(self, name: str) -> Q4Weight | None:
-        """The tensor's codes as 5-bit (`q5_codes`, `Q4Weight` with bits = 5) if it is stored as a Q5 or Q4
-        type, else None."""
-        gname, info = self._lookup(name)
-        if info.ggml_type not in Q5_TYPES + Q4_TYPES or len(info.shape) != 2:
-            return None
-        codes, scale, offset = q5_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape,
-                                        what=f"{self.path}: {gname}")
-        self.file.drop_pages(gname)
-        q = Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset), bits=5)
-        order = self._row_order(gname, info.shape[0])
-        return q if order is None else q.permute_rows(order)
-
-    def get_q8_blocks(self, name: str) -> Q8BlockWeight | None:
-        """The tensor as int8 codes with block scales (`q8_block_codes`) if its type maps onto them, else None."""
-        gname, info = self._lookup(name)
-        if info.ggml_type not in Q8_BLOCK_TYPES or len(info.shape) != 2:
-            return None
-        parts = q8_block_codes(self.file.tensor_bytes(gname), info.ggml_type, info.shape, what=f"{self.path}: {gname}")
-        self.file.drop_pages(gname)
-        q = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in parts))
-        order = self._row_order(gname, info.shape[0])
-        return q if order is None else q.rows(order)
 
     def close(self) -> None:
         self.file.close()

@@ -130,7 +130,7 @@ def load_weights(
     available = ckpt.source.names()
     table = dict(_internal_tensors(config))
     items = [(name, table[name]) for name in expected]  # KeyError = the name table misses a module: our bug
-    gguf_packed = mode == "auto" and hasattr(ckpt.source, "get_q4") and int4_supported(device, dtype)
+    gguf_packed = mode == "auto" and hasattr(ckpt.source, "get_packed") and int4_supported(device, dtype)
     use_stored = stored is not None and mode != "none"
     on_the_fly = mode if isinstance(mode, QuantSpec) and stored is None else None
     state: dict[str, torch.Tensor] = {}
@@ -275,17 +275,12 @@ def _no_random_init():
             cls.reset_parameters = reset
 
 
-def _packed(get, cat, hf_names, shape, available):
-    """The fused weight from `get(part)` of every part (None where a part is not stored that way: then
-    the tensor is dequantized), joined by `cat`, if it has the model's shape."""
-    if any(h not in available for h in hf_names):
+def _packed(source, layout: str, cat, hf_names, shape, available):
+    """The fused weight from every part in `layout` (`source.get_packed`), joined by `cat`, if each part's
+    stored type maps onto it (checked before any part is decoded) and the result has the model's shape."""
+    if any(h not in available or not source.stores_as(layout, h) for h in hf_names):
         return None
-    parts = []
-    for h in hf_names:  # stop at the first part stored otherwise, before decoding the rest
-        if (part := get(h)) is None:
-            return None
-        parts.append(part)
-    joined = cat(parts)
+    joined = cat([source.get_packed(layout, h) for h in hf_names])
     return joined if joined is not None and tuple(joined.codes.shape) == shape else None
 
 
@@ -294,7 +289,7 @@ def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | Non
     kernel is built."""
     if not q4_kernel.available():
         return None
-    return _packed(source.get_q8_blocks, Q8BlockWeight.cat, hf_names, shape, available)
+    return _packed(source, "int8 blocks", Q8BlockWeight.cat, hf_names, shape, available)
 
 
 def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:
@@ -302,13 +297,13 @@ def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:
     Q5) in 32-column groups and our kernel is built (the only one that runs 5-bit codes)."""
     if not q4_kernel.available():
         return None
-    return _packed(source.get_q5, Q4Weight.cat, hf_names, shape, available)
+    return _packed(source, "int5", Q4Weight.cat, hf_names, shape, available)
 
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | None:
     """The fused 4-bit weight if every part is stored as Q4_0/Q4_1/Q4_K in groups of one size."""
     cat = lambda parts: Q4Weight.cat(parts) if len({p.group_size for p in parts}) == 1 else None  # noqa: E731
-    return _packed(source.get_q4, cat, hf_names, shape, available)
+    return _packed(source, "int4", cat, hf_names, shape, available)
 
 
 class _progress:
