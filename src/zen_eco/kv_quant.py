@@ -573,15 +573,18 @@ def codecs(kv_format: str, head_dim: int) -> tuple[Codec, Codec, int]:
     fmt = check_kv_format(kv_format)
     if fmt == "int8":
         return Codec(8, head_dim, symmetric=True), Codec(8, head_dim, symmetric=True), 0
+    def kivi(key_bits: int, key_group: int, value_bits: int, value_group: int, residual: int):
+        """Keys per channel over `key_group` tokens, values per token over `value_group` channels, both in
+        the integer kernel's interleaved tiles."""
+        return (Codec(key_bits, key_group, per_channel=True, tile=KEY_TILE),
+                Codec(value_bits, min(value_group, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), residual)
+
     if fmt == "int4":
-        return (Codec(4, INT4_KEY_GROUP, per_channel=True, tile=KEY_TILE),
-                Codec(4, min(INT4_VALUE_GROUP, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), INT4_RESIDUAL)
+        return kivi(4, INT4_KEY_GROUP, 4, INT4_VALUE_GROUP, INT4_RESIDUAL)
     if fmt == "int2":
-        return (Codec(2, INT2_KEY_GROUP, per_channel=True, tile=KEY_TILE),
-                Codec(2, min(INT2_VALUE_GROUP, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), INT2_RESIDUAL)
+        return kivi(2, INT2_KEY_GROUP, 2, INT2_VALUE_GROUP, INT2_RESIDUAL)
     if fmt == "k4v2":
-        return (Codec(4, INT4_KEY_GROUP, per_channel=True, tile=KEY_TILE),
-                Codec(2, min(INT2_VALUE_GROUP, head_dim), tile=VALUE_TILE, scale_tile=SCALE_TILE), INT4_RESIDUAL)
+        return kivi(4, INT4_KEY_GROUP, 2, INT2_VALUE_GROUP, INT4_RESIDUAL)
     raise ConfigError(f"{fmt!r} is not a quantized KV format")
 
 
