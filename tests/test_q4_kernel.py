@@ -27,6 +27,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _avx2(flags: list[str]) -> list[str]:  # the AVX2 loops (most x86 CPUs): no AVX-512 VNNI
+    return flags + ["-DZEN_NO_VNNI"]
+
+
+def _portable(flags: list[str]) -> list[str]:  # the plain C loops (CPUs without AVX2)
+    return [f for f in flags if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"]
+
+
+def _built_with(monkeypatch, flags, run):
+    """run() with the kernel rebuilt under flags(native.flags()) (then the usual build again)."""
+    base = native.flags
+    monkeypatch.setattr(native, "flags", lambda: flags(base()))
+    q4_kernel.library.cache_clear()
+    try:
+        return run()
+    finally:
+        monkeypatch.undo()
+        q4_kernel.library.cache_clear()
+
+
 def test_pack_round_trips_and_puts_columns_j_and_j_plus_16_in_one_byte():
     codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     scale, zero = torch.rand(5, 2), torch.rand(5, 2)
@@ -148,16 +168,8 @@ def test_five_bit_codes_portable_and_avx2_paths(monkeypatch):
     fast = run()
     ref = x.double() @ q.dequantize().double().t()
     assert _rel(fast[1], ref) < BOUND
-    base = native.flags
-    for flags in (lambda: base() + ["-DZEN_NO_VNNI"],
-                  lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"]):
-        monkeypatch.setattr(native, "flags", flags)
-        q4_kernel.library.cache_clear()
-        try:
-            other = run()
-        finally:
-            monkeypatch.undo()
-            q4_kernel.library.cache_clear()
+    for flags in (_avx2, _portable):
+        other = _built_with(monkeypatch, flags, run)
         assert _rel(other[1], fast[1]) < 1e-6 and _rel(other[0], ref[:1]) < BOUND
 
 
@@ -201,15 +213,12 @@ def test_portable_c_path_gives_the_same_numbers(monkeypatch):
     packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
     x = torch.randn(3, 640)
     q8 = quantize_int8(torch.randn(24, 640) * 0.05)
-    fast = q4_kernel.matmul(x, packed, sz, 64), q4_kernel.matmul_int8(x, q8.codes, q8.scale)
-    base = native.flags
-    monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"])
-    q4_kernel.library.cache_clear()
-    try:
-        portable = q4_kernel.matmul(x, packed, sz, 64), q4_kernel.matmul_int8(x, q8.codes, q8.scale)
-    finally:
-        monkeypatch.undo()
-        q4_kernel.library.cache_clear()
+
+    def run():
+        return q4_kernel.matmul(x, packed, sz, 64), q4_kernel.matmul_int8(x, q8.codes, q8.scale)
+
+    fast = run()
+    portable = _built_with(monkeypatch, _portable, run)
     assert _rel(portable[0], fast[0]) < 1e-6 and _rel(portable[1], fast[1]) < 1e-6
 
 
@@ -232,14 +241,7 @@ def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
                 q4_kernel.matmul_int8_blocks(x, q8.codes, *scales))
 
     fast = run()
-    base = native.flags
-    monkeypatch.setattr(native, "flags", lambda: base() + ["-DZEN_NO_VNNI"])
-    q4_kernel.library.cache_clear()
-    try:
-        avx2 = run()
-    finally:
-        monkeypatch.undo()
-        q4_kernel.library.cache_clear()
+    avx2 = _built_with(monkeypatch, _avx2, run)
     ref = x.double() @ q.dequantize().double().t()
     assert _rel(fast[0], ref) < BOUND
     for a, b in zip(avx2, fast):
@@ -358,14 +360,7 @@ def test_int8_block_kernel_portable_path(monkeypatch):
                 for q in weights for rows in (1, 3)]
 
     fast = run()
-    base = native.flags
-    monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))] + ["-march=x86-64"])
-    q4_kernel.library.cache_clear()
-    try:
-        portable = run()
-    finally:
-        monkeypatch.undo()
-        q4_kernel.library.cache_clear()
+    portable = _built_with(monkeypatch, _portable, run)
     for a, b in zip(portable, fast):
         assert _rel(a, b) < 1e-6
 
