@@ -363,17 +363,14 @@ def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, 
     (for a fused matrix whose other parts are not 4-bit). Scales and offsets are ggml's float32 products,
     so codes * scale (+ offset) equals `dequantize` bit for bit."""
     n, k = shape
-    if ggml_type in Q4_TYPES:
-        codes, scale, offset = q4_codes(data, ggml_type, shape, what=what)
-        return codes.view(np.int8), scale, None, offset
-    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q4_x", what)
-    rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
-    if ggml_type == 8:  # Q8_0: d | 32 int8
-        return np.ascontiguousarray(blocks[:, 2:].view(np.int8)).reshape(n, k), rows(_f16(blocks, 0)), None, None
-    if ggml_type in Q5_TYPES:  # the 5-bit values as codes; Q5_0's minus 16 (w = d * (q - 16), no offset)
+    if ggml_type in Q4_TYPES + Q5_TYPES:  # their values as codes; Q5_0's minus 16 (w = d * (q - 16), no offset)
         q, scale, offset = q5_codes(data, ggml_type, shape, what=what)
         if ggml_type == 6:
             return q.view(np.int8) - np.int8(16), scale, None, None
         return q.view(np.int8), scale, None, offset
+    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q4_x", what)
+    rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
+    if ggml_type == 8:  # Q8_0: d | 32 int8
+        return np.ascontiguousarray(blocks[:, 2:].view(np.int8)).reshape(n, k), rows(_f16(blocks, 0)), None, None
     q, d16 = (_q6_k_values if ggml_type == 14 else _q3_k_values)(blocks)  # w = (d * sc) * q per sub-block of 16
     return np.ascontiguousarray(q).reshape(n, k), rows(d16[:, 0::2]), rows(d16[:, 1::2]), None
