@@ -334,6 +334,27 @@ static int attention(const model_t *m, const float *q, const void *K, const void
 
 INLINE float gelu_tanh(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 
+/* act = f(gate) * up for the MLP's n columns: SiLU, g * sigmoid(g), or GELU-tanh, which is
+   g * sigmoid(2u) with u = sqrt(2 / pi) (g + 0.044715 g^3) (0.5 (1 + tanh u) = sigmoid(2u)). Vectorized, the
+   sigmoid from exp512 of -|z| (so no overflow): 1 / (1 + e) for z >= 0, e / (1 + e) below; libm's tanhf and
+   expf one value at a time took ~5% of a Gemma-3-270M step. */
+static void glu(int n, int gelu, const float *gate, const float *up, float *act) {
+    int j = 0;
+#ifdef __AVX512F__
+    for (; j + 16 <= n; j += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + j);
+        const __m512 z = gelu ? _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f),
+                                              _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(g, g), g), _mm512_set1_ps(0.044715f), g))
+                              : g;
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(z)));
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        const __m512 sig = _mm512_mask_mul_ps(inv, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), inv, e);
+        _mm512_storeu_ps(act + j, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + j)));
+    }
+#endif
+    for (; j < n; j++) act[j] = (gelu ? gelu_tanh(gate[j]) : gate[j] / (1.0f + expf(-gate[j]))) * up[j];
+}
+
 /* The final norm, the head and Gemma's soft-cap: logits (vocab) of the residual stream x. */
 int zen_decode_head(const model_t *m, const float *x, float *logits, int nt) {
     float *h = malloc(sizeof(float) * m->hidden);
@@ -374,10 +395,7 @@ static int attn_outputs(const model_t *m, int i, float *x, const float *att, flo
     for (int j = 0; j < H; j++) x[j] += o[j];
     rms_norm(H, x, L->mlp_norm, m->eps, o);
     if ((rc = linear(&L->gate_up, o, gu, nt))) return rc;
-    for (int j = 0; j < m->inter; j++) {
-        const float g = gu[j];
-        act[j] = (m->gelu ? gelu_tanh(g) : g / (1.0f + expf(-g))) * gu[m->inter + j];
-    }
+    glu(m->inter, m->gelu, gu, gu + m->inter, act);
     if ((rc = linear(&L->down, act, o, nt))) return rc;
     if (L->mlp_post_norm) rms_norm(H, o, L->mlp_post_norm, m->eps, o);
     for (int j = 0; j < H; j++) x[j] += o[j];
