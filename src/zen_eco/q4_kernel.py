@@ -745,6 +745,17 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
     free_x(&qx);
     return 0;
 }
+
+/* codes (N, K) bytes -> packed (N, K / 2): per block of 32, byte i holds the low four bits of column i
+   and, above them, of column i + 16 (see `pack`). */
+void zen_q4_pack(int64_t N, int K, const uint8_t *codes, uint8_t *packed, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t b = 0; b < N * (K / 32); b++) {
+        const uint8_t *c = codes + b * 32;
+        uint8_t *o = packed + b * 16;
+        for (int i = 0; i < 16; i++) o[i] = (c[i] & 15) | (uint8_t)(c[i + 16] << 4);
+    }
+}
 """
 
 
@@ -768,6 +779,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q4_dequant.argtypes = [i, i, i, p, p, p, p, i, i]
     lib.zen_q8b_dequant.restype = None
     lib.zen_q8b_dequant.argtypes = [i, i, p, p, i, p, i, i]
+    lib.zen_q4_pack.restype = None
+    lib.zen_q4_pack.argtypes = [ctypes.c_int64, i, p, p, i]
     return lib
 
 
@@ -776,12 +789,17 @@ def available() -> bool:
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) codes in [0, 15], (N, K / group) scale and zero (w = code * scale + zero) -> the
-    kernel's codes (N, K / 2) uint8 and scale_zero (N, 2, K / group rounded up to a multiple of 8)
-    float16, the padding zeros."""
+    """(N, K) codes (their low four bits: 5-bit codes keep the fifth in `pack_high`), (N, K / group) scale and
+    zero (w = code * scale + zero) -> the kernel's codes (N, K / 2) uint8 and scale_zero (N, 2, K / group
+    rounded up to a multiple of 8) float16, the padding zeros."""
     n, k = codes.shape
-    blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
-    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    lib = library()
+    if lib is not None and codes.dtype == torch.uint8 and codes.is_contiguous() and codes.device.type == "cpu":
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)  # one pass in C: loading a 4B model packs ~3B codes
+        lib.zen_q4_pack(n, k, codes.data_ptr(), packed.data_ptr(), torch.get_num_threads())
+    else:
+        blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
+        packed = ((blocks[:, :, 0] & 15) | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     pad = -scale.shape[1] % 8  # whole eights of groups: the kernel's vector loads need no tail case
     return packed, torch.nn.functional.pad(torch.stack([scale, zero], 1).to(torch.float16), (0, pad)).contiguous()
 

@@ -353,8 +353,8 @@ class Int4Linear(_QuantizedLinear):
             raise ValueError(f"{self.bits}-bit codes run on our CPU kernel only (here: {self.backend})")
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         if self.backend == "native":  # our kernel's layout: codes by blocks of 32, float16 scale and zero
-            low = weight.codes if self.bits == 4 else weight.codes & 15  # 5-bit: the fifth bits go to `high`
-            packed, scale_zero = q4_kernel.pack(low, weight.scale, weight.offset)
+            # pack keeps the low four bits; 5-bit codes' fifth bits go to `high`
+            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, weight.offset)
             self.register_buffer("packed", packed)
             self.register_buffer("scale_zero", scale_zero)
             self.register_buffer("high", q4_kernel.pack_high(weight.codes) if self.bits == 5 else None)

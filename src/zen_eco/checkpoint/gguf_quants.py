@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from zen_eco.checkpoint import gguf_native
 from zen_eco.checkpoint.gguf_file import GGML_TYPES, ggml_type_name
 from zen_eco.errors import CheckpointError
 
@@ -113,6 +114,8 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
 def _q5_values(blocks: np.ndarray, at: int) -> np.ndarray:
     """Q5_0 (at 2) / Q5_1 (at 4) blocks -> their 5-bit values uint8 (n, 32): qh's 32 high bits at byte
     `at`, then 16 bytes of nibbles."""
+    if gguf_native.usable(blocks, at + 20):
+        return gguf_native.nibbles(blocks, at + 4, at)
     return _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4]) << 4)
 
 
@@ -197,6 +200,8 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
 def _q5_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q5_K blocks -> (values uint8 (n, 8, 32) in [0, 31], d * sc, dmin * m float32 (n, 8)) per sub-block of 32."""
     # d: f16 | dmin: f16 | scales: 12 bytes | qh: 32 bytes | qs: 128 bytes
+    if gguf_native.usable(blocks, 176):
+        return gguf_native.k_quant(blocks, five=True)
     n = blocks.shape[0]
     sc, mn = _k_scales(blocks[:, 4:16])
     d1 = _f16(blocks, 0) * sc.astype(np.float32)
@@ -219,6 +224,8 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
 def _q6_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q6_K blocks -> (values int8 (n, 16, 16) in [-32, 31], scale d * sc float32 (n, 16)) per sub-block of 16."""
     # ql: 128 bytes of low nibbles | qh: 64 bytes of 2-bit highs | scales: 16 x int8 | d: f16
+    if gguf_native.usable(blocks, 210):
+        return gguf_native.q6_k(blocks)
     n = blocks.shape[0]
     d16 = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
     # Per half of 128 values, four groups of 32: the low nibbles of its ql bytes 0..31, of 32..63, then
@@ -315,6 +322,9 @@ def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     kernel stores them in float16: a rounding of at most 2^-11 relative)."""
     n, k = shape
     blocks = _matrix_blocks(data, ggml_type, shape, Q4_TYPES, "Q4_0/Q4_1/Q4_K", what)
+    if ggml_type == 12 and gguf_native.usable(blocks, 144):  # the same numbers in one C pass
+        codes, scale, m1 = gguf_native.k_quant(blocks, five=False)
+        return codes.reshape(n, k), scale.reshape(n, k // 32), (-m1).reshape(n, k // 32)
     if ggml_type == 12:  # Q4_K: w = d * sc * q - dmin * m per sub-block of 32 (see _q4_k)
         sc, mn = _k_scales(blocks[:, 4:16])
         scale = _f16(blocks, 0) * sc.astype(np.float32)
@@ -322,10 +332,9 @@ def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
         codes = _nibbles(blocks[:, 16:144].reshape(-1, 32))
         return codes.reshape(n, k), scale.reshape(n, k // 32), offset.reshape(n, k // 32)
     d = _f16(blocks, 0)[:, 0]
-    if ggml_type == 2:  # Q4_0: w = d * (q - 8)
-        codes, offset = _nibbles(blocks[:, 2:]), -8.0 * d
-    else:  # Q4_1: w = d * q + m
-        codes, offset = _nibbles(blocks[:, 4:]), _f16(blocks, 2)[:, 0]
+    at = 2 if ggml_type == 2 else 4  # Q4_0: d | nibbles, w = d * (q - 8); Q4_1: d | m | nibbles, w = d * q + m
+    codes = gguf_native.nibbles(blocks, at) if gguf_native.usable(blocks, at + 16) else _nibbles(blocks[:, at:])
+    offset = -8.0 * d if ggml_type == 2 else _f16(blocks, 2)[:, 0]
     return codes.reshape(n, k), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
 
 
@@ -370,6 +379,9 @@ def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, 
         return q.view(np.int8), scale, None, offset
     blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q4_x", what)
     rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
+    if ggml_type == 8 and gguf_native.usable(blocks, 34):
+        codes, d = gguf_native.q8_0(blocks)
+        return codes.reshape(n, k), rows(d), None, None
     if ggml_type == 8:  # Q8_0: d | 32 int8
         return np.ascontiguousarray(blocks[:, 2:].view(np.int8)).reshape(n, k), rows(_f16(blocks, 0)), None, None
     q, d16 = (_q6_k_values if ggml_type == 14 else _q3_k_values)(blocks)  # w = (d * sc) * q per sub-block of 16
