@@ -125,9 +125,23 @@ def _five_bit(n, k, gen):
                     ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.2).half().float(), bits=5)
 
 
-def test_fifth_bits_are_packed_where_the_kernel_reads_them():
+@pytest.mark.parametrize("in_c", [True, False], ids=["C", "torch"])
+def test_fifth_bits_are_packed_where_the_kernel_reads_them(in_c, monkeypatch):
     """Per row, per four blocks: 64 bits for the columns in the low nibbles (bit p: block p // 16,
-    column p % 16), then 64 for those in the high nibbles (column 16 + p % 16); a partial four is padded."""
+    column p % 16), then 64 for those in the high nibbles (column 16 + p % 16); a partial four is padded.
+    The C packer (what loading uses) and the torch one agree on random codes."""
+    if in_c and not q4_kernel.available():
+        pytest.skip("no C compiler here")
+    if in_c:
+        rand = torch.randint(0, 32, (7, 1152), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+        got = q4_kernel.pack_high(rand)
+        portable = _built_with(monkeypatch, _portable, lambda: q4_kernel.available() and q4_kernel.pack_high(rand))
+        assert portable is not False and torch.equal(got, portable)  # the plain C loop
+        with monkeypatch.context() as m:
+            m.setattr(q4_kernel, "library", lambda: None)
+            assert torch.equal(got, q4_kernel.pack_high(rand))
+    else:
+        monkeypatch.setattr(q4_kernel, "library", lambda: None)
     codes = torch.zeros(2, 160, dtype=torch.uint8)  # 5 blocks: one whole four and a partial one
     codes[0, 32 * 2 + 3] = 16  # block 2, column 3: low-nibble mask, bit 2 * 16 + 3
     codes[0, 32 * 1 + 16 + 5] = 31  # block 1, column 21: high-nibble mask, bit 16 + 5
