@@ -108,7 +108,8 @@ def test_non_byte_input_rejected():
 @pytest.mark.parametrize("ggml_type", [2, 3, 6, 7, 8, 12, 13, 14], ids=SUPPORTED_TYPES.get)
 def test_c_decoders_equal_numpy(ggml_type, monkeypatch):
     """gguf_native's one-pass C decoders (what loading uses) give the numpy functions' arrays bit for bit,
-    on random blocks whose float16 fields take every kind of value (subnormal, inf, NaN included)."""
+    on random blocks whose float16 fields take every kind of value (subnormal, inf, NaN included); both
+    decode into a caller's array as they return codes."""
     from zen_eco.checkpoint import gguf_native
     from zen_eco.checkpoint.gguf_quants import Q4_TYPES, Q5_TYPES, q4_codes, q5_codes, q8_block_codes
 
@@ -121,7 +122,15 @@ def test_c_decoders_equal_numpy(ggml_type, monkeypatch):
     decoders = [q8_block_codes] + [q5_codes] * (ggml_type in Q4_TYPES + Q5_TYPES) + [q4_codes] * (ggml_type in Q4_TYPES)
 
     def run():
-        out = [a for f in decoders for a in f(raw.reshape(-1), ggml_type, shape) if a is not None]
+        out = []
+        for f in decoders:
+            got = f(raw.reshape(-1), ggml_type, shape)
+            # decoding into a caller's array (the rows of a fused matrix): the same codes, in that array
+            into = np.full((rows + 2, shape[1]), 7, dtype=got[0].dtype)
+            again = f(raw.reshape(-1), ggml_type, shape, codes_out=into[1:-1])
+            assert np.shares_memory(again[0], into) and (into[[0, -1]] == 7).all()
+            assert np.array_equal(again[0], got[0])
+            out += [a for a in got + again[:1] if a is not None]
         if ggml_type in (6, 7, 13, 14):  # dequantize goes through the same value helpers
             out.append(dequantize(raw.reshape(-1), ggml_type, shape))
         return out

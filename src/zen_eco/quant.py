@@ -81,9 +81,11 @@ class Q4Weight:
         return Q4Weight(self.codes[index], self.scale[index], self.offset[index], self.bits)
 
     @staticmethod
-    def cat(parts: list["Q4Weight"]) -> "Q4Weight":
-        return Q4Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "offset")),
-                        max(p.bits for p in parts))
+    def cat(parts: list["Q4Weight"], codes: torch.Tensor | None = None) -> "Q4Weight":
+        """Rows of parts one after another. codes: their codes already joined (the loader decodes each
+        part into its rows of one tensor), taken as they are."""
+        return Q4Weight(torch.cat([p.codes for p in parts]) if codes is None else codes,
+                        *(torch.cat([getattr(p, f) for p in parts]) for f in ("scale", "offset")), max(p.bits for p in parts))
 
 
 @dataclass
@@ -126,13 +128,13 @@ class Q8BlockWeight:
         return Q8BlockWeight(self.codes[order], self.scale[order], pick(self.scale_b), pick(self.offset))
 
     @staticmethod
-    def cat(parts: list["Q8BlockWeight"]) -> "Q8BlockWeight":
+    def cat(parts: list["Q8BlockWeight"], codes: torch.Tensor | None = None) -> "Q8BlockWeight":
         """Rows of parts one after another; a part without second-half scales or offsets gets its own
-        scale / zeros where another part has them."""
+        scale / zeros where another part has them. codes: as in Q4Weight.cat."""
         halves = any(p.scale_b is not None for p in parts)
         offsets = any(p.offset is not None for p in parts)
         return Q8BlockWeight(
-            torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+            torch.cat([p.codes for p in parts]) if codes is None else codes, torch.cat([p.scale for p in parts]),
             torch.cat([p.scale if p.scale_b is None else p.scale_b for p in parts]) if halves else None,
             torch.cat([torch.zeros_like(p.scale) if p.offset is None else p.offset for p in parts]) if offsets else None)
 

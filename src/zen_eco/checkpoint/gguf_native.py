@@ -14,6 +14,8 @@ Outputs per block (n blocks, arrays C-contiguous):
   k4/k5: Q4_K / Q5_K: values uint8 (n, 256) (0..15 / 0..31), d * sc and dmin * m float32 (n, 8)
   q5:    Q5_0 / Q5_1 (high bits at byte `at`, nibbles after them): values uint8 (n, 32) in [0, 31]
   nib:   Q4_0 / Q4_1 (nibbles at byte `at`): values uint8 (n, 32), low nibbles then high
+The codes can go straight into an array the caller passes (rows of a fused q|k|v or gate|up matrix),
+so that loading does not copy them again to join the parts.
 """
 
 from __future__ import annotations
@@ -136,29 +138,39 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _out(given: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """`given` (a C-contiguous array the caller wants the values in: e.g. rows of a fused matrix) viewed
+    as `shape`, or a new array."""
+    if given is None:
+        return np.empty(shape, dtype)
+    if given.dtype != np.dtype(dtype) or given.size != int(np.prod(shape)) or not given.flags.c_contiguous:
+        raise ValueError(f"output array {given.dtype} {given.shape} does not hold {shape} {np.dtype(dtype)}")
+    return given.reshape(shape)
+
+
+def q8_0(blocks: np.ndarray, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     n = blocks.shape[0]
-    codes, d = np.empty((n, 32), np.int8), np.empty((n, 1), np.float32)
+    codes, d = _out(codes, (n, 32), np.int8), np.empty((n, 1), np.float32)
     library().zen_gguf_q8_0(_ptr(blocks), n, _ptr(codes), _ptr(d), torch.get_num_threads())
     return codes, d
 
 
-def q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def q6_k(blocks: np.ndarray, q: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     n = blocks.shape[0]
-    q, d16 = np.empty((n, 16, 16), np.int8), np.empty((n, 16), np.float32)
+    q, d16 = _out(q, (n, 16, 16), np.int8), np.empty((n, 16), np.float32)
     library().zen_gguf_q6_k(_ptr(blocks), n, _ptr(q), _ptr(d16), torch.get_num_threads())
     return q, d16
 
 
-def k_quant(blocks: np.ndarray, five: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def k_quant(blocks: np.ndarray, five: bool, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = blocks.shape[0]
-    codes, d1, m1 = np.empty((n, 8, 32), np.uint8), np.empty((n, 8), np.float32), np.empty((n, 8), np.float32)
+    codes, d1, m1 = _out(codes, (n, 8, 32), np.uint8), np.empty((n, 8), np.float32), np.empty((n, 8), np.float32)
     library().zen_gguf_kquant(_ptr(blocks), n, int(five), _ptr(codes), _ptr(d1), _ptr(m1), torch.get_num_threads())
     return codes, d1, m1
 
 
-def nibbles(blocks: np.ndarray, at: int, high: int = -1) -> np.ndarray:
+def nibbles(blocks: np.ndarray, at: int, high: int = -1, values: np.ndarray | None = None) -> np.ndarray:
     n = blocks.shape[0]
-    values = np.empty((n, 32), np.uint8)
+    values = _out(values, (n, 32), np.uint8)
     library().zen_gguf_nibbles(_ptr(blocks), n, blocks.shape[1], at, high, _ptr(values), torch.get_num_threads())
     return values

@@ -111,11 +111,12 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q5_values(blocks: np.ndarray, at: int) -> np.ndarray:
+def _q5_values(blocks: np.ndarray, at: int, out: np.ndarray | None = None) -> np.ndarray:
     """Q5_0 (at 2) / Q5_1 (at 4) blocks -> their 5-bit values uint8 (n, 32): qh's 32 high bits at byte
-    `at`, then 16 bytes of nibbles."""
+    `at`, then 16 bytes of nibbles. (`out`, here and in the other value helpers: where the C decoder
+    writes them; the numpy path returns a new array.)"""
     if gguf_native.usable(blocks, at + 20):
-        return gguf_native.nibbles(blocks, at + 4, at)
+        return gguf_native.nibbles(blocks, at + 4, at, values=out)
     return _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4]) << 4)
 
 
@@ -197,11 +198,11 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(n, 256)
 
 
-def _q5_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _q5_k_values(blocks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q5_K blocks -> (values uint8 (n, 8, 32) in [0, 31], d * sc, dmin * m float32 (n, 8)) per sub-block of 32."""
     # d: f16 | dmin: f16 | scales: 12 bytes | qh: 32 bytes | qs: 128 bytes
     if gguf_native.usable(blocks, 176):
-        return gguf_native.k_quant(blocks, five=True)
+        return gguf_native.k_quant(blocks, five=True, codes=out)
     n = blocks.shape[0]
     sc, mn = _k_scales(blocks[:, 4:16])
     d1 = _f16(blocks, 0) * sc.astype(np.float32)
@@ -221,11 +222,11 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(blocks.shape[0], 256)
 
 
-def _q6_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _q6_k_values(blocks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q6_K blocks -> (values int8 (n, 16, 16) in [-32, 31], scale d * sc float32 (n, 16)) per sub-block of 16."""
     # ql: 128 bytes of low nibbles | qh: 64 bytes of 2-bit highs | scales: 16 x int8 | d: f16
     if gguf_native.usable(blocks, 210):
-        return gguf_native.q6_k(blocks)
+        return gguf_native.q6_k(blocks, out)
     n = blocks.shape[0]
     d16 = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
     # Per half of 128 values, four groups of 32: the low nibbles of its ql bytes 0..31, of 32..63, then
@@ -315,74 +316,95 @@ def _matrix_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], typ
     return np.ascontiguousarray(data.reshape(n * k // per, layout.type_size))
 
 
-def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+def _codes(values: np.ndarray, n: int, k: int, out: np.ndarray | None) -> np.ndarray:
+    """values as an (n, k) codes array: `out` itself when given (values already in it, or copied there)."""
+    if out is None:
+        return np.ascontiguousarray(values).reshape(n, k)
+    if not np.may_share_memory(values, out):
+        np.copyto(out, values.reshape(n, k))
+    return out
+
+
+def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
+             codes_out: np.ndarray | None = None):
     """Q4_0/Q4_1/Q4_K bytes of a (N, K) matrix -> (codes uint8 (N, K), scale f32 (N, K/32), offset f32
     (N, K/32)) with w = scale * code + offset, for kernels that keep the 4-bit codes (see zen_eco.quant).
     Q4_K's per-32 scale and offset are products d * sc and -dmin * m, exact in float32 (the native
-    kernel stores them in float16: a rounding of at most 2^-11 relative)."""
+    kernel stores them in float16: a rounding of at most 2^-11 relative). codes_out: a C-contiguous
+    (N, K) array of the codes' dtype to decode them into (and return), e.g. rows of a fused matrix."""
     n, k = shape
     blocks = _matrix_blocks(data, ggml_type, shape, Q4_TYPES, "Q4_0/Q4_1/Q4_K", what)
     if ggml_type == 12 and gguf_native.usable(blocks, 144):  # the same numbers in one C pass
-        codes, scale, m1 = gguf_native.k_quant(blocks, five=False)
-        return codes.reshape(n, k), scale.reshape(n, k // 32), (-m1).reshape(n, k // 32)
+        codes, scale, m1 = gguf_native.k_quant(blocks, five=False, codes=codes_out)
+        return _codes(codes, n, k, codes_out), scale.reshape(n, k // 32), (-m1).reshape(n, k // 32)
     if ggml_type == 12:  # Q4_K: w = d * sc * q - dmin * m per sub-block of 32 (see _q4_k)
         sc, mn = _k_scales(blocks[:, 4:16])
         scale = _f16(blocks, 0) * sc.astype(np.float32)
         offset = -(_f16(blocks, 2) * mn.astype(np.float32))
         codes = _nibbles(blocks[:, 16:144].reshape(-1, 32))
-        return codes.reshape(n, k), scale.reshape(n, k // 32), offset.reshape(n, k // 32)
+        return _codes(codes, n, k, codes_out), scale.reshape(n, k // 32), offset.reshape(n, k // 32)
     d = _f16(blocks, 0)[:, 0]
     at = 2 if ggml_type == 2 else 4  # Q4_0: d | nibbles, w = d * (q - 8); Q4_1: d | m | nibbles, w = d * q + m
-    codes = gguf_native.nibbles(blocks, at) if gguf_native.usable(blocks, at + 16) else _nibbles(blocks[:, at:])
+    native = gguf_native.usable(blocks, at + 16)
+    codes = gguf_native.nibbles(blocks, at, values=codes_out) if native else _nibbles(blocks[:, at:])
     offset = -8.0 * d if ggml_type == 2 else _f16(blocks, 2)[:, 0]
-    return codes.reshape(n, k), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
+    return _codes(codes, n, k, codes_out), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
 
 
 Q5_TYPES = (6, 7, 13)  # Q5_0, Q5_1 (32-element blocks), Q5_K (256, as 8 sub-blocks of 32)
 
 
-def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
+             codes_out: np.ndarray | None = None):
     """Q5_0/Q5_1/Q5_K (and Q4_0/Q4_1/Q4_K, whose codes are 5-bit codes too) bytes of a (N, K) matrix ->
     (codes uint8 (N, K) in [0, 31], scale f32 (N, K/32), offset f32 (N, K/32)) with w = scale * code +
     offset, for the 5-bit variant of the int4 layout (`quant.Q4Weight` with bits = 5): Q5_0 w = d * q - 16 d,
-    Q5_1 w = d * q + m, Q5_K w = (d * sc) * q - (dmin * m), exact in float32 (ggml's own products)."""
+    Q5_1 w = d * q + m, Q5_K w = (d * sc) * q - (dmin * m), exact in float32 (ggml's own products).
+    codes_out as in `q4_codes`."""
     n, k = shape
     if ggml_type in Q4_TYPES:
-        return q4_codes(data, ggml_type, shape, what=what)
+        return q4_codes(data, ggml_type, shape, what=what, codes_out=codes_out)
     blocks = _matrix_blocks(data, ggml_type, shape, Q5_TYPES, "Q5_0/Q5_1/Q5_K/Q4_x", what)
     rows = lambda a: np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // 32)  # noqa: E731
     if ggml_type == 13:
-        q, d1, m1 = _q5_k_values(blocks)
-        return np.ascontiguousarray(q).reshape(n, k), rows(d1), rows(-m1)
-    q = _q5_values(blocks, 2 if ggml_type == 6 else 4)  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
+        q, d1, m1 = _q5_k_values(blocks, codes_out)
+        return _codes(q, n, k, codes_out), rows(d1), rows(-m1)
+    q = _q5_values(blocks, 2 if ggml_type == 6 else 4, codes_out)  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
     d = _f16(blocks, 0)
     offset = -16.0 * d if ggml_type == 6 else _f16(blocks, 2)
-    return np.ascontiguousarray(q).reshape(n, k), rows(d), rows(offset)
+    return _codes(q, n, k, codes_out), rows(d), rows(offset)
 
 
 Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
 
 
-def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor"):
+def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
+                   codes_out: np.ndarray | None = None):
     """Bytes of a (N, K) matrix -> (codes int8 (N, K), scale, scale_b, offset), each (N, K/32) float32 or
     None, with w = scale * code (+ offset) per block of 32 columns, or per 16 where scale_b (the last 16
     columns' scale) is given; for `quant.Int8BlockLinear`. Q8_0's int8 values and Q5_0's 5-bit values
     minus 16 with the file's d; Q5_1 (d, m) and Q5_K (d * sc, -dmin * m) with their 5-bit values 0..31;
     Q6_K (values -32..31) and Q3_K (-4..3) with d * sc per 16; Q4_0/Q4_1/Q4_K as `q4_codes` gives them
     (for a fused matrix whose other parts are not 4-bit). Scales and offsets are ggml's float32 products,
-    so codes * scale (+ offset) equals `dequantize` bit for bit."""
+    so codes * scale (+ offset) equals `dequantize` bit for bit. codes_out as in `q4_codes` (int8)."""
     n, k = shape
     if ggml_type in Q4_TYPES + Q5_TYPES:  # their values as codes; Q5_0's minus 16 (w = d * (q - 16), no offset)
-        q, scale, offset = q5_codes(data, ggml_type, shape, what=what)
+        q, scale, offset = q5_codes(data, ggml_type, shape, what=what,
+                                    codes_out=None if codes_out is None else codes_out.view(np.uint8))
+        q = q.view(np.int8)
         if ggml_type == 6:
-            return q.view(np.int8) - np.int8(16), scale, None, None
-        return q.view(np.int8), scale, None, offset
+            q -= np.int8(16)  # in place: q is ours, or codes_out
+            return q, scale, None, None
+        return q, scale, None, offset
     blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q4_x", what)
     rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
     if ggml_type == 8 and gguf_native.usable(blocks, 34):
-        codes, d = gguf_native.q8_0(blocks)
-        return codes.reshape(n, k), rows(d), None, None
+        codes, d = gguf_native.q8_0(blocks, codes_out)
+        return _codes(codes, n, k, codes_out), rows(d), None, None
     if ggml_type == 8:  # Q8_0: d | 32 int8
-        return np.ascontiguousarray(blocks[:, 2:].view(np.int8)).reshape(n, k), rows(_f16(blocks, 0)), None, None
-    q, d16 = (_q6_k_values if ggml_type == 14 else _q3_k_values)(blocks)  # w = (d * sc) * q per sub-block of 16
-    return np.ascontiguousarray(q).reshape(n, k), rows(d16[:, 0::2]), rows(d16[:, 1::2]), None
+        return _codes(blocks[:, 2:].view(np.int8), n, k, codes_out), rows(_f16(blocks, 0)), None, None
+    if ggml_type == 14:  # w = (d * sc) * q per sub-block of 16
+        q, d16 = _q6_k_values(blocks, codes_out)
+    else:
+        q, d16 = _q3_k_values(blocks)
+    return _codes(q, n, k, codes_out), rows(d16[:, 0::2]), rows(d16[:, 1::2]), None

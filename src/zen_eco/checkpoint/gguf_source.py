@@ -12,6 +12,7 @@ period 6, the local RoPE base 10000, the attention scale) we fill in the same wa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -169,19 +170,33 @@ class GGUFSource:
         _, info = self._lookup(name)
         return info.ggml_type in PACKED[layout][0] and len(info.shape) == 2
 
-    def get_packed(self, layout: str, name: str) -> Q4Weight | Q8BlockWeight | None:
+    def matrix_shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape (rows, columns for a matrix), as stored."""
+        return tuple(int(d) for d in self._lookup(name)[1].shape)
+
+    def get_packed(self, layout: str, name: str, codes_out: torch.Tensor | None = None) -> Q4Weight | Q8BlockWeight | None:
         """The tensor in `layout` (PACKED: "int4" Q4_0/Q4_1/Q4_K codes; "int5" those and the Q5 types as
         5-bit codes; "int8 blocks" `q8_block_codes`' types as int8 with block scales), or None where its
-        type does not map onto it."""
+        type does not map onto it. codes_out: a contiguous CPU tensor of the layout's code dtype and the
+        matrix's shape (rows of a fused matrix) that the codes are decoded into, and that the weight holds."""
         if not self.stores_as(layout, name):
             return None
         gname, info = self._lookup(name)
         _, decode, weight = PACKED[layout]
-        arrays = decode(self.file.tensor_bytes(gname), info.ggml_type, info.shape, what=f"{self.path}: {gname}")
+        order = self._row_order(gname, info.shape[0])
+        direct = codes_out is not None and order is None  # a row permutation decodes first, then copies
+        arrays = decode(self.file.tensor_bytes(gname), info.ggml_type, info.shape, what=f"{self.path}: {gname}",
+                        codes_out=codes_out.numpy() if direct else None)
         self.file.drop_pages(gname)
         q = weight(*(None if a is None else torch.from_numpy(a) for a in arrays))
-        order = self._row_order(gname, info.shape[0])
-        return q if order is None else q.permute_rows(order)
+        if direct:
+            return replace(q, codes=codes_out)
+        if order is not None:
+            q = q.permute_rows(order)
+        if codes_out is not None:
+            codes_out.copy_(q.codes)
+            q = replace(q, codes=codes_out)
+        return q
 
     def close(self) -> None:
         self.file.close()
