@@ -101,9 +101,10 @@ def _tokens(md: dict[str, Any]) -> list[str]:
     assert tokens is not None
     if not tokens:
         raise TokenizerError("GGUF metadata tokenizer.ggml.tokens is empty")
-    for i, tok in enumerate(tokens):
-        if not isinstance(tok, str):
-            raise TokenizerError(f"GGUF token {i} is {type(tok).__name__} {tok!r:.40}, not a string")
+    if set(map(type, tokens)) != {str}:  # the check in C; the loop below only to name the culprit
+        for i, tok in enumerate(tokens):
+            if not isinstance(tok, str):
+                raise TokenizerError(f"GGUF token {i} is {type(tok).__name__} {tok!r:.40}, not a string")
     return tokens
 
 
@@ -113,6 +114,8 @@ def _token_types(md: dict[str, Any], n_tokens: int) -> list[int]:
         return [NORMAL] * n_tokens
     if len(types) != n_tokens:
         raise TokenizerError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {n_tokens} tokens")
+    if set(map(type, types)) == {int} and NORMAL <= min(types) and max(types) <= BYTE:
+        return types  # plain ints in range (as a GGUF reader gives them): checked without a Python loop
     for i, t in enumerate(types):
         if not isinstance(t, Integral) or isinstance(t, bool) or not NORMAL <= int(t) <= BYTE:
             raise TokenizerError(f"GGUF token_type[{i}] = {t!r} is not one of 1..6")
@@ -192,6 +195,10 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 
 
 def _parse_merges(raw: list[Any]) -> list[tuple[str, str]]:
+    if set(map(type, raw)) <= {str}:  # the common case in bulk: each splits into two non-empty halves
+        merges = [tuple(m.split(" ")) for m in raw]
+        if set(map(len, merges)) <= {2} and all(left and right for left, right in merges):
+            return merges
     merges = []
     for i, merge in enumerate(raw):
         parts = merge.split(" ") if isinstance(merge, str) else []
@@ -231,9 +238,10 @@ def _sentencepiece_bpe(md: dict[str, Any], tokens: list[str], types: list[int]) 
     if scores is not None:
         if len(scores) != len(tokens):
             raise TokenizerError(f"GGUF tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
-        for i, s in enumerate(scores):
-            if not isinstance(s, Real) or isinstance(s, bool):
-                raise TokenizerError(f"GGUF score {i} = {s!r:.40} is not a number")
+        if not set(map(type, scores)) <= {float, int}:  # the bulk check in C; the loop names the culprit
+            for i, s in enumerate(scores):
+                if not isinstance(s, Real) or isinstance(s, bool):
+                    raise TokenizerError(f"GGUF score {i} = {s!r:.40} is not a number")
     raw_merges = _list(md, "tokenizer.ggml.merges", required=False)
     if raw_merges is not None:
         merges = _parse_merges(raw_merges)
@@ -275,12 +283,15 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
     """
     ordinary = {tok: i for i, tok in enumerate(tokens) if types[i] == NORMAL}
     ranked: list[tuple[float, int, int, str, str]] = []
+    add = ranked.append
     for tok, i in ordinary.items():
         for cut in range(1, len(tok)):
-            left, right = tok[:cut], tok[cut:]
-            if left in ordinary and right in ordinary:
-                # higher score first; ties broken by vocabulary order, then by the longer left part
-                ranked.append((-scores[i], i, -cut, left, right))
+            left = tok[:cut]
+            if left in ordinary:  # most cuts stop here: the right half is only sliced for the others
+                right = tok[cut:]
+                if right in ordinary:
+                    # higher score first; ties broken by vocabulary order, then by the longer left part
+                    add((-scores[i], i, -cut, left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
 
@@ -296,6 +307,8 @@ def _add_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int], spe
     }
     special, plain = [], []
     for i, (text, kind) in enumerate(zip(tokens, types)):
+        if kind not in (CONTROL, UNKNOWN, USER_DEFINED) and i not in declared:
+            continue  # most of a vocabulary: nothing to add
         if not text or tok.token_to_id(text) != i:
             continue  # empty or a duplicate spelling: cannot be matched in text anyway
         if kind in (CONTROL, UNKNOWN) or i in declared:
