@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from zen_eco import decode_kernel
+from zen_eco import decode_kernel, kv_quant
 from zen_eco.config import preset
 from zen_eco.engine import native_step
 from zen_eco.engine.graphs import decode_one
@@ -52,9 +52,10 @@ def _config(kind: str):
     raise ValueError(kind)
 
 
-def _model(kind: str, quant: str = "none", dtype=torch.float32, seed: int = 0):
+def _model(kind: str, quant: str = "none", dtype=torch.float32, seed: int = 0, head_dim: int | None = None):
     """A random model whose norms and biases are not at their identity (random_model leaves them so)."""
-    model = random_model(_config(kind), dtype=dtype, seed=seed, quant=quant)
+    config = _config(kind) if head_dim is None else dataclasses.replace(_config(kind), head_dim=head_dim)
+    model = random_model(config, dtype=dtype, seed=seed, quant=quant)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for mod in model.modules():
@@ -199,6 +200,30 @@ def test_quantized_kv_cache_keeps_its_attention_around_the_c_layers(kind, kv_for
     for step, (a, b) in enumerate(zip(got, ref)):
         assert _rel(a, b) < 1e-3, f"step {step}: {_rel(a, b):.2e}"
     assert caches[0].length == caches[1].length == 434 and caches[1].qlen > 128
+
+
+@pytest.mark.parametrize("kind,dtype", [("qwen3", torch.float32), ("gemma3", torch.float32), ("qwen3", torch.bfloat16)])
+@pytest.mark.parametrize("kv_format", ["int8", "int4", "k4v2", "int2"])
+def test_quantized_kv_step_in_one_call_equals_the_two_call_step(kind, dtype, kv_format, monkeypatch):
+    """zen_decode_step_kvq (the new token's K/V written into the window or quantized as an int8 row in C,
+    kv_kernel called over the sink, each page and the window from C) against the two-call step (the
+    cache's own write and attend between C calls): the same kernels on the same numbers in the same
+    order, so the logits are equal bit for bit. Pages of 256 positions so that steps attend across two;
+    a 100-token prompt and 180 steps write sink positions (the first 128, kept unquantized too) and
+    cross key-group flushes (which take the two-call path)."""
+    monkeypatch.setattr(kv_quant, "PAGE_TOKENS", 256)
+    model = _model(kind, dtype=dtype, head_dim=64)  # a head size kv_kernel has
+    prompt, tokens = _inputs(model, prompt_len=100, steps=180)
+    calls = []
+    real = native_step.NativeStep._one_call
+    monkeypatch.setattr(native_step.NativeStep, "_one_call", lambda self, c, pos: calls.append(real(self, c, pos)) or calls[-1])
+    got = _run(model, True, prompt, tokens, model.new_cache(max_tokens=300, kv_format=kv_format))
+    one_call = sum(calls)
+    monkeypatch.setattr(native_step.NativeStep, "_one_call", lambda self, c, pos: False)
+    ref = _run(model, True, prompt, tokens, model.new_cache(max_tokens=300, kv_format=kv_format))
+    assert len(calls) == 180 and one_call >= 170 and (kv_format == "int8" or one_call < 180)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert torch.equal(a, b), f"step {step}: {_rel(a, b):.2e}"
 
 
 def test_real_smollm2_greedy_text_is_the_forwards(smollm2_gguf_path):

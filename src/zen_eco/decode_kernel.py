@@ -29,7 +29,7 @@ import ctypes
 import os
 from functools import lru_cache
 
-from . import native, q4_kernel
+from . import kv_kernel, native, q4_kernel
 
 LIN_F32, LIN_BF16, LIN_Q4, LIN_Q8, LIN_Q8B = range(5)
 MAX_HEAD_DIM = 512
@@ -445,6 +445,116 @@ int zen_decode_step(const model_t *m, float *x, int64_t pos, const float *rope_g
     return rc;
 }
 
+/* ---- The step over a quantized KV cache (kv_quant.QuantizedKVCache), for steps that quantize nothing
+   in bulk: the new token's K/V go into the unquantized window (the KIVI formats) or are quantized as
+   one int8 row (int8), and attention is kv_kernel's over the cache's segments, called through a pointer
+   (that library is built apart) in the order and with the arguments QuantizedKVCache.attend uses, so
+   the result is the same. The caller takes the two-call path for steps that move a key group out of
+   the window. */
+typedef struct {  /* kv_kernel.Side */
+    const void *codes;
+    const _Float16 *scale, *zero;
+    int64_t codes_head_stride, scale_head_stride;  /* bytes; elements */
+    int32_t bits, group, per_channel;
+} kv_side_t;
+typedef int (*kv_attend_fn)(int, int, int, int64_t, int64_t, const float *, const kv_side_t *, const kv_side_t *,
+                            float *, float *, float *, int);
+typedef struct {
+    const kv_side_t *pages;      /* K then V for each page */
+    kv_side_t sink[2], window[2];  /* plain rows (K, V); codes NULL where the cache has none */
+} kvq_layer_t;
+typedef struct {
+    kv_attend_fn attend;
+    const kvq_layer_t *layers;
+    int64_t sink, qlen, page_tokens;  /* positions [0, sink) sink rows, [sink, qlen) codes, [qlen, ...) window */
+    int32_t n_pages;
+} kvq_t;
+
+/* Row r of a plain side (float32 / bfloat16 rows) or of an int8 side for head h, as bytes. */
+INLINE char *side_row(const kv_side_t *s, int64_t h, int64_t r, int D) {
+    return (char *)s->codes + h * s->codes_head_stride + r * (int64_t)D * (s->bits / 8);
+}
+
+/* x (D floats) into row r of a plain side, rounded as PyTorch rounds to its dtype; or into an int8 side:
+   scale = float16(max |x| / 127), code = round(x / scale) (ties to even) in [-127, 127]: Codec.quantize. */
+static void kvq_write(const kv_side_t *s, int64_t h, int64_t r, int D, const float *x) {
+    char *row = side_row(s, h, r, D);
+    if (s->bits == 32) { memcpy(row, x, sizeof(float) * D); return; }
+    if (s->bits == 16) { for (int d = 0; d < D; d++) ((uint16_t *)row)[d] = f32_to_bf16(x[d]); return; }
+    float amax = 0.0f;
+    for (int d = 0; d < D; d++) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
+    const _Float16 scale = (_Float16)(amax / 127.0f);
+    const float sc = (float)scale > 0.0f ? (float)scale : 1.0f;
+    for (int d = 0; d < D; d++) {
+        const float c = rintf(x[d] / sc);
+        ((int8_t *)row)[d] = (int8_t)(c > 127.0f ? 127.0f : c < -127.0f ? -127.0f : c);
+    }
+    ((_Float16 *)s->scale)[h * s->scale_head_stride + r] = scale;
+}
+
+/* Layer i: store k, v (n_kv heads) for position pos, attend q (n_heads) over [lo, pos] into att. */
+static int kvq_attention(const model_t *m, int i, const kvq_t *kv, const float *q, const float *k, const float *v,
+                         int64_t pos, float *qf, float *ml, float *att, int nt) {
+    const kvq_layer_t *L = kv->layers + i;
+    const int D = m->head_dim, n_kv = m->n_kv, n_rep = m->n_heads / m->n_kv, P = (int)kv->page_tokens;
+    const int64_t end = pos + 1, window = m->layers[i].window;
+    if (!L->window[0].codes && pos / P >= kv->n_pages) return -2;
+    for (int h = 0; h < n_kv; h++) {
+        if (pos < kv->sink) {  /* the first positions are also kept as they are (QuantizedKVCache.write) */
+            kvq_write(&L->sink[0], h, pos, D, k + h * D);
+            kvq_write(&L->sink[1], h, pos, D, v + h * D);
+        }
+        if (L->window[0].codes) {
+            kvq_write(&L->window[0], h, pos - kv->qlen, D, k + h * D);
+            kvq_write(&L->window[1], h, pos - kv->qlen, D, v + h * D);
+        } else {
+            const kv_side_t *page = L->pages + 2 * (pos / P);
+            kvq_write(&page[0], h, pos % P, D, k + h * D);
+            kvq_write(&page[1], h, pos % P, D, v + h * D);
+        }
+    }
+    const int64_t q1 = L->window[0].codes ? kv->qlen : end, lo = window > 0 && end > window ? end - window : 0;
+    const int64_t S = kv->sink < end ? kv->sink : end;
+    float *mm = ml, *ll = ml + m->n_heads;
+    for (int j = 0; j < m->n_heads * D; j++) qf[j] = q[j] * m->attn_scale, att[j] = 0.0f;
+    for (int j = 0; j < m->n_heads; j++) mm[j] = -INFINITY, ll[j] = 0.0f;
+    int rc = 0;
+    if (lo < S) rc = kv->attend(n_kv, n_rep, D, lo, S, qf, &L->sink[0], &L->sink[1], mm, ll, att, nt);
+    for (int64_t a = lo > S ? lo : S; a < q1 && rc == 0;) {  /* page by page, page-relative */
+        const int64_t p = a / P, off = a % P, n = q1 - a < P - off ? q1 - a : P - off;
+        if (p >= kv->n_pages) return -2;
+        rc = kv->attend(n_kv, n_rep, D, off, off + n, qf, &L->pages[2 * p], &L->pages[2 * p + 1], mm, ll, att, nt);
+        a += n;
+    }
+    int64_t w0 = lo > q1 ? lo : q1;
+    w0 = w0 > S ? w0 : S;
+    if (rc == 0 && L->window[0].codes && end > w0)
+        rc = kv->attend(n_kv, n_rep, D, w0 - q1, end - q1, qf, &L->window[0], &L->window[1], mm, ll, att, nt);
+    for (int j = 0; j < m->n_heads && rc == 0; j++)
+        for (int d = 0; d < D; d++) att[j * D + d] /= ll[j];
+    return rc;
+}
+
+/* One decode step over a quantized cache (kvq_t); otherwise as zen_decode_step. */
+int zen_decode_step_kvq(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
+                        const kvq_t *kv, float *logits, int nt) {
+    const int D = m->head_dim, qd = m->n_heads * D, kvd = m->n_kv * D;
+    if (check(m) || m->n_heads / m->n_kv > 16) return -2;
+    float *buf = malloc(sizeof(float) * (scratch_floats(m) + qd + 2 * m->n_heads));
+    if (!buf) return -1;
+    float *h = buf, *qkv = h + m->hidden + 3 * m->inter, *att = qkv + qd + 2 * kvd, *qf = att + qd, *ml = qf + qd;
+    int rc = 0;
+    for (int i = 0; i < m->n_layers && rc == 0; i++) {
+        const layer_t *L = m->layers + i;
+        if ((rc = attn_inputs(m, i, x, L->local_rope ? rope_local : rope_global, h, qkv, nt))) break;
+        if ((rc = kvq_attention(m, i, kv, qkv, qkv + qd, qkv + qd + kvd, pos, qf, ml, att, nt))) break;
+        rc = attn_outputs(m, i, x, att, h, nt);
+    }
+    if (rc == 0) rc = zen_decode_head(m, x, logits, nt);
+    free(buf);
+    return rc;
+}
+
 /* The same step in pieces, for a KV cache whose attention runs elsewhere (kv_quant's): layer i's
    q | k | v (n_heads + 2 * n_kv rows of head_dim) into qkv, then from the attention output att on. */
 int zen_decode_attn_inputs(const model_t *m, int i, const float *x, const float *rope, float *qkv, int nt) {
@@ -479,6 +589,19 @@ class Layer(ctypes.Structure):
                 ("window", ctypes.c_int32), ("local_rope", ctypes.c_int32)]
 
 
+class KVQLayer(ctypes.Structure):
+    """One layer of a quantized cache as the step reads it: kv_kernel sides of each page (K, V), of the
+    unquantized sink rows and of the window rows (codes NULL where absent)."""
+    _fields_ = [("pages", ctypes.POINTER(kv_kernel.Side)), ("sink", kv_kernel.Side * 2), ("window", kv_kernel.Side * 2)]
+
+
+class KVQ(ctypes.Structure):
+    """A quantized cache (kv_quant.QuantizedKVCache) for zen_decode_step_kvq; `attend` is kv_kernel's
+    zen_kv_attend."""
+    _fields_ = [("attend", ctypes.c_void_p), ("layers", ctypes.POINTER(KVQLayer)), ("sink", ctypes.c_int64),
+                ("qlen", ctypes.c_int64), ("page_tokens", ctypes.c_int64), ("n_pages", ctypes.c_int32)]
+
+
 class Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("n_heads", ctypes.c_int32),
                 ("n_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
@@ -501,6 +624,7 @@ def library() -> ctypes.CDLL | None:
     m, i = ctypes.POINTER(Model), ctypes.c_int
     lib.zen_decode_step.argtypes = [m, p, ctypes.c_int64, p, p, p, ctypes.c_int64, p, i]
     for fn, args in ((lib.zen_decode_attn_inputs, [m, i, p, p, p, i]), (lib.zen_decode_attn_outputs, [m, i, p, p, i]),
-                     (lib.zen_decode_head, [m, p, p, i])):
+                     (lib.zen_decode_head, [m, p, p, i]),
+                     (lib.zen_decode_step_kvq, [m, p, ctypes.c_int64, p, p, ctypes.POINTER(KVQ), p, i])):
         fn.restype, fn.argtypes = ctypes.c_int, args
     return lib

@@ -3,9 +3,11 @@
 `NativeStep(model)` describes the model to the C code once (pointers to its weights, float32 copies of
 its norm scales and biases), then each `step(cache, token)` embeds the token (the model's own
 `embed_tokens`), looks up the RoPE rows for its position, and runs every layer and the head in C,
-writing K/V into the cache's own tensors. A quantized KV cache (kv_quant) keeps its own attention
-(codes, pages, the unquantized residual window, kv_kernel): the step then calls C twice per layer,
-around the cache's `attend`. `decode_one` takes this path wherever `applies` says so; everything else
+writing K/V into the cache's own tensors. A quantized KV cache (kv_quant) is one call too
+(`zen_decode_step_kvq`): the new token's K/V go into its unquantized window (or, int8, are quantized
+as one row) and kv_kernel attends its sink, pages and window from C, as the cache's own `attend`
+would. A step whose write moves a key group out of the window (once per group) calls C twice per
+layer around the cache's `write`/`attend` instead, which quantize the group. `decode_one` takes this path wherever `applies` says so; everything else
 (prompts, batched steps, CUDA, unsupported weight kinds) stays on the model's forward.
 `Transformer.native_step = False` (`zen_eco.load(native_step=False)`, `zen-eco bench --no-native-step`,
 or the environment's ZEN_ECO_NATIVE_STEP=0) turns it off.
@@ -21,6 +23,8 @@ from torch import nn
 
 from .. import decode_kernel as dk
 from ..kv_cache import KVCache
+from .. import kv_kernel
+from .. import kv_quant
 from ..kv_quant import QuantizedKVCache
 from ..quant import Int4Linear, Int8BlockLinear, Int8Linear
 from ..rope import rope_cos_sin
@@ -54,6 +58,7 @@ class NativeStep:
                              self._linear(model.lm_head))
         self._rope: dict[bool, tuple[int, torch.Tensor]] = {}  # local? -> (first position, its table)
         self._pointers: "weakref.WeakKeyDictionary[KVCache, tuple]" = weakref.WeakKeyDictionary()
+        self._kvq_held: "weakref.WeakKeyDictionary[QuantizedKVCache, tuple]" = weakref.WeakKeyDictionary()
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -120,6 +125,38 @@ class NativeStep:
             held = self._pointers[cache] = (cache.keys[0], (ctypes.c_void_p * len(ptrs))(*ptrs))
         return held[1]
 
+    def _one_call(self, cache: QuantizedKVCache, pos: int) -> bool:
+        """Whether this step over a quantized cache runs as one call (zen_decode_step_kvq): the kernel
+        attends every segment and writing the token quantizes nothing in bulk (a key group leaving the
+        window, once per group, takes the two-call path)."""
+        rep = self.model.config.num_attention_heads // cache.num_kv_heads
+        if not cache._native(rep) or (cache.sink and not cache._native_plain(rep)):
+            return False
+        if cache.res_k:
+            return cache._native_plain(rep) and cache._qlen_for(pos + 1) == cache.qlen
+        return cache.key_codec.bits == 8 and cache.key_codec.group == cache.head_dim and cache.qlen == pos
+
+    def _kvq(self, cache: QuantizedKVCache) -> dk.KVQ:
+        """The cache's descriptor for zen_decode_step_kvq, rebuilt when its pages were (re)allocated."""
+        key = tuple(cache.page_caps)
+        held = self._kvq_held.get(cache)
+        if held is not None and held[0] == key:
+            return held[1]
+        none = kv_kernel.Side()
+        layers, keep = (dk.KVQLayer * cache.num_layers)(), []
+        for i in range(cache.num_layers):
+            pages = (kv_kernel.Side * (2 * len(cache.pages)))(*(s for p in range(len(cache.pages))
+                                                                for s in cache._side(p, i)))
+            sink = [kv_kernel.plain_side(t[i]) for t in (cache.sink_k, cache.sink_v)] if cache.sink_k else [none, none]
+            window = [kv_kernel.plain_side(t[i]) for t in (cache.res_k, cache.res_v)] if cache.res_k else [none, none]
+            layers[i] = dk.KVQLayer(pages, (kv_kernel.Side * 2)(*sink), (kv_kernel.Side * 2)(*window))
+            keep += [pages, *sink, *window]
+        attend = ctypes.cast(kv_kernel.library().zen_kv_attend, ctypes.c_void_p).value
+        kvq = dk.KVQ(attend, layers, cache.sink, cache.qlen, kv_quant.PAGE_TOKENS, len(cache.pages))
+        kvq._keep = (layers, keep, [cache._side(p, i) for p in range(len(cache.pages)) for i in range(cache.num_layers)])
+        self._kvq_held[cache] = (key, kvq)
+        return kvq
+
     @torch.inference_mode()
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
         """(1, 1, vocab) float32 logits of `token` after what `cache` holds; K/V written, cache advanced.
@@ -136,6 +173,11 @@ class NativeStep:
         if type(cache) is KVCache:
             _check(self.lib.zen_decode_step(desc, x.data_ptr(), pos, glob, local, self._kv_pointers(cache),
                                             cache.capacity, logits.data_ptr(), threads))
+        elif self._one_call(cache, pos):
+            kvq = self._kvq(cache)
+            kvq.qlen = cache.qlen
+            _check(self.lib.zen_decode_step_kvq(desc, x.data_ptr(), pos, glob, local, ctypes.byref(kvq),
+                                                logits.data_ptr(), threads))
         else:
             cfg = model.config
             h, h_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
