@@ -7,8 +7,9 @@ writing K/V into the cache's own tensors. A quantized KV cache (kv_quant) is one
 (`zen_decode_step_kvq`): the new token's K/V go into its unquantized window (or, int8, are quantized
 as one row) and kv_kernel attends its sink, pages and window from C, as the cache's own `attend`
 would. A step whose write moves a key group out of the window (once per group) calls C twice per
-layer around the cache's `write`/`attend` instead, which quantize the group. `decode_one` takes this path wherever `applies` says so; everything else
-(prompts, batched steps, CUDA, unsupported weight kinds) stays on the model's forward.
+layer around the cache's `write`/`attend` instead, which quantize the group. `decode_one` takes this
+path wherever `applies` says so; everything else (prompts, batched steps, CUDA, unsupported weight
+kinds) stays on the model's forward.
 `Transformer.native_step = False` (`zen_eco.load(native_step=False)`, `zen-eco bench --no-native-step`,
 or the environment's ZEN_ECO_NATIVE_STEP=0) turns it off.
 """
