@@ -14,6 +14,7 @@ Outputs per block (n blocks, arrays C-contiguous):
   k4/k5: Q4_K / Q5_K: values uint8 (n, 256) (0..15 / 0..31), d * sc and dmin * m float32 (n, 8)
   q5:    Q5_0 / Q5_1 (high bits at byte `at`, nibbles after them): values uint8 (n, 32) in [0, 31]
   nib:   Q4_0 / Q4_1 (nibbles at byte `at`): values uint8 (n, 32), low nibbles then high
+  (both with the blocks' d, and Q4_1 / Q5_1's m, float32 (n, 1))
 The codes can go straight into an array the caller passes (rows of a fused q|k|v or gate|up matrix),
 so that loading does not copy them again to join the parts.
 """
@@ -97,12 +98,16 @@ void zen_gguf_kquant(const uint8_t *blocks, int64_t n, int five, uint8_t *codes,
 }
 
 /* 32-value blocks of `size` bytes with 16 bytes of nibbles at byte `at` (values i and i + 16 in byte i),
-   and (high >= 0) 32 fifth bits at byte `high`, little-endian. */
-void zen_gguf_nibbles(const uint8_t *blocks, int64_t n, int size, int at, int high, uint8_t *values, int nt) {
+   and (high >= 0) 32 fifth bits at byte `high`, little-endian; d, m (where not NULL): the float16 at
+   bytes 0 and 2 (Q4_0 / Q5_0's d; Q4_1 / Q5_1's d and m) as float32. */
+void zen_gguf_nibbles(const uint8_t *blocks, int64_t n, int size, int at, int high, uint8_t *values, float *d,
+                      float *m, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < n; b++) {
         const uint8_t *x = blocks + b * size;
         uint8_t *o = values + b * 32;
+        if (d) d[b] = f16(x);
+        if (m) m[b] = f16(x + 2);
         uint32_t h = 0;
         if (high >= 0) memcpy(&h, x + high, 4);
         for (int i = 0; i < 16; i++) {
@@ -122,7 +127,7 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, args in (("zen_gguf_q8_0", [p, i64, p, p, i]), ("zen_gguf_q6_k", [p, i64, p, p, i]),
-                       ("zen_gguf_kquant", [p, i64, i, p, p, p, i]), ("zen_gguf_nibbles", [p, i64, i, i, i, p, i])):
+                       ("zen_gguf_kquant", [p, i64, i, p, p, p, i]), ("zen_gguf_nibbles", [p, i64, i, i, i, p, p, p, i])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
     return lib
@@ -169,8 +174,13 @@ def k_quant(blocks: np.ndarray, five: bool, codes: np.ndarray | None = None) -> 
     return codes, d1, m1
 
 
-def nibbles(blocks: np.ndarray, at: int, high: int = -1, values: np.ndarray | None = None) -> np.ndarray:
+def nibbles(blocks: np.ndarray, at: int, high: int = -1, values: np.ndarray | None = None,
+            scales: int = 0) -> tuple[np.ndarray, ...]:
+    """(values, and the first `scales` (0, 1 or 2) float16 fields of each block as float32 (n, 1))."""
     n = blocks.shape[0]
     values = _out(values, (n, 32), np.uint8)
-    library().zen_gguf_nibbles(_ptr(blocks), n, blocks.shape[1], at, high, _ptr(values), torch.get_num_threads())
-    return values
+    fields = [np.empty((n, 1), np.float32) for _ in range(scales)]
+    d, m = (fields + [None, None])[:2]
+    library().zen_gguf_nibbles(_ptr(blocks), n, blocks.shape[1], at, high, _ptr(values), None if d is None else _ptr(d),
+                               None if m is None else _ptr(m), torch.get_num_threads())
+    return (values, *fields)

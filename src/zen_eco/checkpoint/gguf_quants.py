@@ -111,12 +111,11 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q5_values(blocks: np.ndarray, at: int, out: np.ndarray | None = None) -> np.ndarray:
+def _q5_values(blocks: np.ndarray, at: int) -> np.ndarray:
     """Q5_0 (at 2) / Q5_1 (at 4) blocks -> their 5-bit values uint8 (n, 32): qh's 32 high bits at byte
-    `at`, then 16 bytes of nibbles. (`out`, here and in the other value helpers: where the C decoder
-    writes them; the numpy path returns a new array.)"""
+    `at`, then 16 bytes of nibbles."""
     if gguf_native.usable(blocks, at + 20):
-        return gguf_native.nibbles(blocks, at + 4, at, values=out)
+        return gguf_native.nibbles(blocks, at + 4, at)[0]
     return _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4]) << 4)
 
 
@@ -199,7 +198,8 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
 
 
 def _q5_k_values(blocks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q5_K blocks -> (values uint8 (n, 8, 32) in [0, 31], d * sc, dmin * m float32 (n, 8)) per sub-block of 32."""
+    """Q5_K blocks -> (values uint8 (n, 8, 32) in [0, 31], d * sc, dmin * m float32 (n, 8)) per sub-block of 32.
+    (`out`, here and in _q6_k_values: where the C decoder writes the values; numpy's are a new array.)"""
     # d: f16 | dmin: f16 | scales: 12 bytes | qh: 32 bytes | qs: 128 bytes
     if gguf_native.usable(blocks, 176):
         return gguf_native.k_quant(blocks, five=True, codes=out)
@@ -343,11 +343,13 @@ def q4_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
         offset = -(_f16(blocks, 2) * mn.astype(np.float32))
         codes = _nibbles(blocks[:, 16:144].reshape(-1, 32))
         return _codes(codes, n, k, codes_out), scale.reshape(n, k // 32), offset.reshape(n, k // 32)
-    d = _f16(blocks, 0)[:, 0]
     at = 2 if ggml_type == 2 else 4  # Q4_0: d | nibbles, w = d * (q - 8); Q4_1: d | m | nibbles, w = d * q + m
-    native = gguf_native.usable(blocks, at + 16)
-    codes = gguf_native.nibbles(blocks, at, values=codes_out) if native else _nibbles(blocks[:, at:])
-    offset = -8.0 * d if ggml_type == 2 else _f16(blocks, 2)[:, 0]
+    if gguf_native.usable(blocks, at + 16):
+        codes, *fields = gguf_native.nibbles(blocks, at, values=codes_out, scales=at // 2)
+    else:
+        codes, fields = _nibbles(blocks[:, at:]), [_f16(blocks, 0), _f16(blocks, 2)][: at // 2]
+    d = fields[0][:, 0]
+    offset = -8.0 * d if ggml_type == 2 else fields[1][:, 0]
     return _codes(codes, n, k, codes_out), d.reshape(n, k // 32), offset.astype(np.float32).reshape(n, k // 32)
 
 
@@ -369,10 +371,13 @@ def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     if ggml_type == 13:
         q, d1, m1 = _q5_k_values(blocks, codes_out)
         return _codes(q, n, k, codes_out), rows(d1), rows(-m1)
-    q = _q5_values(blocks, 2 if ggml_type == 6 else 4, codes_out)  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
-    d = _f16(blocks, 0)
-    offset = -16.0 * d if ggml_type == 6 else _f16(blocks, 2)
-    return _codes(q, n, k, codes_out), rows(d), rows(offset)
+    at = 2 if ggml_type == 6 else 4  # Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
+    if gguf_native.usable(blocks, at + 20):
+        q, *fields = gguf_native.nibbles(blocks, at + 4, at, values=codes_out, scales=at // 2)
+    else:
+        q, fields = _q5_values(blocks, at), [_f16(blocks, 0), _f16(blocks, 2)][: at // 2]
+    offset = -16.0 * fields[0] if ggml_type == 6 else fields[1]
+    return _codes(q, n, k, codes_out), rows(fields[0]), rows(offset)
 
 
 Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
