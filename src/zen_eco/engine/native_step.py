@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from .. import decode_kernel as dk
+from .. import kv_kernel, kv_quant
 from ..kv_cache import KVCache
-from .. import kv_kernel
-from .. import kv_quant
 from ..kv_quant import QuantizedKVCache
 from ..quant import Int4Linear, Int8BlockLinear, Int8Linear
 from ..rope import rope_cos_sin
