@@ -411,57 +411,18 @@ static size_t scratch_floats(const model_t *m) {
     return (size_t)m->hidden + 3 * (size_t)m->inter + (qd + 2 * kvd) + qd;
 }
 
-/* One decode step. x (hidden) float32: the token's embedding in, the final residual stream out.
-   pos: the new token's position (= tokens cached before it). rope_global / rope_local: cos then sin
-   (head_dim each) for pos. kv: per layer its K then V tensor (n_kv, cap, head_dim). logits (vocab).
-   Returns 0, -1 when memory runs out, -2 for a shape it does not take. */
-int zen_decode_step(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
-                    void *const *kv, int64_t cap, float *logits, int nt) {
-    const int D = m->head_dim, qd = m->n_heads * D, kvd = m->n_kv * D;
-    if (check(m) || pos >= cap) return -2;
-    float *buf = malloc(sizeof(float) * scratch_floats(m));
-    if (!buf) return -1;
-    float *h = buf, *qkv = h + m->hidden + 3 * m->inter, *att = qkv + qd + 2 * kvd;
-    int rc = 0;
-    const int64_t esz = m->kv_bf16 ? 2 : 4;
-    for (int i = 0; i < m->n_layers && rc == 0; i++) {
-        const layer_t *L = m->layers + i;
-        if ((rc = attn_inputs(m, i, x, L->local_rope ? rope_local : rope_global, h, qkv, nt))) break;
-        const float *k = qkv + qd, *v = k + kvd;
-        for (int j = 0; j < m->n_kv; j++) {
-            char *kd = (char *)kv[2 * i] + ((int64_t)j * cap + pos) * D * esz;
-            char *vd = (char *)kv[2 * i + 1] + ((int64_t)j * cap + pos) * D * esz;
-            for (int d = 0; d < D; d++) {
-                if (m->kv_bf16) { ((uint16_t *)kd)[d] = f32_to_bf16(k[j * D + d]); ((uint16_t *)vd)[d] = f32_to_bf16(v[j * D + d]); }
-                else { ((float *)kd)[d] = k[j * D + d]; ((float *)vd)[d] = v[j * D + d]; }
-            }
-        }
-        const int64_t start = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
-        if ((rc = attention(m, qkv, kv[2 * i], kv[2 * i + 1], cap, start, pos + 1, att, nt))) break;
-        rc = attn_outputs(m, i, x, att, h, nt);
-    }
-    if (rc == 0) rc = zen_decode_head(m, x, logits, nt);
-    free(buf);
-    return rc;
-}
-
 /* ---- The step over a quantized KV cache (kv_quant.QuantizedKVCache), for steps that quantize nothing
    in bulk: the new token's K/V go into the unquantized window (the KIVI formats) or are quantized as
    one int8 row (int8), and attention is kv_kernel's over the cache's segments, called through a pointer
    (that library is built apart) in the order and with the arguments QuantizedKVCache.attend uses, so
    the result is the same. The caller takes the two-call path for steps that move a key group out of
    the window. */
-typedef struct {  /* kv_kernel.Side */
-    const void *codes;
-    const _Float16 *scale, *zero;
-    int64_t codes_head_stride, scale_head_stride;  /* bytes; elements */
-    int32_t bits, group, per_channel;
-} kv_side_t;
-typedef int (*kv_attend_fn)(int, int, int, int64_t, int64_t, const float *, const kv_side_t *, const kv_side_t *,
+""" + kv_kernel.SIDE_T + r"""
+typedef int (*kv_attend_fn)(int, int, int, int64_t, int64_t, const float *, const side_t *, const side_t *,
                             float *, float *, float *, int);
 typedef struct {
-    const kv_side_t *pages;      /* K then V for each page */
-    kv_side_t sink[2], window[2];  /* plain rows (K, V); codes NULL where the cache has none */
+    const side_t *pages;      /* K then V for each page */
+    side_t sink[2], window[2];  /* plain rows (K, V); codes NULL where the cache has none */
 } kvq_layer_t;
 typedef struct {
     kv_attend_fn attend;
@@ -471,13 +432,13 @@ typedef struct {
 } kvq_t;
 
 /* Row r of a plain side (float32 / bfloat16 rows) or of an int8 side for head h, as bytes. */
-INLINE char *side_row(const kv_side_t *s, int64_t h, int64_t r, int D) {
+INLINE char *side_row(const side_t *s, int64_t h, int64_t r, int D) {
     return (char *)s->codes + h * s->codes_head_stride + r * (int64_t)D * (s->bits / 8);
 }
 
 /* x (D floats) into row r of a plain side, rounded as PyTorch rounds to its dtype; or into an int8 side:
    scale = float16(max |x| / 127), code = round(x / scale) (ties to even) in [-127, 127]: Codec.quantize. */
-static void kvq_write(const kv_side_t *s, int64_t h, int64_t r, int D, const float *x) {
+static void kvq_write(const side_t *s, int64_t h, int64_t r, int D, const float *x) {
     char *row = side_row(s, h, r, D);
     if (s->bits == 32) { memcpy(row, x, sizeof(float) * D); return; }
     if (s->bits == 16) { for (int d = 0; d < D; d++) ((uint16_t *)row)[d] = f32_to_bf16(x[d]); return; }
@@ -508,7 +469,7 @@ static int kvq_attention(const model_t *m, int i, const kvq_t *kv, const float *
             kvq_write(&L->window[0], h, pos - kv->qlen, D, k + h * D);
             kvq_write(&L->window[1], h, pos - kv->qlen, D, v + h * D);
         } else {
-            const kv_side_t *page = L->pages + 2 * (pos / P);
+            const side_t *page = L->pages + 2 * (pos / P);
             kvq_write(&page[0], h, pos % P, D, k + h * D);
             kvq_write(&page[1], h, pos % P, D, v + h * D);
         }
@@ -535,24 +496,54 @@ static int kvq_attention(const model_t *m, int i, const kvq_t *kv, const float *
     return rc;
 }
 
-/* One decode step over a quantized cache (kvq_t); otherwise as zen_decode_step. */
-int zen_decode_step_kvq(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
-                        const kvq_t *kv, float *logits, int nt) {
+/* One decode step. x (hidden) float32: the token's embedding in, the final residual stream out.
+   pos: the new token's position (= tokens cached before it). rope_global / rope_local: cos then sin
+   (head_dim each) for pos. kv: per layer its K then V tensor (n_kv, cap, head_dim). logits (vocab).
+   Returns 0, -1 when memory runs out, -2 for a shape it does not take. A quantized cache: kvq instead
+   of kv and cap (zen_decode_step_kvq). */
+static int decode_step(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
+                       void *const *kv, int64_t cap, const kvq_t *kvq, float *logits, int nt) {
     const int D = m->head_dim, qd = m->n_heads * D, kvd = m->n_kv * D;
-    if (check(m) || m->n_heads / m->n_kv > 16) return -2;
-    float *buf = malloc(sizeof(float) * (scratch_floats(m) + qd + 2 * m->n_heads));
+    float *buf = malloc(sizeof(float) * (scratch_floats(m) + (kvq ? qd + 2 * m->n_heads : 0)));
     if (!buf) return -1;
     float *h = buf, *qkv = h + m->hidden + 3 * m->inter, *att = qkv + qd + 2 * kvd, *qf = att + qd, *ml = qf + qd;
     int rc = 0;
+    const int64_t esz = m->kv_bf16 ? 2 : 4;
     for (int i = 0; i < m->n_layers && rc == 0; i++) {
         const layer_t *L = m->layers + i;
         if ((rc = attn_inputs(m, i, x, L->local_rope ? rope_local : rope_global, h, qkv, nt))) break;
-        if ((rc = kvq_attention(m, i, kv, qkv, qkv + qd, qkv + qd + kvd, pos, qf, ml, att, nt))) break;
-        rc = attn_outputs(m, i, x, att, h, nt);
+        const float *k = qkv + qd, *v = k + kvd;
+        if (kvq) {
+            rc = kvq_attention(m, i, kvq, qkv, k, v, pos, qf, ml, att, nt);
+        } else {
+            for (int j = 0; j < m->n_kv; j++) {
+                char *kd = (char *)kv[2 * i] + ((int64_t)j * cap + pos) * D * esz;
+                char *vd = (char *)kv[2 * i + 1] + ((int64_t)j * cap + pos) * D * esz;
+                for (int d = 0; d < D; d++) {
+                    if (m->kv_bf16) { ((uint16_t *)kd)[d] = f32_to_bf16(k[j * D + d]); ((uint16_t *)vd)[d] = f32_to_bf16(v[j * D + d]); }
+                    else { ((float *)kd)[d] = k[j * D + d]; ((float *)vd)[d] = v[j * D + d]; }
+                }
+            }
+            const int64_t start = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+            rc = attention(m, qkv, kv[2 * i], kv[2 * i + 1], cap, start, pos + 1, att, nt);
+        }
+        if (rc == 0) rc = attn_outputs(m, i, x, att, h, nt);
     }
     if (rc == 0) rc = zen_decode_head(m, x, logits, nt);
     free(buf);
     return rc;
+}
+
+int zen_decode_step(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
+                    void *const *kv, int64_t cap, float *logits, int nt) {
+    if (check(m) || pos >= cap) return -2;
+    return decode_step(m, x, pos, rope_global, rope_local, kv, cap, 0, logits, nt);
+}
+
+int zen_decode_step_kvq(const model_t *m, float *x, int64_t pos, const float *rope_global, const float *rope_local,
+                        const kvq_t *kv, float *logits, int nt) {
+    if (check(m) || m->n_heads / m->n_kv > 16) return -2;
+    return decode_step(m, x, pos, rope_global, rope_local, 0, 0, kv, logits, nt);
 }
 
 /* The same step in pieces, for a KV cache whose attention runs elsewhere (kv_quant's): layer i's

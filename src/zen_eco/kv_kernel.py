@@ -50,6 +50,19 @@ from . import native
 
 MAX_DIM, MAX_REP = 256, 16  # the kernel's stack buffers
 
+# One of K or V as the kernel reads it (the `Side` structure below); decode_kernel's C, which calls
+# zen_kv_attend through a pointer, pastes the same definition.
+SIDE_T = r"""
+typedef struct {
+    const void *codes;
+    const _Float16 *scale;
+    const _Float16 *zero;
+    int64_t codes_head_stride;  /* bytes */
+    int64_t scale_head_stride;  /* elements */
+    int32_t bits, group, per_channel;
+} side_t;
+"""
+
 C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -76,14 +89,7 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-typedef struct {
-    const void *codes;
-    const _Float16 *scale;
-    const _Float16 *zero;
-    int64_t codes_head_stride;  /* bytes */
-    int64_t scale_head_stride;  /* elements */
-    int32_t bits, group, per_channel;
-} side_t;
+""" + SIDE_T + r"""
 
 INLINE v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 

@@ -812,13 +812,20 @@ def available() -> bool:
     return library() is not None
 
 
+def _packer(codes: torch.Tensor) -> ctypes.CDLL | None:
+    """The library, where it is built and packs `codes` (contiguous uint8 on the CPU) in C; else None."""
+    if codes.dtype == torch.uint8 and codes.is_contiguous() and codes.device.type == "cpu":
+        return library()
+    return None
+
+
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) codes (their low four bits: 5-bit codes keep the fifth in `pack_high`), (N, K / group) scale and
     zero (w = code * scale + zero) -> the kernel's codes (N, K / 2) uint8 and scale_zero (N, 2, K / group
     rounded up to a multiple of 8) float16, the padding zeros."""
     n, k = codes.shape
-    lib = library()
-    if lib is not None and codes.dtype == torch.uint8 and codes.is_contiguous() and codes.device.type == "cpu":
+    lib = _packer(codes)
+    if lib is not None:
         packed = torch.empty(n, k // 2, dtype=torch.uint8)  # one pass in C: loading a 4B model packs ~3B codes
         lib.zen_q4_pack(n, k, codes.data_ptr(), packed.data_ptr(), torch.get_num_threads())
     else:
@@ -907,8 +914,8 @@ def pack_high(codes: torch.Tensor) -> torch.Tensor:
     the kernel reads them (C source: high_bits16); `pack` takes the low four bits."""
     n, k = codes.shape
     nb = k // BLOCK
-    lib = library()
-    if lib is not None and codes.dtype == torch.uint8 and codes.is_contiguous() and codes.device.type == "cpu":
+    lib = _packer(codes)
+    if lib is not None:
         high = torch.empty(n, (nb + 3) // 4 * 16, dtype=torch.uint8)  # in C: the torch ops below took ~11 s for 4B Q5_K_M
         lib.zen_q4_pack_high(n, k, codes.data_ptr(), high.data_ptr(), torch.get_num_threads())
         return high

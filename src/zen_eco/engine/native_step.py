@@ -130,10 +130,10 @@ class NativeStep:
         attends every segment and writing the token quantizes nothing in bulk (a key group leaving the
         window, once per group, takes the two-call path)."""
         rep = self.model.config.num_attention_heads // cache.num_kv_heads
-        if not cache._native(rep) or (cache.sink and not cache._native_plain(rep)):
+        if not cache._native(rep) or ((cache.sink or cache.res_k) and not cache._native_plain(rep)):
             return False
         if cache.res_k:
-            return cache._native_plain(rep) and cache._qlen_for(pos + 1) == cache.qlen
+            return cache._qlen_for(pos + 1) == cache.qlen
         return cache.key_codec.bits == 8 and cache.key_codec.group == cache.head_dim and cache.qlen == pos
 
     def _kvq(self, cache: QuantizedKVCache) -> dk.KVQ:
@@ -142,18 +142,20 @@ class NativeStep:
         held = self._kvq_held.get(cache)
         if held is not None and held[0] == key:
             return held[1]
+        # The structures hold copies of the sides (whose tensors the cache keeps) and pointers to the
+        # page arrays, which must live as long as the descriptor.
         none = kv_kernel.Side()
-        layers, keep = (dk.KVQLayer * cache.num_layers)(), []
+        layers, page_arrays = (dk.KVQLayer * cache.num_layers)(), []
         for i in range(cache.num_layers):
             pages = (kv_kernel.Side * (2 * len(cache.pages)))(*(s for p in range(len(cache.pages))
                                                                 for s in cache._side(p, i)))
             sink = [kv_kernel.plain_side(t[i]) for t in (cache.sink_k, cache.sink_v)] if cache.sink_k else [none, none]
             window = [kv_kernel.plain_side(t[i]) for t in (cache.res_k, cache.res_v)] if cache.res_k else [none, none]
             layers[i] = dk.KVQLayer(pages, (kv_kernel.Side * 2)(*sink), (kv_kernel.Side * 2)(*window))
-            keep += [pages, *sink, *window]
+            page_arrays.append(pages)
         attend = ctypes.cast(kv_kernel.library().zen_kv_attend, ctypes.c_void_p).value
         kvq = dk.KVQ(attend, layers, cache.sink, cache.qlen, kv_quant.PAGE_TOKENS, len(cache.pages))
-        kvq._keep = (layers, keep, [cache._side(p, i) for p in range(len(cache.pages)) for i in range(cache.num_layers)])
+        kvq._keep = (layers, page_arrays)
         self._kvq_held[cache] = (key, kvq)
         return kvq
 
