@@ -22,7 +22,7 @@ What the file holds, all through gguf-py (the `gguf` package) as a library:
     embedding (also the output head: the presets tie them) stays Q8_0, because llama.cpp's own
     quantizer keeps that table at higher precision too (Q6_K, which gguf-py cannot write).
     q4_k_m and q5_k_m (llama.cpp's own mixes: Q4_K / Q5_K matrices, Q6_K for the table and for half of
-    the v and down matrices) are written as Q8_0 first and then requantized by llama.cpp's quantizer
+    the v and down matrices), q2_k and q3_k_m (Q2_K / Q3_K matrices with some Q4_K / Q5_K) are written as Q8_0 first and then requantized by llama.cpp's quantizer
     (`llama_model_quantize` through llama-cpp-python, the optional extra), since gguf-py has no K-quant
     encoder: ~3 minutes more for zen-eco-4b on 2 cores.
 
@@ -66,7 +66,7 @@ WEIGHT_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.GGMLQuantizationTy
     "q4_0": (Q.Q4_0, Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 # --type -> llama.cpp's file type (llama_ftype), for the mixes its quantizer makes from the Q8_0 file
-LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17}  # LLAMA_FTYPE_MOSTLY_Q4_K_M, _Q5_K_M
+LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q2_k": 10, "q3_k_m": 12}  # LLAMA_FTYPE_MOSTLY_Q4_K_M, _Q5_K_M, _Q2_K, _Q3_K_M
 MATRIX_STD = 0.02
 NORM_NOISE_STD = 0.1
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 drawn at a time

@@ -196,24 +196,28 @@ def test_llama_cpp_loads_tokenizes_and_agrees(files, models, weight_type):
     assert theirs.argmax() == mine.argmax()
 
 
-def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path):
-    """--type q4_k_m: llama.cpp's quantizer makes its Q4_K_M mix from the Q8_0 file (K-quants need rows
-    of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps the Q4_K matrices as int4 and the Q6_K
-    ones (the tied table, half of v and down; q|k|v fused with a Q6_K v) as int8 blocks. Its bf16 logits
-    (one token and the prompt: both kernel paths) agree with its own dense float32 forward within bf16's
-    rounding (3e-2 relative L2, as for the other bf16 runs; a misread layout is ~100%), and the float32
-    logits with llama.cpp's on the same file as the Q8_0 / Q4_0 files' do."""
+@pytest.mark.parametrize("mix, q_type", [("q4_k_m", "Q4_K"), ("q2_k", "Q2_K")])
+def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path, mix, q_type):
+    """--type q4_k_m / q2_k: llama.cpp's quantizer makes its mix from the Q8_0 file (K-quants need rows
+    of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps Q4_K_M's Q4_K matrices as int4 and the
+    Q6_K ones (the tied table, half of v and down; q|k|v fused with a Q6_K v) as int8 blocks; Q2_K's
+    Q2_K / Q3_K matrices as int8 blocks too (a scale and an offset per 16 columns: no float copy). Its
+    bf16 logits (one token and the prompt: both kernel paths) agree with its own dense float32 forward
+    within bf16's rounding (3e-2 relative L2, as for the other bf16 runs; a misread layout is ~100%), and
+    the float32 logits with llama.cpp's on the same file as the Q8_0 / Q4_0 files' do."""
     llama_cpp = pytest.importorskip("llama_cpp")
     cfg = dataclasses.replace(preset(PRESET), hidden_size=256, intermediate_size=512, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=64)
-    path = make_gguf.write_gguf(cfg, tmp_path / "wide-q4_k_m.gguf", "q4_k_m", seed=0, name=PRESET)
+    path = make_gguf.write_gguf(cfg, tmp_path / f"wide-{mix}.gguf", mix, seed=0, name=PRESET)
     with GGUFFile(path) as f:
         types = {name: gguf.GGMLQuantizationType(info.ggml_type).name for name, info in f.tensors.items()}
-    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q4_K"
-    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(cfg.num_hidden_layers)} <= {"Q4_K", "Q6_K"}
+    assert types["token_embd.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == q_type
+    if mix == "q4_k_m":
+        assert {types[f"blk.{i}.ffn_down.weight"] for i in range(cfg.num_hidden_layers)} <= {"Q4_K", "Q6_K"}
     ours = zen_eco.load(path, dtype="bfloat16", device="cpu")
     kinds = {type(m) for m in ours.model.modules()}
-    assert Int8BlockLinear in kinds and (Int4Linear in kinds or not int4_supported())
+    assert Int8BlockLinear in kinds and (mix == "q2_k" or Int4Linear in kinds or not int4_supported("cpu", torch.bfloat16))
+    assert torch.nn.Linear not in kinds  # every matrix stays quantized
     dense = zen_eco.load(path, dtype="float32", device="cpu", quant="none")
     ids = ours.tokenizer.encode(PROMPT)
     for n in (1, len(ids)):  # one row: the decode loops; the prompt: the several-row ones
@@ -227,7 +231,7 @@ def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path):
     finally:
         llm.close()
     rel = ((theirs - ref).norm() / ref.norm()).item()
-    print(f"q4_k_m: llama.cpp vs zen-eco last-position logits, relative L2 error {rel:.2e}")
+    print(f"{mix}: llama.cpp vs zen-eco last-position logits, relative L2 error {rel:.2e}")
     assert rel < LLAMA_REL_TOL and theirs.argmax() == ref.argmax()
 
 

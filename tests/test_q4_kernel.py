@@ -254,11 +254,13 @@ def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
     packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
     q8 = quantize_int8(torch.randn(24, 160, generator=gen) * 0.05)
     scales = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(3)))
+    q2k = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(4)))  # offsets per 16
     x = torch.randn(3, 160, generator=gen)
 
     def run():
         return (q4_kernel.matmul(x, packed, sz, 32), q4_kernel.matmul_int8(x, q8.codes, q8.scale),
-                q4_kernel.matmul_int8_blocks(x, q8.codes, *scales))
+                q4_kernel.matmul_int8_blocks(x, q8.codes, *scales), q4_kernel.matmul_int8_blocks(x, q8.codes, *q2k),
+                q4_kernel.matmul_int8_blocks(x[:1], q8.codes, *q2k))
 
     fast = run()
     avx2 = _built_with(monkeypatch, _avx2, run)
@@ -317,16 +319,18 @@ def test_int8_kernel_against_float64(k):
 # --------------------------------------------------------------------------- int8 with a scale per block (Q8_0, Q5_0)
 
 
-LAYOUTS = {"per 32": (False, False), "per 16": (True, False), "offsets": (False, True), "per 16 + offsets": (True, True)}
+LAYOUTS = {"per 32": (False, False, False), "per 16": (True, False, False), "offsets": (False, True, False),
+           "per 16 + offsets": (True, True, False), "per 16 + offsets per 16": (True, True, True)}
 
 
-def _block_weight(n, k, halves, offsets, gen):
+def _block_weight(n, k, halves, offsets, offset_halves, gen):
     """Random int8 codes with float16-exact block scales drawn over 3 orders of magnitude (a scale read
-    for the wrong block or half is far off) and offsets of either sign."""
+    for the wrong block or half is far off) and offsets of either sign (Q2_K's layout: per half block)."""
     draw = lambda: (10 ** (torch.rand(n, k // 32, generator=gen) * 3 - 4)).half().float()  # noqa: E731
-    offset = ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float() if offsets else None
+    offset = lambda: ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()  # noqa: E731
     return Q8BlockWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen), draw(),
-                         draw() if halves else None, offset)
+                         draw() if halves else None, offset() if offsets else None,
+                         offset() if offset_halves else None)
 
 
 @needs_kernel
@@ -334,14 +338,14 @@ def _block_weight(n, k, halves, offsets, gen):
 @pytest.mark.parametrize("k", [576, 640])  # 18 blocks (padded to 24 scales) and 20
 def test_int8_block_kernel_against_float64(k, layout):
     """GGUF-style int8 weights (a float16 scale per block of 32 as Q8_0, per 16 columns as Q6_K, offsets
-    as Q5_K) through `matmul_int8_blocks`, 1 row (the decode loop) and several: the same int16
+    as Q5_K, both per 16 as Q2_K) through `matmul_int8_blocks`, 1 row (the decode loop) and several: the same int16
     activations as the other kernels, so the same bound."""
     gen = torch.Generator().manual_seed(k)
     q = _block_weight(70, k, *LAYOUTS[layout], gen)
     ref_w = q.dequantize().double()
     for rows in (1, 3, 5):
         x = torch.randn(rows, k, generator=gen)
-        got = q4_kernel.matmul_int8_blocks(x, q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset))
+        got = q4_kernel.matmul_int8_blocks(x, q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b))
         assert got.shape == (rows, 70) and _rel(got, x.double() @ ref_w.t()) < BOUND
     layer = Int8BlockLinear(q, torch.randn(70), torch.float32)
     assert layer.backend == "native" and torch.equal(layer.dense_weight(torch.float32), q.dequantize())
@@ -363,7 +367,11 @@ def test_int8_block_weights_join_across_layouts():
     gen = torch.Generator().manual_seed(5)
     parts = [_block_weight(8, 64, *LAYOUTS[name], gen) for name in ("offsets", "per 32", "per 16")]
     joined = Q8BlockWeight.cat(parts)
-    assert joined.scale_b is not None and joined.offset is not None
+    assert joined.scale_b is not None and joined.offset is not None and joined.offset_b is None
+    assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    parts.append(_block_weight(8, 64, *LAYOUTS["per 16 + offsets per 16"], gen))  # and a Q2_K part
+    joined = Q8BlockWeight.cat(parts)
+    assert joined.offset_b is not None
     assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
@@ -376,7 +384,7 @@ def test_int8_block_kernel_portable_path(monkeypatch):
     x = torch.randn(3, 576, generator=gen)
 
     def run():
-        return [q4_kernel.matmul_int8_blocks(x[:rows], q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset))
+        return [q4_kernel.matmul_int8_blocks(x[:rows], q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b))
                 for q in weights for rows in (1, 3)]
 
     fast = run()
@@ -387,7 +395,7 @@ def test_int8_block_kernel_portable_path(monkeypatch):
 
 def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
     """Q8_0 (SmolLM2's tied table), random Q5_0 / Q8_0 / Q5_1 matrices quantized by gguf-py, and random
-    bytes as Q5_K / Q6_K / Q3_K / Q4_K blocks (gguf-py has no K-quant quantizer; any bytes with a finite
+    bytes as Q5_K / Q6_K / Q3_K / Q2_K / Q4_K blocks (gguf-py has no K-quant quantizer; any bytes with a finite
     d are valid blocks): codes x scales (+ offsets) equal gguf-py's dequantization bit for bit."""
     f = GGUFFile(smollm2_gguf_path)
     info = f.tensors["token_embd.weight"]
@@ -397,7 +405,7 @@ def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
     assert np.array_equal(q.dequantize().numpy(), expect)
     rng = np.random.default_rng(0)
     T = gguf.GGMLQuantizationType
-    for kind in (T.Q5_0, T.Q8_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q4_K):
+    for kind in (T.Q5_0, T.Q8_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.Q4_K):
         n, k = 16, 512
         block, size = gguf.GGML_QUANT_SIZES[kind]
         if kind in (T.Q5_0, T.Q8_0, T.Q5_1):
@@ -405,19 +413,21 @@ def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
         else:
             raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
             d = (rng.random((n * k // block, 2)) * 0.01).astype(np.float16).view(np.uint8)
-            at = {T.Q5_K: [0, 2], T.Q4_K: [0, 2], T.Q6_K: [208], T.Q3_K: [108]}[kind]
+            at = {T.Q5_K: [0, 2], T.Q4_K: [0, 2], T.Q6_K: [208], T.Q3_K: [108], T.Q2_K: [80, 82]}[kind]
             for i, off in enumerate(at):  # d (and dmin) finite
                 raw[:, off:off + 2] = d[:, 2 * i:2 * i + 2]
             raw = raw.reshape(n, -1)
-        codes, scale, scale_b, offset = q8_block_codes(raw, int(kind), (n, k))
-        got = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in (codes, scale, scale_b, offset)))
+        arrays = q8_block_codes(raw, int(kind), (n, k))
+        codes, scale, scale_b = arrays[:3]
+        got = Q8BlockWeight(*(None if a is None else torch.from_numpy(a) for a in arrays))
         assert np.array_equal(got.dequantize().numpy(), gguf.quants.dequantize(raw, kind).reshape(n, k)), kind.name
-        assert (scale_b is not None) == (kind in (T.Q6_K, T.Q3_K)), kind.name
+        assert (scale_b is not None) == (kind in (T.Q6_K, T.Q3_K, T.Q2_K)), kind.name
+        assert (got.offset_b is not None) == (kind == T.Q2_K), kind.name
         if kind in (T.Q5_0, T.Q5_1, T.Q5_K):  # and as 5-bit codes (`q5_codes`)
             five = Q4Weight(*map(torch.from_numpy, q5_codes(raw, int(kind), (n, k))), bits=5)
             assert np.array_equal(five.dequantize().numpy(), gguf.quants.dequantize(raw, kind).reshape(n, k)), kind.name
             assert five.codes.max() <= 31
         lowest = {T.Q5_0: -16, T.Q8_0: -127, T.Q6_K: -32, T.Q3_K: -4}.get(kind, 0)
-        assert codes.min() >= lowest and codes.max() <= {T.Q8_0: 127, T.Q6_K: 31, T.Q3_K: 3, T.Q4_K: 15}.get(kind, 31)
+        assert codes.min() >= lowest and codes.max() <= {T.Q8_0: 127, T.Q6_K: 31, T.Q3_K: 3, T.Q2_K: 3, T.Q4_K: 15}.get(kind, 31)
 
 

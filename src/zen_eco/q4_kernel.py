@@ -84,10 +84,11 @@ INLINE int x_slot(int layout, int b, int c) {
 }
 
 /* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 in `layout` order with one scale per block of 32
-   columns, xd (M, nbp), and the blocks' float sums xs (M, nbp); KP = K rounded up to an even number of
-   blocks, nbp = K / 32 rounded up to a multiple of 16; the padding is left as it is (zeros, from the
-   caller). */
-void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int layout, int16_t *xq, float *xd, float *xs) {
+   columns, xd (M, nbp), and the blocks' float sums xs (M, nbp) (and, where xh is given, the sums of their
+   first and last 16 columns, xh (2, M, nbp)); KP = K rounded up to an even number of blocks, nbp = K / 32
+   rounded up to a multiple of 16; the padding is left as it is (zeros, from the caller). */
+void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int layout, int16_t *xq, float *xd, float *xs,
+                       float *xh) {
     const int nbp = (K / 32 + 15) & ~15, KP = x_stride(K);
     for (int64_t m = 0; m < M; m++) {
         for (int b = 0; b < K / 32; b++) {
@@ -99,6 +100,11 @@ void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int layout, int1
             float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
             xd[m * nbp + b] = d;
             xs[m * nbp + b] = sum;
+            if (xh) {
+                float half[2] = {0.0f, 0.0f};
+                for (int i = 0; i < 32; i++) half[i / 16] += xr[i];
+                xh[m * nbp + b] = half[0], xh[(M + m) * nbp + b] = half[1];
+            }
             int16_t *row = xq + m * KP;
             for (int i = 0; i < 32; i++) row[x_slot(layout, b, i)] = (int16_t)lrintf(xr[i] * id);
         }
@@ -224,17 +230,21 @@ INLINE __m512 half_scale8(__m512 a, __m512 b, int p) {
 #endif
 
 /* One row's int8 block scales (zen_q8b_linear): a, the scale per block of 32 or of its first 16 columns;
-   b, of its last 16 (NULL: as a); z, the offsets (NULL: none). All NULL: no block scales. */
-typedef struct { const uint16_t *a, *b, *z; } bscale_t;
+   b, of its last 16 (NULL: as a); z, the offsets per block or of its first 16 columns (NULL: none); zb,
+   the last 16 columns' offsets (NULL: as z). All NULL: no block scales. */
+typedef struct { const uint16_t *a, *b, *z, *zb; } bscale_t;
 
 /* Values of one row's block scales: `nbs` per plane, a plane each for the scale, (flags & 1) the second
-   half's scale, (flags & 2) the offset. */
-INLINE int64_t block_stride(int flags, int nbs) { return (int64_t)(1 + (flags & 1) + ((flags >> 1) & 1)) * nbs; }
+   half's scale, (flags & 2) the offset, (flags & 4) the second half's offset. */
+INLINE int64_t block_stride(int flags, int nbs) {
+    return (int64_t)(1 + (flags & 1) + ((flags >> 1) & 1) + ((flags >> 2) & 1)) * nbs;
+}
 
 INLINE bscale_t block_planes(const uint16_t *row, int flags, int nbs) {
-    bscale_t s = {row, 0, 0};
+    bscale_t s = {row, 0, 0, 0};
     if (row && (flags & 1)) s.b = row + nbs;
     if (row && (flags & 2)) s.z = row + block_stride(flags & 1, nbs);  /* after the scale plane(s) */
+    if (row && (flags & 2) && (flags & 4)) s.zb = s.z + nbs;
     return s;
 }
 
@@ -416,17 +426,17 @@ INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN 
 
 /* x (M, K), float32 or bfloat16, rounded to int16 per block of 32 (zen_q4_quantize_x), in buffers this
    allocates: 1, or 0 when memory runs out. */
-typedef struct { int16_t *xq; float *dsum, *xd, *xs; } qx_t;
+typedef struct { int16_t *xq; float *dsum, *xd, *xs, *xh; } qx_t;  /* xh: the half-block sums (2, M, nbx) */
 
 static void free_x(qx_t *q) { free(q->xq); free(q->dsum); }
 
 static int prepare_x(int M, int K, const void *x, int x_bf16, int layout, qx_t *q) {
     const int nbx = (K / 32 + 15) & ~15;
     q->xq = calloc((size_t)M * x_stride(K) + 32, sizeof(int16_t));
-    q->dsum = calloc((size_t)2 * M * nbx, sizeof(float));
+    q->dsum = calloc((size_t)4 * M * nbx, sizeof(float));
     if (!q->xq || !q->dsum) { free_x(q); return 0; }
-    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbx;
-    zen_q4_quantize_x(M, K, x, x_bf16, layout, q->xq, q->xd, q->xs);
+    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbx, q->xh = q->dsum + (int64_t)2 * M * nbx;
+    zen_q4_quantize_x(M, K, x, x_bf16, layout, q->xq, q->xd, q->xs, q->xh);
     return 1;
 }
 
@@ -436,9 +446,10 @@ INLINE void store(void *y, int y_bf16, int64_t i, float v) {
 }
 
 /* Row n of an int8 weight against R rows of xq: out[r] = x_r . w_n, w_n = K codes times one float
-   scale (bs.a NULL) or times float16 block scales (bs: the row's planes, bscale_t). */
+   scale (bs.a NULL) or times float16 block scales (bs: the row's planes, bscale_t). xa, xb: the half-block
+   sums of x (read where bs.zb gives offsets per 16 columns). */
 INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t bs, const int16_t *xq,
-                      const float *xd, const float *xs, float *out) {
+                      const float *xd, const float *xs, const float *xa, const float *xb, float *out) {
     const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
 #if defined(ZEN_VNNI)
     __m512 acc[4];
@@ -452,7 +463,12 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t b
             const __m512 xdv = _mm512_loadu_ps(xd + (int64_t)r * nbx + b0);
             ca[r] = _mm512_mul_ps(sa, xdv);
             cb[r] = _mm512_mul_ps(sb, xdv);
-            if (bs.z) acc[r] = _mm512_fmadd_ps(per_block16(bs.z, b0, n16, 32), _mm512_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+            if (bs.zb) {  /* an offset per 16 columns: each against its half's sum */
+                acc[r] = _mm512_fmadd_ps(per_block16(bs.z, b0, n16, 32), _mm512_loadu_ps(xa + (int64_t)r * nbx + b0), acc[r]);
+                acc[r] = _mm512_fmadd_ps(per_block16(bs.zb, b0, n16, 32), _mm512_loadu_ps(xb + (int64_t)r * nbx + b0), acc[r]);
+            } else if (bs.z) {
+                acc[r] = _mm512_fmadd_ps(per_block16(bs.z, b0, n16, 32), _mm512_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+            }
         }
         for (int p = 0; p < n16; p += 2) {  /* blocks b, b + 1: each 32 codes widened to one vector */
             const int b = b0 + p;  /* even: one prefetch per 64 bytes of codes */
@@ -504,7 +520,12 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t b
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(pa[r])), _mm256_mul_ps(sa, xdv), acc[r]);
             if (bs.b)
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(pb[r])), _mm256_mul_ps(per_block(bs.b, b0, 32), xdv), acc[r]);
-            if (bs.z) acc[r] = _mm256_fmadd_ps(per_block(bs.z, b0, 32), _mm256_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+            if (bs.zb) {
+                acc[r] = _mm256_fmadd_ps(per_block(bs.z, b0, 32), _mm256_loadu_ps(xa + (int64_t)r * nbx + b0), acc[r]);
+                acc[r] = _mm256_fmadd_ps(per_block(bs.zb, b0, 32), _mm256_loadu_ps(xb + (int64_t)r * nbx + b0), acc[r]);
+            } else if (bs.z) {
+                acc[r] = _mm256_fmadd_ps(per_block(bs.z, b0, 32), _mm256_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
+            }
         }
     }
     for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) * scale;
@@ -516,7 +537,8 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t b
             for (int j = 0; j < 32; j++) dot[j / 16] += codes[b * 32 + j] * xq[(int64_t)r * KP + b * 32 + j];
             const float sa = bs.a ? f16(bs.a[b]) : 1.0f, sb = bs.b ? f16(bs.b[b]) : sa;
             total += ((float)dot[0] * sa + (float)dot[1] * sb) * xd[(int64_t)r * nbx + b];
-            if (bs.z) total += f16(bs.z[b]) * xs[(int64_t)r * nbx + b];
+            if (bs.zb) total += f16(bs.z[b]) * xa[(int64_t)r * nbx + b] + f16(bs.zb[b]) * xb[(int64_t)r * nbx + b];
+            else if (bs.z) total += f16(bs.z[b]) * xs[(int64_t)r * nbx + b];
         }
         out[r] = total * scale;
     }
@@ -531,7 +553,8 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t b
    even and the odd columns, multiplied with x's even and odd halves (no byte-widening shuffles).
    bs: row n's block scales (bscale_t), the next rows' `stride` values further on. */
 INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale, bscale_t bs, int64_t stride,
-                       const int16_t *xq, const float *xd, const float *xs, float *out) {
+                       const int16_t *xq, const float *xd, const float *xs, const float *xa, const float *xb,
+                       float *out) {
     const int nb = K / 32;
     const int64_t ahead = group_ahead(K);
     const int8_t *row[4];
@@ -542,6 +565,7 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
         bsr[j].a = bs.a ? bs.a + i * stride : 0;
         bsr[j].b = bs.b ? bs.b + i * stride : 0;
         bsr[j].z = bs.z ? bs.z + i * stride : 0;
+        bsr[j].zb = bs.zb ? bs.zb + i * stride : 0;
     }
     __m512 acc[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
@@ -552,7 +576,12 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
         for (int j = 0; j < 4; j++) {
             ca[j] = bs.a ? _mm512_mul_ps(per_block16(bsr[j].a, b0, n16, 32), xdv) : xdv;
             cb[j] = bs.b ? _mm512_mul_ps(per_block16(bsr[j].b, b0, n16, 32), xdv) : ca[j];
-            if (bs.z) acc[j] = _mm512_fmadd_ps(per_block16(bsr[j].z, b0, n16, 32), xsv, acc[j]);
+            if (bs.zb) {  /* an offset per 16 columns: each against its half's sum */
+                acc[j] = _mm512_fmadd_ps(per_block16(bsr[j].z, b0, n16, 32), _mm512_loadu_ps(xa + b0), acc[j]);
+                acc[j] = _mm512_fmadd_ps(per_block16(bsr[j].zb, b0, n16, 32), _mm512_loadu_ps(xb + b0), acc[j]);
+            } else if (bs.z) {
+                acc[j] = _mm512_fmadd_ps(per_block16(bsr[j].z, b0, n16, 32), xsv, acc[j]);
+            }
         }
         for (int p = 0; p < n16; p += 2) {
             const int b = b0 + p;
@@ -589,7 +618,8 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
             float out[4];
             const int rows = N - n < 4 ? N - n : 4;
             const bscale_t bs = block_planes(bscale ? bscale + (int64_t)n * stride : 0, flags, nbs);
-            row4_tile8(K, rows, codes + (int64_t)n * K, scale ? scale + n : 0, bs, stride, qx.xq, qx.xd, qx.xs, out);
+            row4_tile8(K, rows, codes + (int64_t)n * K, scale ? scale + n : 0, bs, stride, qx.xq, qx.xd, qx.xs, qx.xh,
+                       qx.xh + nbx, out);
             for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
         free_x(&qx);
@@ -607,13 +637,14 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
             float out[4];
             const int16_t *q = xq + (int64_t)m0 * KP;
             const float *d = xd + (int64_t)m0 * nbx, *s = xs + (int64_t)m0 * nbx;
+            const float *ha = qx.xh + (int64_t)m0 * nbx, *hb = qx.xh + (int64_t)(M + m0) * nbx;
             int R = M - m0 < 4 ? M - m0 : 4;
             const float sn = scale ? scale[n] : 1.0f;
             switch (R) {
-                case 1: row_tile8(1, K, cn, sn, bs, q, d, s, out); break;
-                case 2: row_tile8(2, K, cn, sn, bs, q, d, s, out); break;
-                case 3: row_tile8(3, K, cn, sn, bs, q, d, s, out); break;
-                default: row_tile8(4, K, cn, sn, bs, q, d, s, out); break;
+                case 1: row_tile8(1, K, cn, sn, bs, q, d, s, ha, hb, out); break;
+                case 2: row_tile8(2, K, cn, sn, bs, q, d, s, ha, hb, out); break;
+                case 3: row_tile8(3, K, cn, sn, bs, q, d, s, ha, hb, out); break;
+                default: row_tile8(4, K, cn, sn, bs, q, d, s, ha, hb, out); break;
             }
             for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
         }
@@ -629,8 +660,9 @@ int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *
 
 /* int8 W with float16 block scales: per row `planes` streams of K / 32 (rounded up to eights) values:
    the scale of each block of 32 columns, or (flags & 1) of its first 16 columns followed by a plane for
-   its last 16; then (flags & 2) a plane of offsets, w = code * scale + offset. GGUF's Q8_0 and Q5_0
-   (a scale per 32), Q5_1 / Q5_K / Q4_x (with offsets), Q6_K / Q3_K (a scale per 16). */
+   its last 16; then (flags & 2) a plane of offsets, w = code * scale + offset, or with (flags & 4) two:
+   the first and the last 16 columns'. GGUF's Q8_0 and Q5_0 (a scale per 32), Q5_1 / Q5_K / Q4_x (with
+   offsets), Q6_K / Q3_K (a scale per 16), Q2_K (a scale and an offset per 16). */
 int zen_q8b_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const uint16_t *bscale,
                    int flags, void *y, int y_bf16, int n_threads) {
     return q8_linear(M, N, K, x, x_bf16, codes, 0, bscale, flags, y, y_bf16, n_threads);
@@ -676,10 +708,11 @@ void zen_q8b_dequant(int N, int K, const int8_t *codes, const uint16_t *bscale, 
         const int8_t *c = codes + (int64_t)n * K;
         for (int b = 0; b < K / 32; b++) {
             const float sa = f16(bs.a[b]), sb = bs.b ? f16(bs.b[b]) : sa, z = bs.z ? f16(bs.z[b]) : 0.0f;
+            const float zb = bs.zb ? f16(bs.zb[b]) : z;
             float v[32];
             for (int j = 0; j < 16; j++) {
                 v[j] = (float)c[b * 32 + j] * sa + z;
-                v[j + 16] = (float)c[b * 32 + j + 16] * sb + z;
+                v[j + 16] = (float)c[b * 32 + j + 16] * sb + zb;
             }
             store32(out, out_bf16, (int64_t)n * K + b * 32, v);
         }
@@ -878,22 +911,27 @@ def matmul_int8_blocks(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(M, K) x (CPU) @ W^T -> (M, N) for int8 codes (N, K) with float16 block scales in
     `pack_block_scales`' layout and its `flags`: GGUF's Q8_0 and Q5_0 as stored (a scale per block of 32),
-    Q5_1 / Q5_K (and offsets), Q6_K / Q3_K (a scale per 16 columns)."""
+    Q5_1 / Q5_K (and offsets), Q6_K / Q3_K (a scale per 16 columns), Q2_K (a scale and an offset per 16)."""
     if torch.compiler.is_compiling():
         return torch.ops.zen_eco.q8b_linear(x, codes, block_scale, flags, out_dtype)
     return _q8b_linear(x, codes, block_scale, flags, out_dtype)
 
 
-HALVES, OFFSETS = 1, 2  # pack_block_scales' flags: a scale per 16 columns; an offset per block of 32
+# pack_block_scales' flags: a scale per 16 columns; an offset per block of 32; (with OFFSETS) an offset per 16
+HALVES, OFFSETS, OFFSET_HALVES = 1, 2, 4
 
 
-def pack_block_scales(scale: torch.Tensor, scale_b: torch.Tensor | None = None,
-                      offset: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def pack_block_scales(scale: torch.Tensor, scale_b: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                      offset_b: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(N, K / 32) block scales (of the first 16 columns of each block where `scale_b` holds the last 16's),
-    optional offsets (w = code * scale + offset) -> ((N, planes, K / 32 rounded up to a multiple of 8)
-    float16, the padding zeros; flags): the planes are scale, then scale_b, then offset, those present."""
-    planes = [p for p in (scale, scale_b, offset) if p is not None]
-    flags = (HALVES if scale_b is not None else 0) | (OFFSETS if offset is not None else 0)
+    optional offsets (w = code * scale + offset; of the first 16 columns where `offset_b` holds the last
+    16's) -> ((N, planes, K / 32 rounded up to a multiple of 8) float16, the padding zeros; flags): the
+    planes are scale, scale_b, offset, offset_b, those present."""
+    if offset_b is not None and offset is None:
+        raise ValueError("offset_b (the last 16 columns' offsets) needs offset")
+    planes = [p for p in (scale, scale_b, offset, offset_b) if p is not None]
+    flags = ((HALVES if scale_b is not None else 0) | (OFFSETS if offset is not None else 0)
+             | (OFFSET_HALVES if offset_b is not None else 0))
     packed = torch.nn.functional.pad(torch.stack(planes, 1).to(torch.float16), (0, -scale.shape[1] % 8))
     return packed.contiguous(), flags
 

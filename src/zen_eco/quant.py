@@ -107,36 +107,42 @@ class Q8Weight:
 class Q8BlockWeight:
     """An 8-bit weight with scales per block of input columns: w[r, c] = scale[r, c // 32] * codes[r, c]
     (+ offset[r, c // 32]); where `scale_b` is given, `scale` holds the scale of each block's first 16
-    columns and `scale_b` of its last 16. GGUF's Q8_0 and Q5_0 (w = d * (q - 16): int8 codes in [-16, 15])
-    as stored; Q5_1, Q5_K (offsets), Q6_K, Q3_K (a scale per 16) with the products d * sc as scales."""
+    columns and `scale_b` of its last 16, and likewise `offset_b` for the offsets. GGUF's Q8_0 and Q5_0
+    (w = d * (q - 16): int8 codes in [-16, 15]) as stored; Q5_1, Q5_K (offsets), Q6_K, Q3_K (a scale per
+    16), Q2_K (a scale and an offset per 16) with the products d * sc as scales."""
 
     codes: torch.Tensor  # (N, K) int8
     scale: torch.Tensor  # (N, K // 32) float32
     scale_b: torch.Tensor | None = None  # (N, K // 32) float32: the last 16 columns' scale
     offset: torch.Tensor | None = None  # (N, K // 32) float32
+    offset_b: torch.Tensor | None = None  # (N, K // 32) float32: the last 16 columns' offset (needs offset)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.codes.shape
         halves = torch.stack([self.scale, self.scale if self.scale_b is None else self.scale_b], -1)
         w = self.codes.float().view(n, k // 32, 2, 16) * halves[..., None]
         if self.offset is not None:
-            w = w + self.offset[..., None, None]
+            w = w + torch.stack([self.offset, self.offset if self.offset_b is None else self.offset_b], -1)[..., None]
         return w.view(n, k)
 
     def permute_rows(self, order: torch.Tensor) -> "Q8BlockWeight":
         pick = lambda t: None if t is None else t[order]  # noqa: E731
-        return Q8BlockWeight(self.codes[order], self.scale[order], pick(self.scale_b), pick(self.offset))
+        return Q8BlockWeight(self.codes[order], self.scale[order], pick(self.scale_b), pick(self.offset),
+                             pick(self.offset_b))
 
     @staticmethod
     def cat(parts: list["Q8BlockWeight"], codes: torch.Tensor | None = None) -> "Q8BlockWeight":
         """Rows of parts one after another; a part without second-half scales or offsets gets its own
-        scale / zeros where another part has them. codes: as in Q4Weight.cat."""
+        scale / offset / zeros where another part has them. codes: as in Q4Weight.cat."""
         halves = any(p.scale_b is not None for p in parts)
         offsets = any(p.offset is not None for p in parts)
+        offset_halves = any(p.offset_b is not None for p in parts)
+        offset = lambda p: torch.zeros_like(p.scale) if p.offset is None else p.offset  # noqa: E731
         return Q8BlockWeight(
             torch.cat([p.codes for p in parts]) if codes is None else codes, torch.cat([p.scale for p in parts]),
             torch.cat([p.scale if p.scale_b is None else p.scale_b for p in parts]) if halves else None,
-            torch.cat([torch.zeros_like(p.scale) if p.offset is None else p.offset for p in parts]) if offsets else None)
+            torch.cat([offset(p) for p in parts]) if offsets else None,
+            torch.cat([offset(p) if p.offset_b is None else p.offset_b for p in parts]) if offset_halves else None)
 
 
 def _stored(x: torch.Tensor) -> torch.Tensor:
@@ -461,7 +467,8 @@ class Int8BlockLinear(_QuantizedLinear):
         self.out_features, self.in_features = weight.codes.shape
         self.dtype = dtype
         self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
-        scales, self.block_flags = q4_kernel.pack_block_scales(weight.scale, weight.scale_b, weight.offset)
+        scales, self.block_flags = q4_kernel.pack_block_scales(weight.scale, weight.scale_b, weight.offset,
+                                                               weight.offset_b)
         self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
@@ -505,6 +512,8 @@ def _block_rows(codes: torch.Tensor, block_scales: torch.Tensor, flags: int, row
     planes = block_scales[rows][..., :nb].to(dtype)  # (..., planes, nb)
     halves = planes[..., : 1 + (flags & q4_kernel.HALVES), :]  # first and (where stored) last 16 columns' scale
     w = picked.view(*picked.shape[:-1], nb, 2, 16).to(dtype) * halves.movedim(-2, -1)[..., None]
-    if flags & q4_kernel.OFFSETS:
+    if flags & q4_kernel.OFFSET_HALVES:  # the last two planes: each half's offset
+        w = w + planes[..., -2:, :].movedim(-2, -1)[..., None]
+    elif flags & q4_kernel.OFFSETS:
         w = w + planes[..., -1, :, None, None]
     return w.view(picked.shape)

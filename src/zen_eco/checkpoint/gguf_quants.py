@@ -139,8 +139,9 @@ def _q5_1(blocks: np.ndarray) -> np.ndarray:
 # --- K-quants: 256-element super-blocks --------------------------------------
 
 
-@_register(10)
-def _q2_k(blocks: np.ndarray) -> np.ndarray:
+def _q2_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q2_K blocks -> (values uint8 (n, 16, 16) in [0, 3], scale d * sc and min dmin * m float32 (n, 16))
+    per sub-block of 16: w = scale * q - min."""
     # scales: 16 x (4-bit scale | 4-bit min) | qs: 64 bytes of 2-bit q | d: f16 | dmin: f16
     n = blocks.shape[0]
     scales = blocks[:, 0:16]
@@ -149,10 +150,16 @@ def _q2_k(blocks: np.ndarray) -> np.ndarray:
     # Two halves of 128; each reads its 32 bytes four times, at shifts 0, 2, 4, 6.
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
     q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3  # (n, 2, 4, 32)
-    out = q.reshape(n, 16, 16).astype(np.float32)
+    return q.reshape(n, 16, 16), dl, ml
+
+
+@_register(10)
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    q, dl, ml = _q2_k_values(blocks)
+    out = q.astype(np.float32)
     out *= dl[:, :, None]
     out -= ml[:, :, None]
-    return out.reshape(n, 256)
+    return out.reshape(-1, 256)
 
 
 def _q3_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -380,14 +387,15 @@ def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     return _codes(q, n, k, codes_out), rows(fields[0]), rows(offset)
 
 
-Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
+Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, 10, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
 
 
 def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
                    codes_out: np.ndarray | None = None):
-    """Bytes of a (N, K) matrix -> (codes int8 (N, K), scale, scale_b, offset), each (N, K/32) float32 or
-    None, with w = scale * code (+ offset) per block of 32 columns, or per 16 where scale_b (the last 16
-    columns' scale) is given; for `quant.Int8BlockLinear`. Q8_0's int8 values and Q5_0's 5-bit values
+    """Bytes of a (N, K) matrix -> (codes int8 (N, K), scale, scale_b, offset[, offset_b]), each (N, K/32)
+    float32 or None, with w = scale * code (+ offset) per block of 32 columns, or per 16 where scale_b (the
+    last 16 columns' scale) or offset_b is given; for `quant.Int8BlockLinear`. Q2_K: its values 0..3 with
+    d * sc and -dmin * m per 16. Q8_0's int8 values and Q5_0's 5-bit values
     minus 16 with the file's d; Q5_1 (d, m) and Q5_K (d * sc, -dmin * m) with their 5-bit values 0..31;
     Q6_K (values -32..31) and Q3_K (-4..3) with d * sc per 16; Q4_0/Q4_1/Q4_K as `q4_codes` gives them
     (for a fused matrix whose other parts are not 4-bit). Scales and offsets are ggml's float32 products,
@@ -401,13 +409,18 @@ def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, 
             q -= np.int8(16)  # in place: q is ours, or codes_out
             return q, scale, None, None
         return q, scale, None, offset
-    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q4_x", what)
+    blocks = _matrix_blocks(data, ggml_type, shape, Q8_BLOCK_TYPES, "Q8_0/Q5_x/Q6_K/Q3_K/Q2_K/Q4_x", what)
     rows = lambda a: np.ascontiguousarray(a).reshape(n, k // 32)  # noqa: E731 - per-block values, row-major
     if ggml_type == 8 and gguf_native.usable(blocks, 34):
         codes, d = gguf_native.q8_0(blocks, codes_out)
         return _codes(codes, n, k, codes_out), rows(d), None, None
     if ggml_type == 8:  # Q8_0: d | 32 int8
         return _codes(blocks[:, 2:].view(np.int8), n, k, codes_out), rows(_f16(blocks, 0)), None, None
+    if ggml_type == 10:  # w = (d * sc) * q - dmin * m per sub-block of 16
+        q, d16, m16 = _q2_k_values(blocks)
+        off = -m16
+        return (_codes(q.view(np.int8), n, k, codes_out), rows(d16[:, 0::2]), rows(d16[:, 1::2]), rows(off[:, 0::2]),
+                rows(off[:, 1::2]))
     if ggml_type == 14:  # w = (d * sc) * q per sub-block of 16
         q, d16 = _q6_k_values(blocks, codes_out)
     else:
