@@ -431,3 +431,28 @@ def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
         assert codes.min() >= lowest and codes.max() <= {T.Q8_0: 127, T.Q6_K: 31, T.Q3_K: 3, T.Q2_K: 3, T.Q4_K: 15}.get(kind, 31)
 
 
+
+
+@needs_kernel
+def test_prompt_weights_are_dequantized_into_one_reused_buffer(monkeypatch):
+    """A prompt's dense matmul dequantizes into this thread's buffer (no fresh tensor's page faults each
+    call): the same memory for the next weight, the same values as a new tensor; a weight above
+    REUSE_BYTES (an output head) gets a tensor of its own; other threads their own buffer."""
+    gen = torch.Generator().manual_seed(2)
+    q8 = _block_weight(64, 256, *LAYOUTS["per 16 + offsets"], gen)
+    planes, flags = q4_kernel.pack_block_scales(q8.scale, q8.scale_b, q8.offset)
+    q4 = quantize_int4(torch.randn(48, 256, generator=gen), 32)
+    packed, sz = q4_kernel.pack(q4.codes, q4.scale, q4.offset)
+    a = q4_kernel.dequantize_int8_blocks(q8.codes, planes, flags, torch.bfloat16, reuse=True)
+    assert torch.equal(a, q4_kernel.dequantize_int8_blocks(q8.codes, planes, flags, torch.bfloat16))
+    ptr = a.data_ptr()  # the next weight is smaller (bf16 48 x 256): it fits the buffer
+    b = q4_kernel.dequantize_int4(packed, sz, 32, torch.bfloat16, reuse=True)
+    assert b.data_ptr() == ptr and torch.equal(b, q4_kernel.dequantize_int4(packed, sz, 32, torch.bfloat16))
+    import threading
+    other = []
+    t = threading.Thread(target=lambda: other.append(q4_kernel.dequantize_int4(packed, sz, 32, torch.bfloat16, reuse=True)))
+    t.start(), t.join()
+    assert other[0].data_ptr() != ptr and torch.equal(other[0], b)
+    monkeypatch.setattr(q4_kernel, "REUSE_BYTES", 1024)
+    c = q4_kernel.dequantize_int4(packed, sz, 32, torch.bfloat16, reuse=True)
+    assert c.data_ptr() != ptr and torch.equal(c, b)

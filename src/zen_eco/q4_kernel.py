@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from functools import lru_cache
 
 import torch
@@ -936,12 +937,31 @@ def pack_block_scales(scale: torch.Tensor, scale_b: torch.Tensor | None = None, 
     return packed.contiguous(), flags
 
 
+REUSE_BYTES = 256 << 20  # the largest dense weight a prompt matmul dequantizes into a reused buffer
+_reused = threading.local()
+
+
+def _weight_buffer(n: int, k: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+    """Where an (n, k) weight is dequantized to: a new tensor, or (reuse) this thread's buffer, kept from
+    call to call, for a weight used once and dropped (a prompt's dense matmul): a fresh 50 MB tensor
+    costs more in page faults (~18 ms on 2 cores) than dequantizing into it (~16 ms). Above REUSE_BYTES
+    (an output head) a new tensor anyway, so that the buffer stays the size of a layer's matrix."""
+    size = n * k * dtype.itemsize
+    if not reuse or size > REUSE_BYTES:
+        return torch.empty(n, k, dtype=dtype)
+    buf = getattr(_reused, "buf", None)
+    if buf is None or buf.numel() < size:
+        buf = _reused.buf = torch.empty(size, dtype=torch.uint8)
+    return buf[:size].view(dtype).view(n, k)
+
+
 def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, dtype: torch.dtype,
-                    high: torch.Tensor | None = None) -> torch.Tensor:
+                    high: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
     """`pack`'s buffers (and `pack_high`'s for 5-bit codes) -> the dense (N, K) weight in `dtype` (float32
-    or bfloat16), code * scale + zero computed in float32 and rounded once."""
+    or bfloat16), code * scale + zero computed in float32 and rounded once. reuse: into this thread's
+    reused buffer (`_weight_buffer`): valid until the thread's next reusing call."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty(n, k, dtype=dtype)
+    out = _weight_buffer(n, k, dtype, reuse)
     library().zen_q4_dequant(n, k, group, packed.data_ptr(), None if high is None else high.data_ptr(),
                              scale_zero.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
     return out
@@ -962,11 +982,12 @@ def pack_high(codes: torch.Tensor) -> torch.Tensor:
     return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).contiguous()
 
 
-def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags: int, dtype: torch.dtype,
+                           reuse: bool = False) -> torch.Tensor:
     """`pack_block_scales`' buffers with int8 codes (N, K) -> the dense weight in `dtype` (float32 or
-    bfloat16), code * scale (+ offset) computed in float32 and rounded once."""
+    bfloat16), code * scale (+ offset) computed in float32 and rounded once. reuse: as `dequantize_int4`."""
     n, k = codes.shape
-    out = torch.empty(n, k, dtype=dtype)
+    out = _weight_buffer(n, k, dtype, reuse)
     library().zen_q8b_dequant(n, k, codes.data_ptr(), block_scale.data_ptr(), flags, out.data_ptr(),
                               dtype == torch.bfloat16, torch.get_num_threads())
     return out

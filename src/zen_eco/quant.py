@@ -29,7 +29,9 @@ so on CUDA the output head stays float under --quant). The CUDA paths ran on an 
 The packed kernels are made for few rows (decode). For a prompt they are compute-bound and slow, so
 from `NATIVE_MAX_ROWS` rows on (ours) or `DENSE_MIN_ROWS` (PyTorch's, bf16; 2 rows for other dtypes,
 whose kernels are far slower per row) a CPU layer dequantizes its weight for that one call and uses
-the dense GEMM (which uses the CPU's matrix units); the dense copy lives only for the call.
+the dense GEMM (which uses the CPU's matrix units); the dense copy lives only for the call, in a buffer
+each thread reuses (`q4_kernel.dequantize_int4(..., reuse=True)`: a fresh one cost more in page faults
+than the dequantization).
 
 Quantizers (`quantize_int4`, `quantize_int8`) are round-to-nearest over each group's min/max (int4)
 or each row's absolute max (int8). They round scales to float16 first — the precision a quantized
@@ -50,7 +52,7 @@ from torch import nn
 from . import q4_kernel
 from .errors import CheckpointError
 
-NATIVE_MAX_ROWS = 112  # rows from which our kernel's layers dequantize for the dense GEMM (6144x2560, 1 thread: equal at ~110)
+NATIVE_MAX_ROWS = 32  # rows from which our kernel's layers dequantize for the dense GEMM (benchmarks/prompt_rows.py: equal at ~24-32)
 DENSE_MIN_ROWS = 128  # measured on SmolLM2's 3072x576 gate|up: packed ~30 us/row, unpack + GEMM ~4 ms flat
 SCALE_DTYPE = torch.float16  # how scales and minimums are stored (as GGUF's Q4_1/Q8_0 do)
 GROUP_SIZES = (32, 64, 128)  # int4 group sizes the CPU and CUDA kernels both take
@@ -391,12 +393,14 @@ class Int4Linear(_QuantizedLinear):
             return unpack_nibbles(self.packed)
         return _unpack_cpu(self.packed, self.out_features, self.in_features)
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the stored buffers."""
+    def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """(N, K) weight in `dtype`: (code - 8) * scale + zero, from the stored buffers. reuse: for one
+        matmul, in a buffer the next such call overwrites (q4_kernel.dequantize_int4)."""
         n, k, g = self.out_features, self.in_features, self.group_size
         if self.backend == "native":  # one C pass: w = code * scale + zero in float32, rounded once
             direct = dtype in (torch.float32, torch.bfloat16)
-            w = q4_kernel.dequantize_int4(self.packed, self.scale_zero, g, dtype if direct else torch.float32, self.high)
+            w = q4_kernel.dequantize_int4(self.packed, self.scale_zero, g, dtype if direct else torch.float32, self.high,
+                                          reuse=reuse and direct)
             return w if direct else w.to(dtype)
         scale, zero = self.scales_zeros.to(dtype).unbind(-1)  # (K/g, N) each
         scale, zero = scale.t().contiguous()[..., None], zero.t().contiguous()[..., None]  # (N, K/g, 1)
@@ -407,7 +411,7 @@ class Int4Linear(_QuantizedLinear):
         if self.backend == "native":
             if x2.shape[0] < NATIVE_MAX_ROWS:
                 return q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype, self.high)
-            return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
+            return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
         x2 = x2.to(self.dtype)
         if self.backend == "dense" or (self.can_unpack and x2.shape[0] >= _dense_min_rows(x2.dtype)):
             return F.linear(x2, self.dense_weight(x2.dtype))
@@ -474,15 +478,16 @@ class Int8BlockLinear(_QuantizedLinear):
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
         self.backend = "native" if native else "dense"
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """(N, K) weight in `dtype`; reuse: as `Int4Linear.dense_weight`."""
         if self.backend == "native" and dtype in (torch.float32, torch.bfloat16):  # one C pass, rounded once
-            return q4_kernel.dequantize_int8_blocks(self.codes, self.block_scales, self.block_flags, dtype)
+            return q4_kernel.dequantize_int8_blocks(self.codes, self.block_scales, self.block_flags, dtype, reuse)
         return _block_rows(self.codes, self.block_scales, self.block_flags, slice(None), dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native" and x2.shape[0] < NATIVE_MAX_ROWS:
             return q4_kernel.matmul_int8_blocks(x2, self.codes, self.block_scales, self.block_flags, self.dtype)
-        return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype))
+        return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
 
 
 class Int8Embedding(nn.Module):

@@ -1,0 +1,63 @@
+"""Where a quantized layer's prompt matmul should leave our kernel for the dense GEMM.
+
+    python benchmarks/prompt_rows.py --threads 1,2
+
+For a (9728 x 2560) weight (zen-eco-4b's down matrix, transposed shape), int8 with block scales and
+int4 in groups of 32: our kernel (`q4_kernel.matmul_int8_blocks` / `q4_kernel.matmul`) against
+dequantizing into the reused buffer and a bf16 `F.linear` (what a layer does from `NATIVE_MAX_ROWS`
+rows on), for 16 to 96 rows of bf16 activations; median ms of 5 calls each, in turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zen_eco import q4_kernel
+from zen_eco.quant import Int4Linear, Int8BlockLinear, Q8BlockWeight, quantize_int4
+
+N, K = 9728, 2560
+
+
+def _median_ms(fn, rounds: int = 5) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rows", default="16,32,48,64,96")
+    args = p.parse_args()
+    if not q4_kernel.available():
+        raise SystemExit("the C kernel cannot be built here")
+    gen = torch.Generator().manual_seed(0)
+    scales = lambda: torch.rand(N, K // 32, generator=gen) * 0.01  # noqa: E731
+    int8 = Int8BlockLinear(Q8BlockWeight(torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=gen), scales(),
+                                         scales()), None, torch.bfloat16)
+    int4 = Int4Linear(quantize_int4(torch.randn(N, K, generator=gen) * 0.02, 32), None, torch.bfloat16)
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(m, K, generator=gen).bfloat16()
+            row = {
+                "int8 kernel": lambda: q4_kernel.matmul_int8_blocks(x, int8.codes, int8.block_scales, int8.block_flags,
+                                                                    torch.bfloat16),
+                "int8 dense": lambda: F.linear(x, int8.dense_weight(torch.bfloat16, reuse=True)),
+                "int4 kernel": lambda: q4_kernel.matmul(x, int4.packed, int4.scale_zero, 32, torch.bfloat16),
+                "int4 dense": lambda: F.linear(x, int4.dense_weight(torch.bfloat16, reuse=True)),
+            }
+            cells = "  ".join(f"{name} {_median_ms(fn):6.1f}" for name, fn in row.items())
+            print(f"threads {threads} rows {m:3d}: {cells}  (ms)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
