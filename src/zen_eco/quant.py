@@ -52,7 +52,10 @@ from torch import nn
 from . import q4_kernel
 from .errors import CheckpointError
 
-NATIVE_MAX_ROWS = 32  # rows from which our kernel's layers dequantize for the dense GEMM (benchmarks/prompt_rows.py: equal at ~24-32)
+# Rows from which our kernel's layers dequantize for the dense GEMM. Faster from ~24-32 rows on
+# (benchmarks/prompt_rows.py), but the GEMM reads bf16-rounded weights: at 32, SmolLM2's greedy answer to
+# a 37-token prompt (tests/test_cli.py) stops being "Paris". Kept where whole prompts go dense.
+NATIVE_MAX_ROWS = 112
 DENSE_MIN_ROWS = 128  # measured on SmolLM2's 3072x576 gate|up: packed ~30 us/row, unpack + GEMM ~4 ms flat
 SCALE_DTYPE = torch.float16  # how scales and minimums are stored (as GGUF's Q4_1/Q8_0 do)
 GROUP_SIZES = (32, 64, 128)  # int4 group sizes the CPU and CUDA kernels both take
