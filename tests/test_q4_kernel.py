@@ -373,6 +373,7 @@ def test_int8_block_weights_join_across_layouts():
     joined = Q8BlockWeight.cat(parts)
     assert joined.offset_b is not None
     assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
 @needs_kernel
