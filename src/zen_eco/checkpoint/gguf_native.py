@@ -11,6 +11,7 @@ numpy where this library cannot be built (no C compiler, ZEN_ECO_NATIVE=0).
 Outputs per block (n blocks, arrays C-contiguous):
   q8_0:  codes int8 (n, 32), d float32 (n,)
   q6_k:  values int8 (n, 256) in [-32, 31], d * sc float32 (n, 16)
+  q2_k:  values uint8 (n, 256) in [0, 3], d * sc and dmin * m float32 (n, 16)
   k4/k5: Q4_K / Q5_K: values uint8 (n, 256) (0..15 / 0..31), d * sc and dmin * m float32 (n, 8)
   q5:    Q5_0 / Q5_1 (high bits at byte `at`, nibbles after them): values uint8 (n, 32) in [0, 31]
   nib:   Q4_0 / Q4_1 (nibbles at byte `at`): values uint8 (n, 32), low nibbles then high
@@ -64,6 +65,24 @@ void zen_gguf_q6_k(const uint8_t *blocks, int64_t n, int8_t *q, float *d16, int 
                 o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
             }
         }
+    }
+}
+
+/* scales: 16 x (4-bit scale | 4-bit min) | qs: 64 | d, dmin: f16. Each half of 128 values reads its 32
+   qs bytes four times, at shifts 0, 2, 4, 6: value 32j + l of half h is bits 2j, 2j + 1 of qs[32h + l]. */
+void zen_gguf_q2_k(const uint8_t *blocks, int64_t n, uint8_t *q, float *d16, float *m16, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < n; b++) {
+        const uint8_t *x = blocks + b * 84;
+        uint8_t *out = q + b * 256;
+        const float d = f16(x + 80), dmin = f16(x + 82);
+        for (int s = 0; s < 16; s++) {
+            d16[b * 16 + s] = d * (float)(x[s] & 15);
+            m16[b * 16 + s] = dmin * (float)(x[s] >> 4);
+        }
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++) out[128 * h + 32 * j + l] = (x[16 + 32 * h + l] >> (2 * j)) & 3;
     }
 }
 
@@ -127,6 +146,7 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, args in (("zen_gguf_q8_0", [p, i64, p, p, i]), ("zen_gguf_q6_k", [p, i64, p, p, i]),
+                       ("zen_gguf_q2_k", [p, i64, p, p, p, i]),
                        ("zen_gguf_kquant", [p, i64, i, p, p, p, i]), ("zen_gguf_nibbles", [p, i64, i, i, i, p, p, p, i])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
@@ -165,6 +185,13 @@ def q6_k(blocks: np.ndarray, q: np.ndarray | None = None) -> tuple[np.ndarray, n
     q, d16 = _out(q, (n, 16, 16), np.int8), np.empty((n, 16), np.float32)
     library().zen_gguf_q6_k(_ptr(blocks), n, _ptr(q), _ptr(d16), torch.get_num_threads())
     return q, d16
+
+
+def q2_k(blocks: np.ndarray, q: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = blocks.shape[0]
+    q, d16, m16 = _out(q, (n, 16, 16), np.uint8), np.empty((n, 16), np.float32), np.empty((n, 16), np.float32)
+    library().zen_gguf_q2_k(_ptr(blocks), n, _ptr(q), _ptr(d16), _ptr(m16), torch.get_num_threads())
+    return q, d16, m16
 
 
 def k_quant(blocks: np.ndarray, five: bool, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -139,10 +139,12 @@ def _q5_1(blocks: np.ndarray) -> np.ndarray:
 # --- K-quants: 256-element super-blocks --------------------------------------
 
 
-def _q2_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _q2_k_values(blocks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q2_K blocks -> (values uint8 (n, 16, 16) in [0, 3], scale d * sc and min dmin * m float32 (n, 16))
-    per sub-block of 16: w = scale * q - min."""
+    per sub-block of 16: w = scale * q - min. (`out` as in _q5_k_values.)"""
     # scales: 16 x (4-bit scale | 4-bit min) | qs: 64 bytes of 2-bit q | d: f16 | dmin: f16
+    if gguf_native.usable(blocks, 84):
+        return gguf_native.q2_k(blocks, out)
     n = blocks.shape[0]
     scales = blocks[:, 0:16]
     dl = _f16(blocks, 80) * (scales & 0x0F).astype(np.float32)  # (n, 16)
@@ -417,7 +419,7 @@ def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, 
     if ggml_type == 8:  # Q8_0: d | 32 int8
         return _codes(blocks[:, 2:].view(np.int8), n, k, codes_out), rows(_f16(blocks, 0)), None, None
     if ggml_type == 10:  # w = (d * sc) * q - dmin * m per sub-block of 16
-        q, d16, m16 = _q2_k_values(blocks)
+        q, d16, m16 = _q2_k_values(blocks, None if codes_out is None else codes_out.view(np.uint8))
         off = -m16
         return (_codes(q.view(np.int8), n, k, codes_out), rows(d16[:, 0::2]), rows(d16[:, 1::2]), rows(off[:, 0::2]),
                 rows(off[:, 1::2]))
