@@ -105,7 +105,7 @@ def test_non_byte_input_rejected():
         dequantize(np.zeros(8, dtype=np.float32), 0, (8,))
 
 
-@pytest.mark.parametrize("ggml_type", [2, 3, 6, 7, 8, 10, 12, 13, 14], ids=SUPPORTED_TYPES.get)
+@pytest.mark.parametrize("ggml_type", [2, 3, 6, 7, 8, 10, 11, 12, 13, 14], ids=SUPPORTED_TYPES.get)
 def test_c_decoders_equal_numpy(ggml_type, monkeypatch):
     """gguf_native's one-pass C decoders (what loading uses) give the numpy functions' arrays bit for bit,
     on random blocks whose float16 fields take every kind of value (subnormal, inf, NaN included); both
@@ -131,7 +131,7 @@ def test_c_decoders_equal_numpy(ggml_type, monkeypatch):
             assert np.shares_memory(again[0], into) and (into[[0, -1]] == 7).all()
             assert np.array_equal(again[0], got[0])
             out += [a for a in got + again[:1] if a is not None]
-        if ggml_type in (6, 7, 10, 13, 14):  # dequantize goes through the same value helpers
+        if ggml_type in (6, 7, 10, 11, 13, 14):  # dequantize goes through the same value helpers
             out.append(dequantize(raw.reshape(-1), ggml_type, shape))
         return out
 

@@ -12,6 +12,7 @@ Outputs per block (n blocks, arrays C-contiguous):
   q8_0:  codes int8 (n, 32), d float32 (n,)
   q6_k:  values int8 (n, 256) in [-32, 31], d * sc float32 (n, 16)
   q2_k:  values uint8 (n, 256) in [0, 3], d * sc and dmin * m float32 (n, 16)
+  q3_k:  values int8 (n, 256) in [-4, 3], d * (sc - 32) float32 (n, 16)
   k4/k5: Q4_K / Q5_K: values uint8 (n, 256) (0..15 / 0..31), d * sc and dmin * m float32 (n, 8)
   q5:    Q5_0 / Q5_1 (high bits at byte `at`, nibbles after them): values uint8 (n, 32) in [0, 31]
   nib:   Q4_0 / Q4_1 (nibbles at byte `at`): values uint8 (n, 32), low nibbles then high
@@ -86,6 +87,25 @@ void zen_gguf_q2_k(const uint8_t *blocks, int64_t n, uint8_t *q, float *d16, flo
     }
 }
 
+/* hmask: 32 | qs: 64 | scales: 12 | d: f16. Scale i: its low 4 bits from byte i % 8 of the first 8 (low
+   nibbles for i < 8, high ones after), its top 2 from byte 8 + i % 4 at shift 2 * (i / 4); minus 32.
+   Value 32g + l (g = 4h + j) is bits 2j, 2j + 1 of qs[32h + l], minus 4 where bit g of hmask[l] is clear. */
+void zen_gguf_q3_k(const uint8_t *blocks, int64_t n, int8_t *q, float *d16, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < n; b++) {
+        const uint8_t *x = blocks + b * 110, *sc = x + 96;
+        int8_t *out = q + b * 256;
+        const float d = f16(x + 108);
+        for (int i = 0; i < 16; i++) {
+            const int low = i < 8 ? sc[i] & 15 : sc[i - 8] >> 4, high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+            d16[b * 16 + i] = d * (float)((low | (high << 4)) - 32);
+        }
+        for (int g = 0; g < 8; g++)
+            for (int l = 0; l < 32; l++)
+                out[32 * g + l] = (int8_t)(((x[32 + 32 * (g / 4) + l] >> (2 * (g % 4))) & 3) - (((x[l] >> g) & 1) ? 0 : 4));
+    }
+}
+
 /* Q4_K (five 0): d, dmin: f16 | scales: 12 | qs: 128. Q5_K (five 1): d, dmin | scales: 12 | qh: 32 | qs: 128.
    Sub-blocks 0..3 keep scale and min in the low 6 bits of scale bytes 0..3 / 4..7; 4..7 take their low 4
    bits from the nibbles of bytes 8..11 and their top 2 from the top of bytes 0..3 / 4..7. Chunk c of 32
@@ -146,7 +166,7 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, args in (("zen_gguf_q8_0", [p, i64, p, p, i]), ("zen_gguf_q6_k", [p, i64, p, p, i]),
-                       ("zen_gguf_q2_k", [p, i64, p, p, p, i]),
+                       ("zen_gguf_q2_k", [p, i64, p, p, p, i]), ("zen_gguf_q3_k", [p, i64, p, p, i]),
                        ("zen_gguf_kquant", [p, i64, i, p, p, p, i]), ("zen_gguf_nibbles", [p, i64, i, i, i, p, p, p, i])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
@@ -192,6 +212,13 @@ def q2_k(blocks: np.ndarray, q: np.ndarray | None = None) -> tuple[np.ndarray, n
     q, d16, m16 = _out(q, (n, 16, 16), np.uint8), np.empty((n, 16), np.float32), np.empty((n, 16), np.float32)
     library().zen_gguf_q2_k(_ptr(blocks), n, _ptr(q), _ptr(d16), _ptr(m16), torch.get_num_threads())
     return q, d16, m16
+
+
+def q3_k(blocks: np.ndarray, q: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    n = blocks.shape[0]
+    q, d16 = _out(q, (n, 16, 16), np.int8), np.empty((n, 16), np.float32)
+    library().zen_gguf_q3_k(_ptr(blocks), n, _ptr(q), _ptr(d16), torch.get_num_threads())
+    return q, d16
 
 
 def k_quant(blocks: np.ndarray, five: bool, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -164,9 +164,12 @@ def _q2_k(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(-1, 256)
 
 
-def _q3_k_values(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q3_K blocks -> (values int8 (n, 16, 16) in [-4, 3], scale d * (sc - 32) float32 (n, 16)) per sub-block of 16."""
+def _q3_k_values(blocks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Q3_K blocks -> (values int8 (n, 16, 16) in [-4, 3], scale d * (sc - 32) float32 (n, 16)) per sub-block
+    of 16. (`out` as in _q5_k_values.)"""
     # hmask: 32 bytes | qs: 64 bytes of 2-bit q | scales: 12 bytes of 6-bit | d: f16
+    if gguf_native.usable(blocks, 110):
+        return gguf_native.q3_k(blocks, out)
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
     # Scale i: low 4 bits from nibbles of bytes 0..7 (low nibbles first),
@@ -426,5 +429,5 @@ def q8_block_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, 
     if ggml_type == 14:  # w = (d * sc) * q per sub-block of 16
         q, d16 = _q6_k_values(blocks, codes_out)
     else:
-        q, d16 = _q3_k_values(blocks)
+        q, d16 = _q3_k_values(blocks, codes_out)
     return _codes(q, n, k, codes_out), rows(d16[:, 0::2]), rows(d16[:, 1::2]), None
