@@ -426,17 +426,17 @@ INLINE uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN 
 }
 
 /* x (M, K), float32 or bfloat16, rounded to int16 per block of 32 (zen_q4_quantize_x), in buffers this
-   allocates: 1, or 0 when memory runs out. */
-typedef struct { int16_t *xq; float *dsum, *xd, *xs, *xh; } qx_t;  /* xh: the half-block sums (2, M, nbx) */
+   allocates, and (halves: for offsets per 16 columns) the half-block sums: 1, or 0 when memory runs out. */
+typedef struct { int16_t *xq; float *dsum, *xd, *xs, *xh; } qx_t;  /* xh: the half-block sums (2, M, nbx) or NULL */
 
 static void free_x(qx_t *q) { free(q->xq); free(q->dsum); }
 
-static int prepare_x(int M, int K, const void *x, int x_bf16, int layout, qx_t *q) {
+static int prepare_x(int M, int K, const void *x, int x_bf16, int layout, int halves, qx_t *q) {
     const int nbx = (K / 32 + 15) & ~15;
     q->xq = calloc((size_t)M * x_stride(K) + 32, sizeof(int16_t));
-    q->dsum = calloc((size_t)4 * M * nbx, sizeof(float));
+    q->dsum = calloc((size_t)(halves ? 4 : 2) * M * nbx, sizeof(float));
     if (!q->xq || !q->dsum) { free_x(q); return 0; }
-    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbx, q->xh = q->dsum + (int64_t)2 * M * nbx;
+    q->xd = q->dsum, q->xs = q->dsum + (int64_t)M * nbx, q->xh = halves ? q->dsum + (int64_t)2 * M * nbx : 0;
     zen_q4_quantize_x(M, K, x, x_bf16, layout, q->xq, q->xd, q->xs, q->xh);
     return 1;
 }
@@ -613,21 +613,21 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     qx_t qx;
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
-        if (!prepare_x(1, K, x, x_bf16, X_EVEN_ODD, &qx)) return -1;
+        if (!prepare_x(1, K, x, x_bf16, X_EVEN_ODD, flags & 4, &qx)) return -1;
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int n = 0; n < N; n += 4) {
             float out[4];
             const int rows = N - n < 4 ? N - n : 4;
             const bscale_t bs = block_planes(bscale ? bscale + (int64_t)n * stride : 0, flags, nbs);
             row4_tile8(K, rows, codes + (int64_t)n * K, scale ? scale + n : 0, bs, stride, qx.xq, qx.xd, qx.xs, qx.xh,
-                       qx.xh + nbx, out);
+                       qx.xh ? qx.xh + nbx : 0, out);
             for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
         free_x(&qx);
         return 0;
     }
 #endif
-    if (!prepare_x(M, K, x, x_bf16, X_PLAIN, &qx)) return -1;
+    if (!prepare_x(M, K, x, x_bf16, X_PLAIN, flags & 4, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd, *xs = qx.xs;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -638,7 +638,7 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
             float out[4];
             const int16_t *q = xq + (int64_t)m0 * KP;
             const float *d = xd + (int64_t)m0 * nbx, *s = xs + (int64_t)m0 * nbx;
-            const float *ha = qx.xh + (int64_t)m0 * nbx, *hb = qx.xh + (int64_t)(M + m0) * nbx;
+            const float *ha = qx.xh ? qx.xh + (int64_t)m0 * nbx : 0, *hb = qx.xh ? qx.xh + (int64_t)(M + m0) * nbx : 0;
             int R = M - m0 < 4 ? M - m0 : 4;
             const float sn = scale ? scale[n] : 1.0f;
             switch (R) {
@@ -756,7 +756,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
     }
 #endif
     qx_t qx;
-    if (!prepare_x(M, K, x, x_bf16, X_INT4, &qx)) return -1;
+    if (!prepare_x(M, K, x, x_bf16, X_INT4, 0, &qx)) return -1;
     const int16_t *xq = qx.xq;
     const float *xd = qx.xd, *xs = qx.xs;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
