@@ -1,11 +1,12 @@
-"""Where a quantized layer's prompt matmul should leave our kernel for the dense GEMM.
+"""A quantized layer's prompt matmul three ways: the row kernel, the prompt GEMM, the dense GEMM.
 
     python benchmarks/prompt_rows.py --threads 1,2
 
-For a (9728 x 2560) weight (zen-eco-4b's down matrix, transposed shape), int8 with block scales and
-int4 in groups of 32: our kernel (`q4_kernel.matmul_int8_blocks` / `q4_kernel.matmul`) against
-dequantizing into the reused buffer and a bf16 `F.linear` (what a layer does from `NATIVE_MAX_ROWS`
-rows on), for 16 to 96 rows of bf16 activations; median ms of 5 calls each, in turns.
+For a (9728 x 2560) weight (zen-eco-4b's up matrix's shape), int8 with block scales and int4 in groups
+of 32, for 2 to 512 rows of bf16 activations: our row kernel (`zen_*_linear`, what decode runs), our
+prompt GEMM (`prompt_gemm`, where AVX-512 VNNI is built) and dequantizing into the reused buffer for a
+bf16 `F.linear` (PyTorch's GEMM: what a layer did for long prompts before the prompt GEMM, and still
+does where it is not built); median ms of 5 calls each, in turns.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _median_ms(fn, rounds: int = 5) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--rows", default="16,32,48,64,96")
+    p.add_argument("--rows", default="2,4,8,16,32,64,128,512")
     args = p.parse_args()
     if not q4_kernel.available():
         raise SystemExit("the C kernel cannot be built here")
@@ -49,12 +50,19 @@ def main() -> None:
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, K, generator=gen).bfloat16()
             row = {
-                "int8 kernel": lambda: q4_kernel.matmul_int8_blocks(x, int8.codes, int8.block_scales, int8.block_flags,
-                                                                    torch.bfloat16),
+                "int8 row": lambda: q4_kernel._q8b_linear(x, int8.codes, int8.block_scales, int8.block_flags,
+                                                          torch.bfloat16, gemm=False),
+                "int8 gemm": lambda: q4_kernel._q8b_linear(x, int8.codes, int8.block_scales, int8.block_flags,
+                                                           torch.bfloat16, gemm=True),
                 "int8 dense": lambda: F.linear(x, int8.dense_weight(torch.bfloat16, reuse=True)),
-                "int4 kernel": lambda: q4_kernel.matmul(x, int4.packed, int4.scale_zero, 32, torch.bfloat16),
+                "int4 row": lambda: q4_kernel._q4_linear(x, int4.packed, int4.scale_zero, 32, torch.bfloat16, gemm=False),
+                "int4 gemm": lambda: q4_kernel._q4_linear(x, int4.packed, int4.scale_zero, 32, torch.bfloat16, gemm=True),
                 "int4 dense": lambda: F.linear(x, int4.dense_weight(torch.bfloat16, reuse=True)),
             }
+            if not q4_kernel.gemm_available():
+                del row["int8 gemm"], row["int4 gemm"]
+            if m > 128:  # the row kernel: minutes
+                del row["int8 row"], row["int4 row"]
             cells = "  ".join(f"{name} {_median_ms(fn):6.1f}" for name, fn in row.items())
             print(f"threads {threads} rows {m:3d}: {cells}  (ms)", flush=True)
 

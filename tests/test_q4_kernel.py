@@ -271,13 +271,15 @@ def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
 
 
 @needs_kernel
-def test_layer_uses_the_kernel_for_few_rows_and_the_dense_gemm_for_many():
+def test_layer_uses_the_kernel_for_few_rows_and_the_dense_gemm_where_prompts_go_dense():
     q = quantize_int4(torch.randn(64, 256) * 0.05, 32)
     layer = Int4Linear(q, torch.randn(64), torch.float32)
     assert layer.backend == "native"
     ref = lambda x: x.double() @ q.dequantize().double().t() + layer.bias.double()  # noqa: E731
     few, many = torch.randn(2, 7, 256), torch.randn(NATIVE_MAX_ROWS, 256)
     assert layer(few).shape == (2, 7, 64) and _rel(layer(few), ref(few)) < BOUND
+    assert _rel(layer(many), ref(many)) < BOUND  # the prompt GEMM, or the dense GEMM where it is not built
+    layer.native_rows = NATIVE_MAX_ROWS  # as without the prompt GEMM (or with AMX): prompts go dense
     assert _rel(layer(many), ref(many)) < 1e-6  # dense float32 GEMM
     # a prompt's dense weight (one C pass): the float32 value, rounded once to bfloat16
     assert torch.equal(layer.dense_weight(torch.float32), q.dequantize())
@@ -352,7 +354,9 @@ def test_int8_block_kernel_against_float64(k, layout):
     assert torch.equal(layer.dense_weight(torch.bfloat16), q.dequantize().bfloat16())  # rounded once
     ref = lambda x: x.double() @ ref_w.t() + layer.bias.double()  # noqa: E731
     few, many = torch.randn(2, 3, k, generator=gen), torch.randn(NATIVE_MAX_ROWS, k, generator=gen)
-    assert _rel(layer(few), ref(few)) < BOUND and _rel(layer(many), ref(many)) < 1e-6  # dense GEMM for a prompt
+    assert _rel(layer(few), ref(few)) < BOUND and _rel(layer(many), ref(many)) < BOUND
+    layer.native_rows = NATIVE_MAX_ROWS  # as without the prompt GEMM (or with AMX): prompts go dense
+    assert _rel(layer(many), ref(many)) < 1e-6  # dense GEMM for a prompt
     assert _rel(layer(few[:1, :1]), ref(few[:1, :1])) < BOUND
     assert Int8BlockLinear(q, None, torch.float32, kernel=False).backend == "dense"
     # a tied table: the embedding reads the head's rows, as stored

@@ -35,10 +35,11 @@ from functools import lru_cache
 
 import torch
 
-from . import native
+from . import native, prompt_gemm
 
 BLOCK = 32  # columns per quantized block of x and per unpacked block of codes
-MAX_ROWS = 64  # rows of x the kernel takes per call (more: the dense GEMM is faster)
+GEMM_MIN_ROWS = 12  # rows of x from which a call takes the prompt GEMM (prompt_gemm) where it is built: the row kernel's
+# time grows per row, the GEMM's per 16 rows (benchmarks/prompt_rows.py: level at ~12 for int4 and int8)
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -821,7 +822,7 @@ def library() -> ctypes.CDLL | None:
     and `Int8Linear` use PyTorch's)."""
     if os.environ.get("ZEN_ECO_NATIVE_Q4", "1") == "0":
         return None
-    lib = native.build("q4_matmul", C_SOURCE)
+    lib = native.build("q4_matmul", C_SOURCE + prompt_gemm.C_SOURCE)
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -831,6 +832,14 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8_linear.argtypes = [i, i, i, p, i, p, p, p, i, i]
     lib.zen_q8b_linear.restype = i
     lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, i, p, i, i]
+    lib.zen_gemm_available.restype = i
+    lib.zen_gemm_available.argtypes = []
+    lib.zen_q4_gemm.restype = i
+    lib.zen_q4_gemm.argtypes = lib.zen_q4_linear.argtypes
+    lib.zen_q8_gemm.restype = i
+    lib.zen_q8_gemm.argtypes = lib.zen_q8_linear.argtypes
+    lib.zen_q8b_gemm.restype = i
+    lib.zen_q8b_gemm.argtypes = lib.zen_q8b_linear.argtypes
     lib.zen_q4_dequant.restype = None
     lib.zen_q4_dequant.argtypes = [i, i, i, p, p, p, p, i, i]
     lib.zen_q8b_dequant.restype = None
@@ -844,6 +853,21 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def gemm_available() -> bool:
+    """Whether the prompt GEMM (prompt_gemm: AVX-512 VNNI) is built here: then the kernels serve prompts
+    of any length exactly, and layers need no dense GEMM (quant.NATIVE_MAX_ROWS)."""
+    lib = library()
+    return lib is not None and os.environ.get("ZEN_ECO_GEMM", "1") != "0" and bool(lib.zen_gemm_available())
+
+
+def _entry(m: int, name: str, gemm: bool | None):
+    """The C function for m rows: the prompt GEMM (`zen_*_gemm`) from GEMM_MIN_ROWS rows where it is built,
+    else the row kernel (`zen_*_linear`). gemm: force one or the other (tests)."""
+    lib = library()
+    use = gemm if gemm is not None else m >= GEMM_MIN_ROWS and gemm_available()
+    return getattr(lib, f"zen_{name}_gemm" if use else f"zen_{name}_linear")
 
 
 def _packer(codes: torch.Tensor) -> ctypes.CDLL | None:
@@ -994,23 +1018,27 @@ def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags
 
 
 def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
-               out_dtype: torch.dtype, high: torch.Tensor | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype, high: torch.Tensor | None = None, gemm: bool | None = None) -> torch.Tensor:
     (m, k), n = x.shape, packed.shape[0]
-    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q4_linear(
+    run = _entry(m, "q4", gemm)
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: run(
         m, n, k, group, xp, xb, packed.data_ptr(), None if high is None else high.data_ptr(), scale_zero.data_ptr(),
         yp, yb, torch.get_num_threads()))
 
 
-def _q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
+               gemm: bool | None = None) -> torch.Tensor:
     (m, k), n = x.shape, codes.shape[0]
-    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q8_linear(
+    run = _entry(m, "q8", gemm)
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: run(
         m, n, k, xp, xb, codes.data_ptr(), scale.data_ptr(), yp, yb, torch.get_num_threads()))
 
 
 def _q8b_linear(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor, flags: int,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, gemm: bool | None = None) -> torch.Tensor:
     (m, k), n = x.shape, codes.shape[0]
-    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: library().zen_q8b_linear(
+    run = _entry(m, "q8b", gemm)
+    return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: run(
         m, n, k, xp, xb, codes.data_ptr(), block_scale.data_ptr(), flags, yp, yb, torch.get_num_threads()))
 
 

@@ -26,12 +26,14 @@ casts / dequantizes its weight for each call: correct everywhere, a memory savin
 so on CUDA the output head stays float under --quant). The CUDA paths ran on an H200 (tests marked
 `gpu`, benchmarks/gpu.py).
 
-The packed kernels are made for few rows (decode). For a prompt they are compute-bound and slow, so
-from `NATIVE_MAX_ROWS` rows on (ours) or `DENSE_MIN_ROWS` (PyTorch's, bf16; 2 rows for other dtypes,
-whose kernels are far slower per row) a CPU layer dequantizes its weight for that one call and uses
-the dense GEMM (which uses the CPU's matrix units); the dense copy lives only for the call, in a buffer
-each thread reuses (`q4_kernel.dequantize_int4(..., reuse=True)`: a fresh one cost more in page faults
-than the dequantization).
+The packed kernels are made for few rows (decode). For a prompt, our kernel switches to its prompt
+GEMM (`prompt_gemm`: the same integer sums, 2-3x faster per row) where the CPU has AVX-512 VNNI, up to
+`native_max_rows()` rows (GEMM_MAX_ROWS; NATIVE_MAX_ROWS for the row kernel alone or a CPU with AMX
+tiles, whose bf16 GEMM is faster still), and PyTorch's packed kernels up to `DENSE_MIN_ROWS` (bf16;
+2 rows for other dtypes, whose kernels are far slower per row). From there a CPU layer dequantizes its
+weight for that one call and uses the dense GEMM; the dense copy lives only for the call, in a buffer
+each thread reuses (`q4_kernel.dequantize_int4(..., reuse=True)`: a fresh one cost more in page
+faults than the dequantization).
 
 Quantizers (`quantize_int4`, `quantize_int8`) are round-to-nearest over each group's min/max (int4)
 or each row's absolute max (int8). They round scales to float16 first — the precision a quantized
@@ -44,6 +46,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +55,15 @@ from torch import nn
 from . import q4_kernel
 from .errors import CheckpointError
 
-# Rows from which our kernel's layers dequantize for the dense GEMM. Faster from ~24-32 rows on
-# (benchmarks/prompt_rows.py), but the GEMM reads bf16-rounded weights: at 32, SmolLM2's greedy answer to
-# a 37-token prompt (tests/test_cli.py) stops being "Paris". Kept where whole prompts go dense.
+# Rows from which our kernel's layers dequantize for the dense GEMM where the prompt GEMM is not built or
+# the CPU has AMX (native_max_rows). There it was faster from ~24-32 rows on (benchmarks/prompt_rows.py),
+# but it reads bf16-rounded weights: at 32, SmolLM2's greedy answer to a 37-token prompt
+# (tests/test_cli.py) stopped being "Paris". Kept where whole prompts go dense.
 NATIVE_MAX_ROWS = 112
+# ... and where it is built: 1.3-2x faster than the dense GEMM below ~128 rows, level at 128, ~1.5x slower at
+# 512 (benchmarks/prompt_rows.py, AVX-512 VNNI without AMX): its two byte planes take one instruction per 32
+# multiply-adds, as the bf16 GEMM does, plus the per-block scaling. Below this its sums are the row kernel's.
+GEMM_MAX_ROWS = 128
 DENSE_MIN_ROWS = 128  # measured on SmolLM2's 3072x576 gate|up: packed ~30 us/row, unpack + GEMM ~4 ms flat
 SCALE_DTYPE = torch.float16  # how scales and minimums are stored (as GGUF's Q4_1/Q8_0 do)
 GROUP_SIZES = (32, 64, 128)  # int4 group sizes the CPU and CUDA kernels both take
@@ -279,6 +287,20 @@ def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return q4_kernel.available() or hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+@lru_cache(maxsize=None)
+def native_max_rows() -> int:
+    """Rows from which a layer on our kernel takes the dense GEMM: GEMM_MAX_ROWS where the prompt GEMM is
+    built, else (or on a CPU with AMX tiles, whose bf16 GEMM is several times faster) NATIVE_MAX_ROWS."""
+    return GEMM_MAX_ROWS if q4_kernel.gemm_available() and not _cpu_has_amx() else NATIVE_MAX_ROWS
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def _dense_min_rows(dtype: torch.dtype) -> int:
     return DENSE_MIN_ROWS if dtype == torch.bfloat16 else 2
 
@@ -361,6 +383,7 @@ class Int4Linear(_QuantizedLinear):
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
         self.dtype = dtype  # of activations and outputs
         self.backend = _int4_backend(device, dtype, n, k, weight.group_size, kernel)
+        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
         self.bits = weight.bits
         if self.bits != 4 and self.backend != "native":
             raise ValueError(f"{self.bits}-bit codes run on our CPU kernel only (here: {self.backend})")
@@ -412,7 +435,7 @@ class Int4Linear(_QuantizedLinear):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native":
-            if x2.shape[0] < NATIVE_MAX_ROWS:
+            if x2.shape[0] < self.native_rows:
                 return q4_kernel.matmul(x2, self.packed, self.scale_zero, self.group_size, self.dtype, self.high)
             return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
         x2 = x2.to(self.dtype)
@@ -439,6 +462,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         # CPU only: PyTorch's CUDA version (2.9+) gives each output to one thread walking K with
         # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
+        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
         if (kernel is True and device.type == "cpu" and self.in_features % q4_kernel.BLOCK == 0
                 and q4_kernel.available()):
             self.backend = "native"  # ~2x PyTorch's on zen-eco-4b's head (docs/benchmarks.md)
@@ -452,7 +476,7 @@ class Int8Linear(_QuantizedLinear):
         return self.codes.to(dtype) * self.scales.to(dtype)[:, None]
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.backend == "native" and x2.shape[0] < NATIVE_MAX_ROWS:
+        if self.backend == "native" and x2.shape[0] < self.native_rows:
             return q4_kernel.matmul_int8(x2, self.codes, self.scales_f32, self.scales.dtype)
         x2 = x2.to(self.scales.dtype)
         if self.backend == "torch" and x2.shape[0] < _dense_min_rows(x2.dtype):
@@ -464,7 +488,7 @@ class Int8BlockLinear(_QuantizedLinear):
     """y = x W^T (+ b) for a `Q8BlockWeight` (int8 codes, float16 scales per block of 32 columns or per 16,
     optional offsets: a GGUF file's Q8_0 / Q5_0 kept as stored, 1.06 bytes a weight instead of bf16's 2;
     Q5_1 / Q5_K / Q6_K / Q3_K 1.09-1.13 bytes, their scale products rounded to float16, at most 2^-11
-    relative). On the CPU our kernel (`q4_kernel.matmul_int8_blocks`) for up to NATIVE_MAX_ROWS rows; else
+    relative). On the CPU our kernel (`q4_kernel.matmul_int8_blocks`) below native_max_rows() rows; else
     the weight is dequantized for the call (prompts: the dense GEMM; other devices: correct, no speed-up)."""
 
     def __init__(self, weight: Q8BlockWeight, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -479,6 +503,7 @@ class Int8BlockLinear(_QuantizedLinear):
         self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
+        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
         self.backend = "native" if native else "dense"
 
     def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
@@ -488,7 +513,7 @@ class Int8BlockLinear(_QuantizedLinear):
         return _block_rows(self.codes, self.block_scales, self.block_flags, slice(None), dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.backend == "native" and x2.shape[0] < NATIVE_MAX_ROWS:
+        if self.backend == "native" and x2.shape[0] < self.native_rows:
             return q4_kernel.matmul_int8_blocks(x2, self.codes, self.block_scales, self.block_flags, self.dtype)
         return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
 
