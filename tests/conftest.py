@@ -138,3 +138,18 @@ def opens_thinking_tiny(directory: Path):
                                         "{{- '<think>' ~ NL -}}{%- endif -%}" + tail)
     (d / "chat_template.jinja").write_text(opens, encoding="utf-8")
     return zen_eco.load(str(d), dtype="float32", device="cpu")
+
+
+def random_block_weight(n, k, halves, offsets, offset_halves, gen, low=-127):
+    """A random `Q8BlockWeight`: int8 codes in [low, 127], float16-exact block scales drawn over 3 orders of
+    magnitude (a scale read for the wrong block or half is far off) and offsets of either sign (Q2_K's
+    layout: per half block)."""
+    import torch
+
+    from zen_eco.quant import Q8BlockWeight
+
+    draw = lambda: (10 ** (torch.rand(n, k // 32, generator=gen) * 3 - 4)).half().float()  # noqa: E731
+    offset = lambda: ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()  # noqa: E731
+    return Q8BlockWeight(torch.randint(low, 128, (n, k), dtype=torch.int8, generator=gen), draw(),
+                         draw() if halves else None, offset() if offsets else None,
+                         offset() if offset_halves else None)

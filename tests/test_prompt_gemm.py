@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_block_weight
 
 from zen_eco import native, q4_kernel
-from zen_eco.quant import (GEMM_MAX_ROWS, Int4Linear, Int8BlockLinear, Q8BlockWeight, native_max_rows, quantize_int4,
-                           quantize_int8)
+from zen_eco.quant import GEMM_MAX_ROWS, Int4Linear, Int8BlockLinear, native_max_rows, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(not q4_kernel.gemm_available(), reason="the prompt GEMM needs AVX-512 VNNI")
 BOUND, SAME = 2e-4, 1e-6
@@ -21,14 +21,6 @@ BOUND, SAME = 2e-4, 1e-6
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _block_weight(n, k, halves, offsets, offset_halves, gen):
-    """int8 codes over the whole range, float16 block scales over 3 orders of magnitude, offsets of either sign."""
-    draw = lambda: (10 ** (torch.rand(n, k // 32, generator=gen) * 3 - 4)).half().float()  # noqa: E731
-    offset = lambda: ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()  # noqa: E731
-    return Q8BlockWeight(torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen), draw(),
-                         draw() if halves else None, offset() if offsets else None, offset() if offset_halves else None)
 
 
 # (name, build(n, k, gen) -> (run(x, gemm, out_dtype), float64 weight))
@@ -52,7 +44,7 @@ def _int8_rows(n, k, gen):
 
 def _int8_blocks(halves, offsets, offset_halves):
     def build(n, k, gen):
-        q = _block_weight(n, k, halves, offsets, offset_halves, gen)
+        q = random_block_weight(n, k, halves, offsets, offset_halves, gen, low=-128)  # -128: code + 128 = 0
         bs, flags = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
         return (lambda x, gemm, dt: q4_kernel._q8b_linear(x, q.codes, bs, flags, dt, gemm=gemm)), q.dequantize().double()
     return build
@@ -120,7 +112,7 @@ def test_layers_take_the_gemm_for_prompts_between_its_limits():
     assert torch.equal(layer(few), q4_kernel._q4_linear(few, layer.packed, layer.scale_zero, 32, torch.float32, gemm=False))
     many = torch.randn(GEMM_MAX_ROWS, 256, generator=gen)
     assert _rel(layer(many), many.double() @ q.dequantize().double().t()) < 1e-6  # float32 dense GEMM
-    block = _block_weight(24, 256, True, True, True, gen)
+    block = random_block_weight(24, 256, True, True, True, gen, low=-128)
     layer = Int8BlockLinear(block, None, torch.bfloat16)
     assert _rel(layer(x.bfloat16()), x.bfloat16().double() @ block.dequantize().double().t()) < 2**-8  # bf16 out
 

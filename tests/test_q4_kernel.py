@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_block_weight
 
 from zen_eco import native, q4_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
@@ -325,16 +326,6 @@ LAYOUTS = {"per 32": (False, False, False), "per 16": (True, False, False), "off
            "per 16 + offsets": (True, True, False), "per 16 + offsets per 16": (True, True, True)}
 
 
-def _block_weight(n, k, halves, offsets, offset_halves, gen):
-    """Random int8 codes with float16-exact block scales drawn over 3 orders of magnitude (a scale read
-    for the wrong block or half is far off) and offsets of either sign (Q2_K's layout: per half block)."""
-    draw = lambda: (10 ** (torch.rand(n, k // 32, generator=gen) * 3 - 4)).half().float()  # noqa: E731
-    offset = lambda: ((torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02).half().float()  # noqa: E731
-    return Q8BlockWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen), draw(),
-                         draw() if halves else None, offset() if offsets else None,
-                         offset() if offset_halves else None)
-
-
 @needs_kernel
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", [576, 640])  # 18 blocks (padded to 24 scales) and 20
@@ -343,7 +334,7 @@ def test_int8_block_kernel_against_float64(k, layout):
     as Q5_K, both per 16 as Q2_K) through `matmul_int8_blocks`, 1 row (the decode loop) and several: the same int16
     activations as the other kernels, so the same bound."""
     gen = torch.Generator().manual_seed(k)
-    q = _block_weight(70, k, *LAYOUTS[layout], gen)
+    q = random_block_weight(70, k, *LAYOUTS[layout], gen)
     ref_w = q.dequantize().double()
     for rows in (1, 3, 5):
         x = torch.randn(rows, k, generator=gen)
@@ -369,11 +360,11 @@ def test_int8_block_weights_join_across_layouts():
     """A fused matrix whose parts are stored differently (Q4_K_M's q, k as Q4_K and v as Q6_K): the
     joined weight has every part's values."""
     gen = torch.Generator().manual_seed(5)
-    parts = [_block_weight(8, 64, *LAYOUTS[name], gen) for name in ("offsets", "per 32", "per 16")]
+    parts = [random_block_weight(8, 64, *LAYOUTS[name], gen) for name in ("offsets", "per 32", "per 16")]
     joined = Q8BlockWeight.cat(parts)
     assert joined.scale_b is not None and joined.offset is not None and joined.offset_b is None
     assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
-    parts.append(_block_weight(8, 64, *LAYOUTS["per 16 + offsets per 16"], gen))  # and a Q2_K part
+    parts.append(random_block_weight(8, 64, *LAYOUTS["per 16 + offsets per 16"], gen))  # and a Q2_K part
     joined = Q8BlockWeight.cat(parts)
     assert joined.offset_b is not None
     assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
@@ -385,7 +376,7 @@ def test_int8_block_kernel_portable_path(monkeypatch):
     if not any(f.startswith("-march") for f in native.flags()):
         pytest.skip("not an x86-64 build")
     gen = torch.Generator().manual_seed(3)
-    weights = [_block_weight(24, 576, *LAYOUTS[name], gen) for name in LAYOUTS]
+    weights = [random_block_weight(24, 576, *LAYOUTS[name], gen) for name in LAYOUTS]
     x = torch.randn(3, 576, generator=gen)
 
     def run():
@@ -444,7 +435,7 @@ def test_prompt_weights_are_dequantized_into_one_reused_buffer(monkeypatch):
     call): the same memory for the next weight, the same values as a new tensor; a weight above
     REUSE_BYTES (an output head) gets a tensor of its own; other threads their own buffer."""
     gen = torch.Generator().manual_seed(2)
-    q8 = _block_weight(64, 256, *LAYOUTS["per 16 + offsets"], gen)
+    q8 = random_block_weight(64, 256, *LAYOUTS["per 16 + offsets"], gen)
     planes, flags = q4_kernel.pack_block_scales(q8.scale, q8.scale_b, q8.offset)
     q4 = quantize_int4(torch.randn(48, 256, generator=gen), 32)
     packed, sz = q4_kernel.pack(q4.codes, q4.scale, q4.offset)

@@ -28,7 +28,7 @@ C_SOURCE = r"""
 #define GM_Y_BYTES (32 << 20)  /* at most this many bytes of float sums at a time: N in pieces */
 
 typedef struct {
-    int nmv, nb, nsb, sb;  /* 16-row vectors of x, blocks of 32, sub-blocks (of sb = 16 or 32 columns) */
+    int nmv, nb, nsb;      /* 16-row vectors of x, blocks of 32, sub-blocks (of 16 or 32 columns) */
     int8_t *planes;        /* (nmv, K / 4, 2, 64): per 4 columns, h then l, lane j = row 16 v + j */
     float *xd, *xs;        /* (nmv, nb, 16) block scales; (nmv, nsb, 16) float sums of x per sub-block */
     int32_t *hs;           /* (nmv, nsb, 16) sums of h per sub-block (for int8 codes) */
@@ -37,7 +37,7 @@ typedef struct {
 static void gemm_free_x(gx_t *g) { free(g->planes); free(g->xd); }
 
 static int gemm_prepare_x(int M, int K, const void *x, int x_bf16, int sb, gx_t *g, int n_threads) {
-    g->nmv = (M + 15) / 16, g->nb = K / 32, g->sb = sb, g->nsb = K / sb;
+    g->nmv = (M + 15) / 16, g->nb = K / 32, g->nsb = K / sb;
     g->planes = aligned_alloc(64, (size_t)g->nmv * K * 32);
     g->xd = calloc((size_t)g->nmv * 16 * (g->nb + 2 * g->nsb), sizeof(float));
     if (!g->planes || !g->xd) { gemm_free_x(g); return 0; }
@@ -49,25 +49,20 @@ static int gemm_prepare_x(int M, int K, const void *x, int x_bf16, int sb, gx_t 
         for (int j = 0; j < 16; j++) {
             const int64_t m = (int64_t)v * 16 + j;
             for (int b = 0; b < g->nb; b++) {
-                float xr[32], amax = 0.0f;
-                for (int i = 0; i < 32; i++) {
-                    xr[i] = m >= M ? 0.0f : x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + b * 32 + i])
-                                                  : ((const float *)x)[m * K + b * 32 + i];
-                    const float a = fabsf(xr[i]);
-                    amax = a > amax ? a : amax;
-                }
-                const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;  /* zen_q4_quantize_x's */
-                g->xd[((int64_t)v * g->nb + b) * 16 + j] = d;
+                float xr[32] = {0};  /* rows past M: zeros */
+                int32_t q[32];
+                if (m < M) load_block(x, x_bf16, m * K + b * 32, xr);
+                g->xd[((int64_t)v * g->nb + b) * 16 + j] = round_block(xr, 32767.0f, q, 0);  /* as zen_q4_quantize_x */
                 for (int s = 0; s < 32 / sb; s++) {
                     float sum = 0.0f;
                     int32_t hsum = 0;
                     for (int i = s * sb; i < (s + 1) * sb; i++) {
-                        const int q = (int)lrintf(xr[i] * id), col = b * 32 + i;
+                        const int col = b * 32 + i;
                         int8_t *quad = pv + (int64_t)(col / 4) * 128 + j * 4 + col % 4;
-                        quad[0] = (int8_t)(q >> 8);  /* arithmetic shift: floor(q / 256) */
-                        quad[64] = (int8_t)(q & 255);
+                        quad[0] = (int8_t)(q[i] >> 8);  /* arithmetic shift: floor(q / 256) */
+                        quad[64] = (int8_t)(q[i] & 255);
                         sum += xr[i];
-                        hsum += q >> 8;
+                        hsum += q[i] >> 8;
                     }
                     const int64_t at = ((int64_t)v * g->nsb + b * (32 / sb) + s) * 16 + j;
                     g->xs[at] = sum;
@@ -80,8 +75,8 @@ static int gemm_prepare_x(int M, int K, const void *x, int x_bf16, int sb, gx_t 
 }
 
 /* A panel of W for one chunk of K: GM_NR rows of `kc` codes (`wp`; int8: `kc` codes + 128, then `kc` as
-   stored, a row 2 kc bytes), their sub-blocks' scales
-   `ps` and offsets `pz` (GM_NR, kc / sb) as floats. Rows past N: zeros (their sums are dropped). */
+   stored, a row 2 kc bytes), their sub-blocks' scales `ps` and offsets `pz` (GM_NR, kc / sb) as floats.
+   Rows past N: zeros (their sums are dropped). */
 typedef struct {
     int kind;                    /* GM_INT4: `codes` packed (q4_kernel.pack), `high` its fifth bits or NULL; */
     const uint8_t *codes, *high; /* GM_INT8: int8 codes (N, K) with `scale` per row or block scales */

@@ -85,6 +85,23 @@ INLINE int x_slot(int layout, int b, int c) {
     return layout == X_EVEN_ODD ? (col & ~63) + ((col & 1) << 5) + ((col & 63) >> 1) : col;
 }
 
+/* Columns at .. at + 31 of x, float32 or bfloat16, as floats. */
+INLINE void load_block(const void *x, int x_bf16, int64_t at, float *xr) {
+    for (int i = 0; i < 32; i++) xr[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[at + i]) : ((const float *)x)[at + i];
+}
+
+/* A block of 32 values rounded to integers against its largest |x| -> qmax (the int16 of the prompt
+   loops: 32767; the one-row loop's 15-bit planes: 16383): q[i] = round(xr[i] / d); returns d, and where
+   `sum` is given the block's float sum. Every loop that rounds x does it here, so their integer sums agree. */
+INLINE float round_block(const float *xr, float qmax, int32_t *q, float *sum) {
+    float amax = 0.0f, total = 0.0f;
+    for (int i = 0; i < 32; i++) { const float a = fabsf(xr[i]); amax = a > amax ? a : amax; total += xr[i]; }
+    if (sum) *sum = total;
+    const float d = amax / qmax, id = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < 32; i++) q[i] = (int32_t)lrintf(xr[i] * id);
+    return d;
+}
+
 /* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 in `layout` order with one scale per block of 32
    columns, xd (M, nbp), and the blocks' float sums xs (M, nbp) (and, where xh is given, the sums of their
    first and last 16 columns, xh (2, M, nbp)); KP = K rounded up to an even number of blocks, nbp = K / 32
@@ -95,20 +112,16 @@ void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int layout, int1
     for (int64_t m = 0; m < M; m++) {
         for (int b = 0; b < K / 32; b++) {
             float xr[32];
-            for (int i = 0; i < 32; i++)
-                xr[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[m * K + b * 32 + i]) : ((const float *)x)[m * K + b * 32 + i];
-            float amax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 32; i++) { float a = fabsf(xr[i]); amax = a > amax ? a : amax; sum += xr[i]; }
-            float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            xd[m * nbp + b] = d;
-            xs[m * nbp + b] = sum;
+            int32_t q[32];
+            load_block(x, x_bf16, m * K + b * 32, xr);
+            xd[m * nbp + b] = round_block(xr, 32767.0f, q, xs + m * nbp + b);
             if (xh) {
                 float half[2] = {0.0f, 0.0f};
                 for (int i = 0; i < 32; i++) half[i / 16] += xr[i];
                 xh[m * nbp + b] = half[0], xh[(M + m) * nbp + b] = half[1];
             }
             int16_t *row = xq + m * KP;
-            for (int i = 0; i < 32; i++) row[x_slot(layout, b, i)] = (int16_t)lrintf(xr[i] * id);
+            for (int i = 0; i < 32; i++) row[x_slot(layout, b, i)] = (int16_t)q[i];
         }
     }
 }
@@ -337,21 +350,15 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
    columns 16-31. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. */
 static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs) {
     for (int b = 0; b < K / 32; b++) {
-        float xr[32], amax = 0.0f, sum = 0.0f;
-        for (int i = 0; i < 32; i++) {
-            xr[i] = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[b * 32 + i]) : ((const float *)x)[b * 32 + i];
-            const float a = fabsf(xr[i]);
-            amax = a > amax ? a : amax;
-            sum += xr[i];
-        }
-        const float d = amax / 16383.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        xd[b] = d;
-        xs[b] = sum;
+        float xr[32];
+        int32_t q[32];
+        load_block(x, x_bf16, b * 32, xr);
+        xd[b] = round_block(xr, 16383.0f, q, xs + b);
         int8_t *four = xp + (int64_t)(b / 4) * 256 + (b % 4) * 16;
         for (int i = 0; i < 32; i++) {
-            const int v = (int)lrintf(xr[i] * id), half = (i / 16) * 128;
-            four[half + i % 16] = (int8_t)(v & 127);
-            four[half + 64 + i % 16] = (int8_t)(v >> 7);  /* arithmetic shift: floor(v / 128) */
+            const int half = (i / 16) * 128;
+            four[half + i % 16] = (int8_t)(q[i] & 127);
+            four[half + 64 + i % 16] = (int8_t)(q[i] >> 7);  /* arithmetic shift: floor(q / 128) */
         }
     }
 }
@@ -856,8 +863,8 @@ def available() -> bool:
 
 
 def gemm_available() -> bool:
-    """Whether the prompt GEMM (prompt_gemm: AVX-512 VNNI) is built here: then the kernels serve prompts
-    of any length exactly, and layers need no dense GEMM (quant.NATIVE_MAX_ROWS)."""
+    """Whether the prompt GEMM (prompt_gemm: AVX-512 VNNI) is built here and not turned off (ZEN_ECO_GEMM=0):
+    then calls from GEMM_MIN_ROWS rows take it, and layers keep prompts up to quant.GEMM_MAX_ROWS rows on it."""
     lib = library()
     return lib is not None and os.environ.get("ZEN_ECO_GEMM", "1") != "0" and bool(lib.zen_gemm_available())
 

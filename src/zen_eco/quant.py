@@ -460,9 +460,9 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
         self.register_buffer("scales", weight.scale.to(device, dtype))  # (N,)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
         # CPU only: PyTorch's CUDA version (2.9+) gives each output to one thread walking K with
         # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
-        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
         if (kernel is True and device.type == "cpu" and self.in_features % q4_kernel.BLOCK == 0
                 and q4_kernel.available()):
             self.backend = "native"  # ~2x PyTorch's on zen-eco-4b's head (docs/benchmarks.md)
