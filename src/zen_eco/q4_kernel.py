@@ -65,6 +65,13 @@ INLINE int64_t group_ahead(int64_t row_bytes) {
     return group * ((PREFETCH + group - 1) / group);
 }
 
+/* A side stream of a row (its scales, offsets or fifth bits) read at `at`: the line `rows` rows ahead
+   (`stride` elements a row) prefetched with the codes' group (group_ahead). Left to the hardware these
+   small reads beside the code stream stalled the decode loops (int4: 15 -> 21 GB/s at one thread). */
+INLINE void prefetch_side(const void *at, int64_t rows, int64_t stride_bytes) {
+    __builtin_prefetch((const char *)at + rows * stride_bytes, 0, 2);
+}
+
 INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
 
 INLINE int x_stride(int K) { return ((K / 32 + 1) & ~1) * 32; }
@@ -377,7 +384,7 @@ INLINE __m512 quad_scale(__m512 s, int p) {
 INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale_zero,
                       int ngp, const int8_t *xp, const float *xd, const float *xs, float *out) {
     const int nb = K / 32;
-    const int64_t ahead = group_ahead(K / 2);
+    const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
     const __m512i low = _mm512_set1_epi8(15);
     const uint8_t *row[4], *hrow[4];
     const uint16_t *sz[4];
@@ -394,6 +401,9 @@ INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const
         const __m512 xdv = _mm512_loadu_ps(xd + b0), xsv = _mm512_loadu_ps(xs + b0);
         __m512 cs[4];
         for (int j = 0; j < 4; j++) {
+            prefetch_side(sz[j] + b0 * 32 / G, rows_ahead, 4 * ngp);
+            prefetch_side(sz[j] + ngp + b0 * 32 / G, rows_ahead, 4 * ngp);
+            if (high) prefetch_side(hrow[j] + b0 * 4, rows_ahead, high_stride(K));
             cs[j] = _mm512_mul_ps(per_block16(sz[j], b0, n16, G), xdv);
             acc[j] = _mm512_fmadd_ps(per_block16(sz[j] + ngp, b0, n16, G), xsv, acc[j]);
         }
@@ -565,7 +575,7 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
                        const int16_t *xq, const float *xd, const float *xs, const float *xa, const float *xb,
                        float *out) {
     const int nb = K / 32;
-    const int64_t ahead = group_ahead(K);
+    const int64_t ahead = group_ahead(K), rows_ahead = ahead / K;
     const int8_t *row[4];
     bscale_t bsr[4];
     for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
@@ -583,6 +593,9 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
         const __m512 xdv = _mm512_loadu_ps(xd + b0), xsv = _mm512_loadu_ps(xs + b0);
         __m512 ca[4], cb[4];
         for (int j = 0; j < 4; j++) {
+            const uint16_t *planes[4] = {bsr[j].a, bsr[j].b, bsr[j].z, bsr[j].zb};
+            for (int i = 0; i < 4; i++)
+                if (planes[i]) prefetch_side(planes[i] + b0, rows_ahead, 2 * stride);
             ca[j] = bs.a ? _mm512_mul_ps(per_block16(bsr[j].a, b0, n16, 32), xdv) : xdv;
             cb[j] = bs.b ? _mm512_mul_ps(per_block16(bsr[j].b, b0, n16, 32), xdv) : ca[j];
             if (bs.zb) {  /* an offset per 16 columns: each against its half's sum */
