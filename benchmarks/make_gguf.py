@@ -104,9 +104,13 @@ def _tensor_name(kind: gguf.MODEL_TENSOR, layer: int | None = None) -> str:
     return (base.format(bid=layer) if layer is not None else base) + ".weight"
 
 
-def tensor_plan(cfg: ModelConfig, weight_type: str) -> list[TensorPlan]:
-    """Every tensor of a qwen3 model in file order: embedding, the layers, final norm, untied head."""
+def tensor_plan(cfg: ModelConfig, weight_type: str,
+                overrides: dict[str, gguf.GGMLQuantizationType] | None = None) -> list[TensorPlan]:
+    """Every tensor of a qwen3 model in file order: embedding, the layers, final norm, untied head.
+    overrides: a storage type per kind of layer matrix ("attn_v", "ffn_up", ...: the GGUF name's middle
+    part), for files that mix types within a fused matrix as llama.cpp's _M mixes do."""
     matrix_type, embed_type, _ = WEIGHT_TYPES[weight_type]
+    overrides = overrides or {}
     T = gguf.MODEL_TENSOR
     h, d, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
@@ -117,7 +121,8 @@ def tensor_plan(cfg: ModelConfig, weight_type: str) -> list[TensorPlan]:
             (T.ATTN_OUT, (h, q_dim)), (T.ATTN_Q_NORM, (d,)), (T.ATTN_K_NORM, (d,)), (T.FFN_NORM, (h,)),
             (T.FFN_GATE, (ffn, h)), (T.FFN_UP, (ffn, h)), (T.FFN_DOWN, (h, ffn)),
         ]
-        plan += [TensorPlan(_tensor_name(kind, i), shape, Q.F32 if len(shape) == 1 else matrix_type)
+        plan += [TensorPlan(_tensor_name(kind, i), shape,
+                            Q.F32 if len(shape) == 1 else overrides.get(_tensor_name(kind, i).split(".")[2], matrix_type))
                  for kind, shape in layer]
     plan.append(TensorPlan(_tensor_name(T.OUTPUT_NORM), (h,), Q.F32))
     if not cfg.tie_word_embeddings:
@@ -257,18 +262,22 @@ def add_tokenizer(writer: gguf.GGUFWriter, cfg: ModelConfig, tok: tokenizers.Tok
 
 
 def write_gguf(cfg: ModelConfig, path: str | os.PathLike, weight_type: str = "q8_0", seed: int = 0,
-               name: str = "zen-eco", on_tensor: Callable[[TensorPlan], None] | None = None) -> Path:
+               name: str = "zen-eco", on_tensor: Callable[[TensorPlan], None] | None = None,
+               overrides: dict[str, gguf.GGMLQuantizationType] | None = None) -> Path:
     """Write `cfg` with random weights to `path` (via a temporary file, renamed when complete).
 
-    on_tensor is called after each tensor is written (for progress display)."""
+    on_tensor is called after each tensor is written (for progress display); overrides: see tensor_plan
+    (gguf-py's types only)."""
     check_config(cfg)
     if weight_type in LLAMA_CPP_TYPES:
+        if overrides:
+            raise ValueError(f"{weight_type} is llama.cpp's own mix: no per-matrix overrides")
         return _requantize(cfg, Path(path), weight_type, seed, name, on_tensor)
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"unknown type {weight_type!r}; use one of {', '.join([*WEIGHT_TYPES, *LLAMA_CPP_TYPES])}")
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    plan = tensor_plan(cfg, weight_type)
+    plan = tensor_plan(cfg, weight_type, overrides)
     writer = gguf.GGUFWriter(partial, ARCH_NAME)
     try:
         add_hyperparameters(writer, cfg, weight_type, f"{name} (random init, seed {seed}, {weight_type})")

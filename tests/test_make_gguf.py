@@ -34,7 +34,10 @@ import torch.nn.functional as F
 import zen_eco
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.config import preset
-from zen_eco.quant import Int4Linear, Int8BlockLinear, int4_supported
+from zen_eco.engine import native_step
+from zen_eco.engine.graphs import decode_one
+from zen_eco.kv_cache import KVCache
+from zen_eco.quant import Int4Linear, Int8BlockLinear, StackedLinear, int4_supported
 from zen_eco.tokenizer.qwen import qwen3_tokenizer
 
 
@@ -196,11 +199,45 @@ def test_llama_cpp_loads_tokenizes_and_agrees(files, models, weight_type):
     assert theirs.argmax() == mine.argmax()
 
 
+def test_fused_matrix_of_mixed_types_keeps_each_part_packed(tmp_path, contents):
+    """q4_0 with v and up stored Q8_0 (as llama.cpp's _M mixes store v and down Q6_K in half the layers):
+    q|k|v and gate|up are each a StackedLinear of a 4-bit part and an int8 part, not one int8 matrix.
+    Their bf16 logits, one token (the decode loops, the native step's chained parts) and the whole prompt
+    (the several-row paths), agree with the gguf-py reference within bf16's 3e-2 (as the q4_0 file's)."""
+    if not int4_supported(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no packed GGUF kernels on this CPU")
+    Q = gguf.GGMLQuantizationType
+    path = make_gguf.write_gguf(preset(PRESET), tmp_path / "tiny-mixed.gguf", "q4_0", seed=0, name=PRESET,
+                                overrides={"attn_v": Q.Q8_0, "ffn_up": Q.Q8_0})
+    metadata, tensors = read_gguf(path)
+    assert tensors["blk.0.attn_v.weight"][0] == Q.Q8_0 and tensors["blk.0.attn_k.weight"][0] == Q.Q4_0
+    model = zen_eco.load(path, dtype="bfloat16", device="cpu")
+    for layer in model.model.layers:
+        for fused in (layer.attn.wqkv, layer.mlp.w_gate_up):
+            assert isinstance(fused, StackedLinear)
+            assert [type(p) for p in fused.parts] == [Int4Linear, Int8BlockLinear]
+    ids = model.tokenizer.encode(PROMPT)
+    for n in (1, len(ids)):
+        ours = model.logits(ids[:n])[-1].double()
+        ref = reference_logits(metadata, tensors, ids[:n])[-1]
+        assert ((ours - ref).norm() / ref.norm()).item() < 3e-2
+        assert ours.argmax() == ref.argmax()
+    # the last token as a decode step: through the native step's chained descriptors
+    m, cfg = model.model, model.model.config
+    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 64, 1, m.dtype, "cpu")
+    with torch.inference_mode():
+        m(torch.tensor([ids[:-1]]), cache)
+        assert native_step.applies(m, cache)
+        step = decode_one(m, cache, ids[-1]).view(-1).double()
+    assert ((step - ref).norm() / ref.norm()).item() < 3e-2 and step.argmax() == ref.argmax()
+
+
 @pytest.mark.parametrize("mix, q_type", [("q4_k_m", "Q4_K"), ("q2_k", "Q2_K")])
 def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path, mix, q_type):
     """--type q4_k_m / q2_k: llama.cpp's quantizer makes its mix from the Q8_0 file (K-quants need rows
     of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps Q4_K_M's Q4_K matrices as int4 and the
-    Q6_K ones (the tied table, half of v and down; q|k|v fused with a Q6_K v) as int8 blocks; Q2_K's
+    Q6_K ones (the tied table, half of v and down) as int8 blocks, a q|k|v with a Q6_K v as both
+    (StackedLinear); Q2_K's
     Q2_K / Q3_K matrices as int8 blocks too (a scale and an offset per 16 columns: no float copy). Its
     bf16 logits (one token and the prompt: both kernel paths) agree with its own dense float32 forward
     within bf16's rounding (3e-2 relative L2, as for the other bf16 runs; a misread layout is ~100%), and

@@ -28,7 +28,8 @@ from zen_eco.errors import ContextLengthError
 from zen_eco.init import random_model
 from zen_eco.kv_cache import KVCache
 from zen_eco.model import RMSNorm
-from zen_eco.quant import Int4Linear, Int8BlockLinear, Int8Linear, Q4Weight, Q8BlockWeight, quantize_int8
+from zen_eco.quant import (Int4Linear, Int8BlockLinear, Int8Linear, Q4Weight, Q8BlockWeight, StackedLinear, quantize_int4,
+                           quantize_int8)
 
 pytestmark = pytest.mark.skipif(decode_kernel.library() is None, reason="no C compiler for the native step")
 
@@ -94,6 +95,24 @@ def _int8_layers(model):
     return model
 
 
+def _stacked_layers(model):
+    """Every layer's q|k|v and gate|up as a StackedLinear (a GGUF mix's fused matrix whose parts share no
+    layout): the first rows int4 (quantized from the layer's weights), the rest int8 with block scales,
+    each part with its slice of the bias."""
+    gen = torch.Generator().manual_seed(11)
+    for block in model.layers:
+        for parent, name in ((block.attn, "wqkv"), (block.mlp, "w_gate_up")):
+            lin = getattr(parent, name)
+            w, bias = lin.weight.detach().float(), getattr(lin, "bias", None)
+            split = w.shape[0] - model.config.num_key_value_heads * model.config.head_dim
+            codes = torch.randint(-127, 128, (w.shape[0] - split, w.shape[1]), dtype=torch.int8, generator=gen)
+            tail = Q8BlockWeight(codes, (torch.rand(codes.shape[0], w.shape[1] // 32, generator=gen) * 0.002).half().float())
+            biases = (None, None) if bias is None else bias.split((split, w.shape[0] - split))
+            setattr(parent, name, StackedLinear([Int4Linear(quantize_int4(w[:split], 32), biases[0], model.dtype),
+                                                 Int8BlockLinear(tail, biases[1], model.dtype)]))
+    return model
+
+
 def _cache(model, max_tokens: int = 64, block: int = 8) -> KVCache:
     cfg = model.config
     return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_tokens, 1, model.dtype, "cpu",
@@ -122,12 +141,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "llama-bias", "gemma3"])
-@pytest.mark.parametrize("quant", ["none", "int4", "int8-kinds"])
+@pytest.mark.parametrize("quant", ["none", "int4", "int8-kinds", "stacked"])
 def test_float32_step_equals_the_forward(kind, quant):
-    """14 steps after a 5-token prompt: the cache grows twice (blocks of 8) and Gemma's window (6) slides."""
+    """14 steps after a 5-token prompt: the cache grows twice (blocks of 8) and Gemma's window (6) slides.
+    "stacked": fused matrices as parts of two kinds (_stacked_layers), chained in the C step."""
     model = _model(kind, "int4" if quant == "int4" else "none")
     if quant == "int8-kinds":
         _int8_layers(model)
+    if quant == "stacked":
+        _stacked_layers(model)
     assert native_step.NativeStep.unsupported(model) is None
     prompt, tokens = _inputs(model)
     ref_cache, cache = _cache(model), _cache(model)

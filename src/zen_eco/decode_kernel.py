@@ -21,6 +21,8 @@ it to the eager forward: float32 logits to ~1e-5, bf16 ones to the eager path's 
 
 Linear kinds: 0 dense float32, 1 dense bfloat16, 2 int4 (`Int4Linear` native), 3 int8 with a float32
 scale per row (`Int8Linear` native), 4 int8 with a float16 scale per block of 32 (`Int8BlockLinear`).
+A `StackedLinear` (row ranges of different kinds) is a chain of descriptors (`next`), run one after
+another into consecutive ranges of the output.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4 };
 #define KV_PREFETCH 4096  /* bytes ahead that K and V rows are prefetched: one stream per task, from DRAM */
 #endif
 
-typedef struct {
+typedef struct lin_s {
     int32_t kind, n, k, group;  /* group: int4's group size; int8 blocks' flags (zen_q8b_linear) */
     const void *w;        /* dense (n, k) weights, or the codes */
     const void *scale;    /* int4: scale_zero; int8: float32 per row; int8 blocks: float16 planes per block */
     const float *bias;    /* (n,) or NULL */
     const uint8_t *high;  /* 5-bit int4 layout: the codes' fifth bits (q4_kernel.pack_high); else NULL */
+    const struct lin_s *next;  /* the matrix's next rows, of another kind (a StackedLinear's next part); or NULL */
 } lin_t;
 
 typedef struct {
@@ -84,15 +87,18 @@ static int dense_linear(const lin_t *l, const float *x, float *y, int nt) {
 }
 
 static int linear(const lin_t *l, const float *x, float *y, int nt) {
-    int rc;
-    switch (l->kind) {
-        case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->high, l->scale, y, 0, nt); break;
-        case LIN_Q8: rc = zen_q8_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
-        case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, l->group, y, 0, nt); break;
-        default: rc = dense_linear(l, x, y, nt);
+    for (; l; y += l->n, l = l->next) {
+        int rc;
+        switch (l->kind) {
+            case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->high, l->scale, y, 0, nt); break;
+            case LIN_Q8: rc = zen_q8_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
+            case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, l->group, y, 0, nt); break;
+            default: rc = dense_linear(l, x, y, nt);
+        }
+        if (rc) return rc;
+        if (l->bias) for (int i = 0; i < l->n; i++) y[i] += l->bias[i];
     }
-    if (l->bias) for (int i = 0; i < l->n; i++) y[i] += l->bias[i];
-    return rc;
+    return 0;
 }
 
 /* out = x / rms(x) * w, in float32 (out may be x) */
@@ -569,8 +575,12 @@ int zen_decode_attn_outputs(const model_t *m, int i, float *x, const float *att,
 
 
 class Linear(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("group", ctypes.c_int32),
-                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("high", ctypes.c_void_p)]
+    pass
+
+
+Linear._fields_ = [("kind", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("group", ctypes.c_int32),
+                   ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                   ("high", ctypes.c_void_p), ("next", ctypes.POINTER(Linear))]
 
 
 class Layer(ctypes.Structure):

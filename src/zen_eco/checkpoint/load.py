@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,9 +106,9 @@ def load_weights(
     quant (see zen_eco.quant.QUANT_MODES):
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
               stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q8_0/Q6_K/Q3_K layer matrices
-              (and those mixing types) and tied table int8 with
-              their block scales (`Int8BlockLinear`; also a fused matrix whose parts mix those and
-              4-bit types), where our kernels run (CPU, bf16 activations); everything else is `dtype`.
+              and tied table int8 with their block scales (`Int8BlockLinear`), where our kernels run
+              (CPU, bf16 activations); a fused matrix whose parts mix 4/5-bit and int8-only types (q, k
+              Q4_K and v Q6_K) is a `StackedLinear` of both; everything else is `dtype`.
       "none"  every weight dequantized to `dtype`.
       "int8", "int4" (= "int4-g32"), "int4-g64", "int4-g128": the layers' linear matrices quantized
               while loading, an untied output head int8 (see QuantSpec). A quantized checkpoint only
@@ -165,6 +166,7 @@ def load_weights(
         if gguf_packed and name.startswith("layers."):
             return (_packed_q4(ckpt.source, hf_names, shape, available)
                     or _packed_q5(ckpt.source, hf_names, shape, available)
+                    or _packed_stacked(ckpt.source, hf_names, shape, available)
                     or _packed_q8_blocks(ckpt.source, hf_names, shape, available))
         if gguf_packed and name == "embed.weight" and config.tie_word_embeddings:
             return _packed_q8_blocks(ckpt.source, hf_names, shape, available)  # the tied table as stored
@@ -299,6 +301,33 @@ def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | Non
     if not q4_kernel.available():
         return None
     return _packed(source, "int8 blocks", Q8BlockWeight.cat, hf_names, shape, available)
+
+
+def _packed_stacked(source, hf_names, shape, available) -> list | None:
+    """A fused matrix whose parts' types share no layout (4- or 5-bit types next to int8-only ones such as
+    Q6_K), as one weight per run of parts of the same family (`StackedLinear`): rows in 4 or 5 bits stay
+    there instead of widening to int8 with the rest. None where the parts share a family or some part
+    maps onto neither."""
+    if not q4_kernel.available() or any(h not in available for h in hf_names):
+        return None
+    families = ["4/5-bit" if source.stores_as("int5", h) else "int8" if source.stores_as("int8 blocks", h) else None
+                for h in hf_names]
+    if None in families or len(set(families)) == 1:
+        return None
+    shapes = [source.matrix_shape(h) for h in hf_names]
+    if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes):
+        return None
+    weights = []
+    for _, run in groupby(range(len(hf_names)), key=lambda i: families[i]):
+        run = list(run)
+        names, rows = tuple(hf_names[i] for i in run), sum(shapes[i][0] for i in run)
+        sub = (rows, *shape[1:])
+        w = (_packed_q4(source, names, sub, available) or _packed_q5(source, names, sub, available)
+             or _packed_q8_blocks(source, names, sub, available))
+        if w is None:
+            return None
+        weights.append(w)
+    return weights
 
 
 def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:

@@ -26,7 +26,7 @@ from .. import decode_kernel as dk
 from .. import kv_kernel, kv_quant
 from ..kv_cache import KVCache
 from ..kv_quant import QuantizedKVCache
-from ..quant import Int4Linear, Int8BlockLinear, Int8Linear
+from ..quant import Int4Linear, Int8BlockLinear, Int8Linear, StackedLinear
 from ..rope import rope_cos_sin
 
 ROPE_ROWS = 256  # positions whose cos/sin rows are computed at a time
@@ -41,6 +41,7 @@ class NativeStep:
         cfg = model.config
         self.model, self.lib = model, dk.library()
         self._keep: list[torch.Tensor] = []  # everything the descriptors point into
+        self._keep_parts: list[dk.Linear] = []  # StackedLinear parts' descriptors, chained by their `next`
         layers = (dk.Layer * cfg.num_hidden_layers)()
         for i, block in enumerate(model.layers):
             a, mlp = block.attn, block.mlp
@@ -85,6 +86,12 @@ class NativeStep:
         return w.data_ptr()
 
     def _linear(self, mod) -> dk.Linear:
+        if isinstance(mod, StackedLinear):  # each part's descriptor points to the next's
+            parts = [self._linear(p) for p in mod.parts]
+            for part, after in zip(parts, parts[1:]):
+                part.next = ctypes.pointer(after)
+            self._keep_parts.extend(parts)
+            return parts[0]
         bias = _f32(getattr(mod, "bias", None))
         if bias is not None:
             self._keep.append(bias)
@@ -209,6 +216,8 @@ _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (w
 
 
 def _main_tensor(mod) -> torch.Tensor:
+    if isinstance(mod, StackedLinear):
+        return _main_tensor(mod.parts[0])
     for name in ("weight", "packed", "codes"):
         t = getattr(mod, name, None)
         if isinstance(t, torch.Tensor):
