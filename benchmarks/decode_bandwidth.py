@@ -1,10 +1,10 @@
-"""How fast the one-row (decode) kernels read a weight: GB/s of codes and scales, int4 and int8 blocks.
+"""How fast the one-row (decode) kernels read a weight: GB/s of codes and scales, int4, int8 blocks, Q6_K.
 
     python benchmarks/decode_bandwidth.py [--threads 1,2] [--matrices 8]
 
 Eight distinct 9728 x 2560 matrices (zen-eco-4b's up matrix's shape; together larger than the L3, so every
-call reads from DRAM), int4 in groups of 32 (`q4_kernel.matmul`) and int8 with a scale per block of 32
-(`q4_kernel.matmul_int8_blocks`), one bf16 row of x each; the bytes the kernel reads (codes, scales)
+call reads from DRAM), int4 in groups of 32 (`q4_kernel.matmul`), int8 with a scale per block of 32
+(`q4_kernel.matmul_int8_blocks`) and Q6_K as stored (`q6_kernel.matmul`, where built), one bf16 row of x each; the bytes the kernel reads (codes, scales)
 over the median time of 5 passes. Against `compare.py`'s read bandwidth it says whether a kernel keeps
 up with memory (int8 near it) or runs out of arithmetic first.
 """
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from zen_eco import q4_kernel
+from zen_eco import q4_kernel, q6_kernel
 from zen_eco.quant import quantize_int4
 
 N, K = 9728, 2560
@@ -31,21 +31,28 @@ def main() -> None:
     if not q4_kernel.available():
         raise SystemExit("the C kernel cannot be built here")
     gen = torch.Generator().manual_seed(0)
-    int4, int8 = [], []
+    int4, int8, q6k = [], [], []
     for _ in range(args.matrices):
         q = quantize_int4(torch.randn(N, K, generator=gen) * 0.02, 32)
         int4.append(q4_kernel.pack(q.codes, q.scale, q.offset))
         codes = torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=gen)
         int8.append((codes, *q4_kernel.pack_block_scales(torch.rand(N, K // 32, generator=gen) * 0.01)))
+        if q6_kernel.available():
+            q6k.append(q6_kernel.pack(torch.randint(0, 64, (N, K), dtype=torch.uint8, generator=gen),
+                                      torch.randint(-128, 128, (N, K // 16), dtype=torch.int8, generator=gen),
+                                      torch.rand(N, K // 256, generator=gen) * 1e-3))
     x = torch.randn(1, K, generator=gen).bfloat16()
     cases = {
         "int4 g32": (int4, lambda w: q4_kernel.matmul(x, w[0], w[1], 32, torch.bfloat16)),
         "int8 blocks": (int8, lambda w: q4_kernel.matmul_int8_blocks(x, w[0], w[1], w[2], torch.bfloat16)),
+        "q6_k": (q6k, lambda w: q6_kernel.matmul(x, *w, torch.bfloat16)),
     }
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for name, (weights, run) in cases.items():
-            nbytes = sum(w[0].numel() * w[0].element_size() + w[1].numel() * w[1].element_size() for w in weights)
+            if not weights:
+                continue
+            nbytes = sum(t.numel() * t.element_size() for w in weights for t in w if isinstance(t, torch.Tensor))
             times = []
             for _ in range(5):
                 t = time.perf_counter()

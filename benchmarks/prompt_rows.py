@@ -6,7 +6,9 @@ For a (9728 x 2560) weight (zen-eco-4b's up matrix's shape), int8 with block sca
 of 32, for 2 to 512 rows of bf16 activations: our row kernel (`zen_*_linear`, what decode runs), our
 prompt GEMM (`prompt_gemm`, where AVX-512 VNNI is built) and dequantizing into the reused buffer for a
 bf16 `F.linear` (PyTorch's GEMM: what a layer did for long prompts before the prompt GEMM, and still
-does where it is not built); median ms of 5 calls each, in turns.
+does where it is not built); and Q6_K as stored (`q6_kernel`, where built: no GEMM) on the transposed
+shape (2560 x 9728, the down matrix that Q4_K_M stores Q6_K), row kernel and dense; median ms of 5
+calls each, in turns.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zen_eco import q4_kernel
-from zen_eco.quant import Int4Linear, Int8BlockLinear, Q8BlockWeight, quantize_int4
+from zen_eco import q4_kernel, q6_kernel
+from zen_eco.quant import Int4Linear, Int8BlockLinear, Q6KLinear, Q6KWeight, Q8BlockWeight, quantize_int4
 
 N, K = 9728, 2560
 
@@ -45,6 +47,9 @@ def main() -> None:
     int8 = Int8BlockLinear(Q8BlockWeight(torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=gen), scales(),
                                          scales()), None, torch.bfloat16)
     int4 = Int4Linear(quantize_int4(torch.randn(N, K, generator=gen) * 0.02, 32), None, torch.bfloat16)
+    q6k = Q6KLinear(Q6KWeight(torch.randint(0, 64, (K, N), dtype=torch.uint8, generator=gen),
+                              torch.randint(-128, 128, (K, N // 16), dtype=torch.int8, generator=gen),
+                              torch.rand(K, N // 256, generator=gen) * 1e-3), None, torch.bfloat16) if q6_kernel.available() else None
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for m in (int(r) for r in args.rows.split(",")):
@@ -59,10 +64,15 @@ def main() -> None:
                 "int4 gemm": lambda: q4_kernel._q4_linear(x, int4.packed, int4.scale_zero, 32, torch.bfloat16, gemm=True),
                 "int4 dense": lambda: F.linear(x, int4.dense_weight(torch.bfloat16, reuse=True)),
             }
+            if q6k is not None:
+                xt = torch.randn(m, N, generator=gen).bfloat16()
+                row["q6_k row"] = lambda: q6_kernel.matmul(xt, q6k.packed, q6k.high, q6k.sub_scales, q6k.d, torch.bfloat16)
+                row["q6_k dense"] = lambda: F.linear(xt, q6k.dense_weight(torch.bfloat16, reuse=True))
             if not q4_kernel.gemm_available():
                 del row["int8 gemm"], row["int4 gemm"]
             if m > 128:  # the row kernel: minutes
                 del row["int8 row"], row["int4 row"]
+                row.pop("q6_k row", None)
             cells = "  ".join(f"{name} {_median_ms(fn):6.1f}" for name, fn in row.items())
             print(f"threads {threads} rows {m:3d}: {cells}  (ms)", flush=True)
 

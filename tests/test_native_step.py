@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from zen_eco import decode_kernel, kv_quant
+from zen_eco import decode_kernel, kv_quant, q6_kernel
 from zen_eco.config import preset
 from zen_eco.engine import native_step
 from zen_eco.engine.graphs import decode_one
@@ -28,8 +28,8 @@ from zen_eco.errors import ContextLengthError
 from zen_eco.init import random_model
 from zen_eco.kv_cache import KVCache
 from zen_eco.model import RMSNorm
-from zen_eco.quant import (Int4Linear, Int8BlockLinear, Int8Linear, Q4Weight, Q8BlockWeight, StackedLinear, quantize_int4,
-                           quantize_int8)
+from zen_eco.quant import (Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear, Q4Weight, Q6KLinear, Q6KWeight,
+                           Q8BlockWeight, StackedLinear, quantize_int4, quantize_int8)
 
 pytestmark = pytest.mark.skipif(decode_kernel.library() is None, reason="no C compiler for the native step")
 
@@ -163,6 +163,43 @@ def test_float32_step_equals_the_forward(kind, quant):
     assert cache.length == ref_cache.length == 19 and cache.capacity == ref_cache.capacity
     for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values):
         assert _rel(a[:, :, :19], b[:, :, :19]) < tol
+
+
+@pytest.mark.skipif(not q6_kernel.available(), reason="the Q6_K kernel needs AVX-512 VNNI")
+def test_q6k_layers_and_tied_table_step_equals_the_forward():
+    """Every matrix and the tied head/table Q6_K as stored (Q6KLinear, Int8Embedding over the head; K a
+    multiple of 256: hidden 256), and a StackedLinear of int4 and Q6_K parts: the C step's LIN_Q6K
+    against the forward, as the other quantized kinds (1e-3)."""
+    cfg = dataclasses.replace(_config("qwen3"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=64)
+    model = random_model(cfg, dtype=torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(12)
+
+    def q6k(n, k):
+        return Q6KWeight(torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=gen),
+                         torch.randint(-128, 128, (n, k // 16), dtype=torch.int8, generator=gen),
+                         (torch.rand(n, k // 256, generator=gen) * 2e-4).half().float())
+
+    for i, block in enumerate(model.layers):
+        for parent, name in ((block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w_gate_up"), (block.mlp, "w_down")):
+            lin = getattr(parent, name)
+            n, k = lin.weight.shape
+            setattr(parent, name, Q6KLinear(q6k(n, k), None, torch.float32))
+        if i == 0:  # q|k int4, v Q6_K
+            split = cfg.num_attention_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim
+            head = quantize_int4(torch.randn(split, 256, generator=gen) * 0.05, 32)
+            block.attn.wqkv = StackedLinear([Int4Linear(head, None, torch.float32),
+                                             Q6KLinear(q6k(cfg.num_key_value_heads * cfg.head_dim, 256), None, torch.float32)])
+    model.lm_head = Q6KLinear(q6k(cfg.vocab_size, 256), None, torch.float32)
+    model.embed = Int8Embedding(model.lm_head)
+    assert native_step.NativeStep.unsupported(model) is None
+    prompt, tokens = _inputs(model, steps=6)
+    ref = _run(model, False, prompt, tokens, _cache(model))
+    cache = _cache(model)
+    got = _run(model, True, prompt, tokens, cache)
+    assert native_step.applies(model, cache)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert _rel(a, b) < 1e-3, f"step {step}: {_rel(a, b):.2e}"
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (6, 2, 64), (8, 1, 128), (5, 1, 256), (12, 4, 48)])

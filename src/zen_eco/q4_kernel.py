@@ -109,6 +109,13 @@ INLINE float round_block(const float *xr, float qmax, int32_t *q, float *sum) {
     return d;
 }
 
+/* The float sums of a block's first and last 16 values (for weights with an offset per 16 columns). */
+INLINE void half_sums(const float *xr, float *first, float *last) {
+    float half[2] = {0.0f, 0.0f};
+    for (int i = 0; i < 32; i++) half[i / 16] += xr[i];
+    *first = half[0], *last = half[1];
+}
+
 /* x (M, K), float32 or bfloat16 -> xq (M, KP) int16 in `layout` order with one scale per block of 32
    columns, xd (M, nbp), and the blocks' float sums xs (M, nbp) (and, where xh is given, the sums of their
    first and last 16 columns, xh (2, M, nbp)); KP = K rounded up to an even number of blocks, nbp = K / 32
@@ -122,11 +129,7 @@ void zen_q4_quantize_x(int M, int K, const void *x, int x_bf16, int layout, int1
             int32_t q[32];
             load_block(x, x_bf16, m * K + b * 32, xr);
             xd[m * nbp + b] = round_block(xr, 32767.0f, q, xs + m * nbp + b);
-            if (xh) {
-                float half[2] = {0.0f, 0.0f};
-                for (int i = 0; i < 32; i++) half[i / 16] += xr[i];
-                xh[m * nbp + b] = half[0], xh[(M + m) * nbp + b] = half[1];
-            }
+            if (xh) half_sums(xr, xh + m * nbp + b, xh + (M + m) * nbp + b);
             int16_t *row = xq + m * KP;
             for (int i = 0; i < 32; i++) row[x_slot(layout, b, i)] = (int16_t)q[i];
         }
@@ -354,13 +357,23 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
    l in [0, 128), h in [-128, 128), both bytes that vpdpbusd takes as its signed operand. Per four blocks
    256 bytes, in the order a 64-byte read of four blocks' codes has them (16 bytes a block, low nibbles
    columns 0-15, high nibbles 16-31): l of columns 0-15 of blocks b .. b + 3, their h, then l and h of
-   columns 16-31. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. */
-static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs) {
+   columns 16-31. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. Where xh
+   is given, the sums of each block's first 16 columns go to xh[b] and of its last 16 to xh[nbx + b]
+   (nbx: K / 32 rounded up to 16), of x as rounded (xd times the integers' sum): q6_kernel's offsets per 16
+   columns then multiply the same x as its codes do, and -32 * scale * x cancels exactly against the
+   codes' half (with the float sums, the rounding error of x came back 32-fold: twice the error). */
+static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs, float *xh) {
+    const int nbx = (K / 32 + 15) & ~15;
     for (int b = 0; b < K / 32; b++) {
         float xr[32];
         int32_t q[32];
         load_block(x, x_bf16, b * 32, xr);
         xd[b] = round_block(xr, 16383.0f, q, xs + b);
+        if (xh) {
+            int32_t half[2] = {0, 0};
+            for (int i = 0; i < 32; i++) half[i / 16] += q[i];
+            xh[b] = xd[b] * (float)half[0], xh[nbx + b] = xd[b] * (float)half[1];
+        }
         int8_t *four = xp + (int64_t)(b / 4) * 256 + (b % 4) * 16;
         for (int i = 0; i < 32; i++) {
             const int half = (i / 16) * 128;
@@ -757,7 +770,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
         int8_t *xp = calloc((size_t)(K / 32 + 3) / 4 * 256, 1);
         float *dsum = calloc((size_t)2 * nbx, sizeof(float));
         if (!xp || !dsum) { free(xp); free(dsum); return -1; }
-        quantize_planes(K, x, x_bf16, xp, dsum, dsum + nbx);
+        quantize_planes(K, x, x_bf16, xp, dsum, dsum + nbx, 0);
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int n = 0; n < N; n += 4) {
             float out[4];
@@ -842,7 +855,9 @@ def library() -> ctypes.CDLL | None:
     and `Int8Linear` use PyTorch's)."""
     if os.environ.get("ZEN_ECO_NATIVE_Q4", "1") == "0":
         return None
-    lib = native.build("q4_matmul", C_SOURCE + prompt_gemm.C_SOURCE)
+    from . import q6_kernel  # its C uses this source's helpers; its Python, this library
+
+    lib = native.build("q4_matmul", C_SOURCE + prompt_gemm.C_SOURCE + q6_kernel.C_SOURCE)
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -868,6 +883,12 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q4_pack.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_q4_pack_high.restype = None
     lib.zen_q4_pack_high.argtypes = [ctypes.c_int64, i, p, p, i]
+    lib.zen_q6k_available.restype = i
+    lib.zen_q6k_available.argtypes = []
+    lib.zen_q6k_linear.restype = i
+    lib.zen_q6k_linear.argtypes = [i, i, i, p, i, p, p, p, p, p, i, i]
+    lib.zen_q6k_dequant.restype = None
+    lib.zen_q6k_dequant.argtypes = [i, i, p, p, p, p, p, p, i, i]
     return lib
 
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import q4_kernel
+from . import q4_kernel, q6_kernel
 from .errors import CheckpointError
 
 # Rows from which our kernel's layers dequantize for the dense GEMM where the prompt GEMM is not built or
@@ -156,6 +156,30 @@ class Q8BlockWeight:
             torch.cat([p.scale if p.scale_b is None else p.scale_b for p in parts]) if halves else None,
             torch.cat([offset(p) for p in parts]) if offsets else None,
             torch.cat([offset(p) if p.offset_b is None else p.offset_b for p in parts]) if offset_halves else None)
+
+
+@dataclass
+class Q6KWeight:
+    """GGUF's Q6_K as stored: w[r, c] = d[r, c // 256] * sub_scale[r, c // 16] * (codes[r, c] - 32), the
+    product d * sub_scale in float32 (exact) as ggml computes it. Our CPU kernel only (`q6_kernel`)."""
+
+    codes: torch.Tensor  # (N, K) uint8 in [0, 63]
+    sub_scale: torch.Tensor  # (N, K // 16) int8
+    d: torch.Tensor  # (N, K // 256) float32 (float16 values)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        scale = (self.d.repeat_interleave(q6_kernel.SUPER // q6_kernel.SUB, 1) * self.sub_scale.float())
+        return (scale[..., None] * (self.codes.float() - 32).view(n, k // q6_kernel.SUB, q6_kernel.SUB)).view(n, k)
+
+    def permute_rows(self, order: torch.Tensor) -> "Q6KWeight":
+        return Q6KWeight(self.codes[order], self.sub_scale[order], self.d[order])
+
+    @staticmethod
+    def cat(parts: list["Q6KWeight"], codes: torch.Tensor | None = None) -> "Q6KWeight":
+        """Rows of parts one after another; codes: as in Q4Weight.cat."""
+        return Q6KWeight(torch.cat([p.codes for p in parts]) if codes is None else codes,
+                         torch.cat([p.sub_scale for p in parts]), torch.cat([p.d for p in parts]))
 
 
 def _stored(x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +293,7 @@ def quantized_linear(weight: "Q4Weight | Q8Weight | Q8BlockWeight | list", bias:
     if isinstance(weight, list):
         biases = bias.split([w.codes.shape[0] for w in weight]) if bias is not None else [None] * len(weight)
         return StackedLinear([quantized_linear(w, b, dtype, device, kernel) for w, b in zip(weight, biases)])
-    cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear}[type(weight)]
+    cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear, Q6KWeight: Q6KLinear}[type(weight)]
     return cls(weight, bias, dtype, device, kernel)
 
 
@@ -523,6 +547,47 @@ class Int8BlockLinear(_QuantizedLinear):
         return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
 
 
+# Rows from which a Q6_K layer dequantizes for the dense GEMM: its row kernel against dequantize + bf16
+# GEMM on 2560 x 9728 (zen-eco-4b's down), 2 threads of an AMD EPYC (benchmarks/prompt_rows.py): 16 rows
+# 9.5 vs 13.8 ms, 24 rows 14.2 vs 14.4, 32 rows 17.8 vs 13.7.
+Q6K_DENSE_ROWS = 24
+
+
+class Q6KLinear(_QuantizedLinear):
+    """y = x W^T (+ b) for a `Q6KWeight` (GGUF's Q6_K kept as stored, 0.82 bytes a weight; as int8 blocks
+    1.13): our CPU kernel (`q6_kernel.matmul`, AVX-512 VNNI) below Q6K_DENSE_ROWS rows, else the weight
+    dequantized for the call (`q6_kernel.dequantize`) and the dense GEMM (the prompt GEMM has no Q6_K
+    path). Loaders make one only where `q6_kernel.available()`."""
+
+    def __init__(self, weight: Q6KWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
+        super().__init__()
+        if not (kernel is True and torch.device(device).type == "cpu" and q6_kernel.available()):
+            raise ValueError("Q6_K weights as stored run on our CPU kernel only (AVX-512 VNNI)")
+        self.out_features, self.in_features = weight.codes.shape
+        self.dtype, self.backend = dtype, "native"
+        self.native_rows = min(native_max_rows(), Q6K_DENSE_ROWS)  # a prompt from this many rows on: the dense GEMM
+        for name, t in zip(("packed", "high", "sub_scales", "d"), q6_kernel.pack(weight.codes, weight.sub_scale, weight.d)):
+            self.register_buffer(name, t)
+        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+
+    def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """(N, K) weight in `dtype`; reuse: as `Int4Linear.dense_weight`."""
+        return self.dense_rows(None, dtype, reuse)
+
+    def dense_rows(self, rows: torch.Tensor | None, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """Rows `rows` (an index tensor; None: all) of the weight in `dtype` (a tied embedding's lookups)."""
+        direct = dtype in (torch.float32, torch.bfloat16)
+        w = q6_kernel.dequantize(self.packed, self.high, self.sub_scales, self.d, dtype if direct else torch.float32,
+                                 rows, reuse and direct)
+        return w if direct else w.to(dtype)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] < self.native_rows:
+            return q6_kernel.matmul(x2, self.packed, self.high, self.sub_scales, self.d, self.dtype)
+        return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
+
+
 class StackedLinear(nn.Module):
     """One fused layer matrix (q|k|v, gate|up) held as consecutive row ranges of different kinds:
     y = [part_0(x), part_1(x), ...]. A GGUF file may store a fused matrix's parts in types that share
@@ -545,18 +610,26 @@ class StackedLinear(nn.Module):
 class Int8Embedding(nn.Module):
     """The embedding of a model whose tied output head is an `Int8Linear` (row i is codes[i] * scale[i])
     or an `Int8BlockLinear` (block scales), read from the head's own buffers, so the
-    vocabulary table exists once, in int8 (for zen-eco-4b 0.39 GB instead of 0.78 GB in bf16)."""
+    vocabulary table exists once, in int8 (for zen-eco-4b 0.39 GB instead of 0.78 GB in bf16); or a
+    `Q6KLinear` (a Q6_K table as stored: 0.32 GB), whose rows it dequantizes from the head's buffers."""
 
-    def __init__(self, head: "Int8Linear | Int8BlockLinear") -> None:
+    def __init__(self, head: "Int8Linear | Int8BlockLinear | Q6KLinear") -> None:
         super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        # the head itself (not registered as a submodule: its buffers stay the head's, once in a state dict)
+        object.__setattr__(self, "q6k", head if isinstance(head, Q6KLinear) else None)
+        if self.q6k is not None:
+            self.dtype = head.dtype
+            return
         self.register_buffer("codes", head.codes)  # the same tensors, not copies
         self.blocks = isinstance(head, Int8BlockLinear)
         self.block_flags = head.block_flags if self.blocks else 0
         self.register_buffer("scales", head.block_scales if self.blocks else head.scales)
         self.dtype = head.dtype if self.blocks else head.scales.dtype
-        self.num_embeddings, self.embedding_dim = head.codes.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.q6k is not None:  # computed in float32, rounded once
+            return self.q6k.dense_rows(ids, torch.float32).view(*ids.shape, -1).to(self.dtype)
         if self.blocks:  # few rows: computed in float32, rounded once
             return _block_rows(self.codes, self.scales, self.block_flags, ids, torch.float32).to(self.dtype)
         return self.codes[ids].to(self.dtype) * self.scales[ids].unsqueeze(-1)

@@ -392,6 +392,21 @@ def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     return _codes(q, n, k, codes_out), rows(fields[0]), rows(offset)
 
 
+Q6K_TYPES = (14,)  # Q6_K, kept as stored (`q6k_codes`)
+
+
+def q6k_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
+              codes_out: np.ndarray | None = None):
+    """Bytes of a (N, K) Q6_K matrix -> (codes uint8 (N, K) in [0, 63], sub-scales int8 (N, K / 16), d float32
+    (N, K / 256)): w = d * sc * (code - 32), for `quant.Q6KWeight`. codes_out as in `q4_codes` (uint8)."""
+    n, k = shape
+    blocks = _matrix_blocks(data, ggml_type, shape, Q6K_TYPES, "Q6_K", what)
+    q, _ = _q6_k_values(blocks, None if codes_out is None else codes_out.view(np.int8))
+    q += np.int8(32)  # in place: values -32..31 -> codes 0..63
+    sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(n, k // 16)
+    return _codes(q.view(np.uint8), n, k, codes_out), sub, _f16(blocks, 208).reshape(n, k // 256)
+
+
 Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, 10, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks
 
 
