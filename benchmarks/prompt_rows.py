@@ -6,8 +6,8 @@ For a (9728 x 2560) weight (zen-eco-4b's up matrix's shape), int8 with block sca
 of 32, for 2 to 512 rows of bf16 activations: our row kernel (`zen_*_linear`, what decode runs), our
 prompt GEMM (`prompt_gemm`, where AVX-512 VNNI is built) and dequantizing into the reused buffer for a
 bf16 `F.linear` (PyTorch's GEMM: what a layer did for long prompts before the prompt GEMM, and still
-does where it is not built); and Q6_K as stored (`q6_kernel`, where built: no GEMM) on the transposed
-shape (2560 x 9728, the down matrix that Q4_K_M stores Q6_K), row kernel and dense; median ms of 5
+does where it is not built); and Q6_K as stored (`q6_kernel`, where built) on the transposed shape
+(2560 x 9728, the down matrix that Q4_K_M stores Q6_K), row kernel, GEMM and dense; median ms of 5
 calls each, in turns.
 """
 
@@ -66,7 +66,10 @@ def main() -> None:
             }
             if q6k is not None:
                 xt = torch.randn(m, N, generator=gen).bfloat16()
-                row["q6_k row"] = lambda: q6_kernel.matmul(xt, q6k.packed, q6k.high, q6k.sub_scales, q6k.d, torch.bfloat16)
+                bufs = (q6k.packed, q6k.high, q6k.sub_scales, q6k.d, torch.bfloat16)
+                row["q6_k row"] = lambda: q6_kernel._q6k_linear(xt, *bufs, gemm=False)
+                if q4_kernel.gemm_available():
+                    row["q6_k gemm"] = lambda: q6_kernel._q6k_linear(xt, *bufs, gemm=True)
                 row["q6_k dense"] = lambda: F.linear(xt, q6k.dense_weight(torch.bfloat16, reuse=True))
             if not q4_kernel.gemm_available():
                 del row["int8 gemm"], row["int4 gemm"]

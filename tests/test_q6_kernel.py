@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from zen_eco import q6_kernel
+from zen_eco import q4_kernel, q6_kernel
 from zen_eco.checkpoint.gguf_quants import q6k_codes
-from zen_eco.quant import Int8Embedding, Q6K_DENSE_ROWS, Q6KLinear, Q6KWeight
+from zen_eco.quant import Q6K_DENSE_ROWS, Int8Embedding, Q6KLinear, Q6KWeight, native_max_rows
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not q6_kernel.available(), reason="the Q6_K kernel needs AVX-512 VNNI")
@@ -93,6 +93,19 @@ def test_an_activation_outlier_costs_only_its_blocks_precision(m):
     assert (err > 0).any()
 
 
+@pytest.mark.skipif(not q4_kernel.gemm_available(), reason="no prompt GEMM here")
+@pytest.mark.parametrize("n,k,m", [(37, 256, 12), (40, 768, 17), (130, 512, 40)])
+def test_prompt_gemm_matches_float64_and_the_row_kernel(n, k, m):
+    """The prompt GEMM's Q6_K panels (16-bit x: half the row kernel's rounding) against the same float64
+    reference, and against the row tiles within both kernels' rounding."""
+    w, ref = _weight(n, k, seed=n * k)
+    bufs = q6_kernel.pack(w.codes, w.sub_scale, w.d)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    gemm = q6_kernel._q6k_linear(x, *bufs, torch.float32, gemm=True)
+    assert _rel(gemm, x.double() @ ref.double().T) < KERNEL_TOL
+    assert _rel(gemm, q6_kernel._q6k_linear(x, *bufs, torch.float32, gemm=False)) < KERNEL_TOL
+
+
 def test_threads_give_identical_results():
     w, _ = _weight(64, 1024)
     bufs = q6_kernel.pack(w.codes, w.sub_scale, w.d)
@@ -112,8 +125,8 @@ def test_layer_dispatch_bias_and_tied_embedding():
     w, ref = _weight(24, 512, seed=5)
     bias = torch.randn(24)
     layer = Q6KLinear(w, bias, torch.float32)
-    assert layer.native_rows == Q6K_DENSE_ROWS
-    for m in (1, Q6K_DENSE_ROWS - 1, Q6K_DENSE_ROWS):  # the kernel, then the dense GEMM
+    assert layer.native_rows == (native_max_rows() if q4_kernel.gemm_available() else Q6K_DENSE_ROWS)
+    for m in (1, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 1, layer.native_rows):  # row tiles, GEMM, dense
         x = torch.randn(2, m, 512)
         assert _rel(layer(x), x.double() @ ref.double().T + bias.double()) < KERNEL_TOL
     embed = Int8Embedding(layer)

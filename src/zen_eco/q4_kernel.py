@@ -887,6 +887,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q6k_available.argtypes = []
     lib.zen_q6k_linear.restype = i
     lib.zen_q6k_linear.argtypes = [i, i, i, p, i, p, p, p, p, p, i, i]
+    lib.zen_q6k_gemm.restype = i
+    lib.zen_q6k_gemm.argtypes = lib.zen_q6k_linear.argtypes
     lib.zen_q6k_dequant.restype = None
     lib.zen_q6k_dequant.argtypes = [i, i, p, p, p, p, p, p, i, i]
     return lib

@@ -16,8 +16,9 @@ The kernel (AVX-512 VNNI only: `available()`) is the int4 decode loop's: x round
 block of 32 and split into two byte planes, four `vpdpbusd` per 64 bytes of codes and row of x (the low
 nibbles are each block's first 16 columns and the high nibbles its last 16, so every sum has one
 sub-scale), the bits 4-5 added by masked byte adds, -32 * scale times the float sum of x over each 16
-columns. Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for a few rows; `dequantize` for a dense GEMM
-(long prompts) and for rows of a tied embedding table.
+columns. Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for a few rows; from GEMM_MIN_ROWS rows the
+prompt GEMM (`prompt_gemm`, its Q6_K panels: codes 0..63, d * sc and -32 d * sc per 16 columns);
+`dequantize` for a dense GEMM (long prompts) and for rows of a tied embedding table.
 """
 
 from __future__ import annotations
@@ -235,10 +236,10 @@ def dequantize(packed: torch.Tensor, high: torch.Tensor, sc: torch.Tensor, d: to
 
 
 def _q6k_linear(x: torch.Tensor, packed: torch.Tensor, high: torch.Tensor, sc: torch.Tensor, d: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, gemm: bool | None = None) -> torch.Tensor:
     (m, k), n = x.shape, packed.shape[0]
-    lib = q4_kernel.library()
-    return q4_kernel._linear(x, n, out_dtype, lambda xp, xb, yp, yb: lib.zen_q6k_linear(
+    run = q4_kernel._entry(m, "q6k", gemm)  # the prompt GEMM from GEMM_MIN_ROWS rows, as the other layouts
+    return q4_kernel._linear(x, n, out_dtype, lambda xp, xb, yp, yb: run(
         m, n, k, xp, xb, packed.data_ptr(), high.data_ptr(), sc.data_ptr(), d.data_ptr(), yp, yb,
         torch.get_num_threads()))
 
@@ -247,7 +248,7 @@ _q6k_op = torch.library.custom_op("zen_eco::q6k_linear", _q6k_linear, mutates_ar
 
 
 @_q6k_op.register_fake
-def _(x, packed, high, sc, d, out_dtype):
+def _(x, packed, high, sc, d, out_dtype, gemm=None):
     return x.new_empty((x.shape[0], packed.shape[0]), dtype=out_dtype)
 
 

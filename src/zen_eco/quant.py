@@ -547,7 +547,8 @@ class Int8BlockLinear(_QuantizedLinear):
         return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
 
 
-# Rows from which a Q6_K layer dequantizes for the dense GEMM: its row kernel against dequantize + bf16
+# Rows from which a Q6_K layer dequantizes for the dense GEMM where the prompt GEMM is not built or is
+# turned off (ZEN_ECO_GEMM=0): its row kernel against dequantize + bf16
 # GEMM on 2560 x 9728 (zen-eco-4b's down), 2 threads of an AMD EPYC (benchmarks/prompt_rows.py): 16 rows
 # 9.5 vs 13.8 ms, 24 rows 14.2 vs 14.4, 32 rows 17.8 vs 13.7.
 Q6K_DENSE_ROWS = 24
@@ -555,9 +556,9 @@ Q6K_DENSE_ROWS = 24
 
 class Q6KLinear(_QuantizedLinear):
     """y = x W^T (+ b) for a `Q6KWeight` (GGUF's Q6_K kept as stored, 0.82 bytes a weight; as int8 blocks
-    1.13): our CPU kernel (`q6_kernel.matmul`, AVX-512 VNNI) below Q6K_DENSE_ROWS rows, else the weight
-    dequantized for the call (`q6_kernel.dequantize`) and the dense GEMM (the prompt GEMM has no Q6_K
-    path). Loaders make one only where `q6_kernel.available()`."""
+    1.13): our CPU kernel (`q6_kernel.matmul`, AVX-512 VNNI: row tiles, the prompt GEMM from GEMM_MIN_ROWS)
+    below native_max_rows() rows (Q6K_DENSE_ROWS without the prompt GEMM), else the weight dequantized for
+    the call (`q6_kernel.dequantize`) and the dense GEMM. Loaders make one only where `q6_kernel.available()`."""
 
     def __init__(self, weight: Q6KWeight, bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
@@ -566,7 +567,8 @@ class Q6KLinear(_QuantizedLinear):
             raise ValueError("Q6_K weights as stored run on our CPU kernel only (AVX-512 VNNI)")
         self.out_features, self.in_features = weight.codes.shape
         self.dtype, self.backend = dtype, "native"
-        self.native_rows = min(native_max_rows(), Q6K_DENSE_ROWS)  # a prompt from this many rows on: the dense GEMM
+        # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner: Q6K_DENSE_ROWS)
+        self.native_rows = native_max_rows() if q4_kernel.gemm_available() else min(native_max_rows(), Q6K_DENSE_ROWS)
         for name, t in zip(("packed", "high", "sub_scales", "d"), q6_kernel.pack(weight.codes, weight.sub_scale, weight.d)):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
