@@ -6,7 +6,7 @@ For a (9728 x 2560) weight (zen-eco-4b's up matrix's shape), int8 with block sca
 of 32, for 2 to 512 rows of bf16 activations: our row kernel (`zen_*_linear`, what decode runs), our
 prompt GEMM (`prompt_gemm`, where AVX-512 VNNI is built) and dequantizing into the reused buffer for a
 bf16 `F.linear` (PyTorch's GEMM: what a layer did for long prompts before the prompt GEMM, and still
-does where it is not built); and Q6_K as stored (`q6_kernel`, where built) on the transposed shape
+does where it is not built); and Q6_K as stored (`kquant_kernel`, where built) on the transposed shape
 (2560 x 9728, the down matrix that Q4_K_M stores Q6_K), row kernel, GEMM and dense; median ms of 5
 calls each, in turns.
 """
@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zen_eco import q4_kernel, q6_kernel
-from zen_eco.quant import Int4Linear, Int8BlockLinear, Q6KLinear, Q6KWeight, Q8BlockWeight, quantize_int4
+from zen_eco import kquant_kernel, q4_kernel
+from zen_eco.quant import Int4Linear, Int8BlockLinear, KQuantLinear, KQuantWeight, Q8BlockWeight, quantize_int4
 
 N, K = 9728, 2560
 
@@ -47,9 +47,10 @@ def main() -> None:
     int8 = Int8BlockLinear(Q8BlockWeight(torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=gen), scales(),
                                          scales()), None, torch.bfloat16)
     int4 = Int4Linear(quantize_int4(torch.randn(N, K, generator=gen) * 0.02, 32), None, torch.bfloat16)
-    q6k = Q6KLinear(Q6KWeight(torch.randint(0, 64, (K, N), dtype=torch.uint8, generator=gen),
-                              torch.randint(-128, 128, (K, N // 16), dtype=torch.int8, generator=gen),
-                              torch.rand(K, N // 256, generator=gen) * 1e-3), None, torch.bfloat16) if q6_kernel.available() else None
+    q6k = KQuantLinear(KQuantWeight("q6_k", torch.randint(0, 64, (K, N), dtype=torch.uint8, generator=gen),
+                                    torch.randint(-128, 128, (K, N // 16), dtype=torch.int8, generator=gen),
+                                    torch.rand(K, N // 256, generator=gen) * 1e-3), None,
+                       torch.bfloat16) if kquant_kernel.available() else None
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for m in (int(r) for r in args.rows.split(",")):
@@ -66,10 +67,10 @@ def main() -> None:
             }
             if q6k is not None:
                 xt = torch.randn(m, N, generator=gen).bfloat16()
-                bufs = (q6k.packed, q6k.high, q6k.sub_scales, q6k.d, torch.bfloat16)
-                row["q6_k row"] = lambda: q6_kernel._q6k_linear(xt, *bufs, gemm=False)
+                bufs = (kquant_kernel.KINDS["q6_k"], q6k.packed, q6k.high, q6k.sub_scales, q6k.d, torch.bfloat16)
+                row["q6_k row"] = lambda: kquant_kernel._kq_linear(xt, *bufs, gemm=False)
                 if q4_kernel.gemm_available():
-                    row["q6_k gemm"] = lambda: q6_kernel._q6k_linear(xt, *bufs, gemm=True)
+                    row["q6_k gemm"] = lambda: kquant_kernel._kq_linear(xt, *bufs, gemm=True)
                 row["q6_k dense"] = lambda: F.linear(xt, q6k.dense_weight(torch.bfloat16, reuse=True))
             if not q4_kernel.gemm_available():
                 del row["int8 gemm"], row["int4 gemm"]

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import zen_eco
-from zen_eco import q6_kernel
+from zen_eco import kquant_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.config import preset
 from zen_eco.engine import native_step
 from zen_eco.engine.graphs import decode_one
 from zen_eco.kv_cache import KVCache
-from zen_eco.quant import Int4Linear, Int8BlockLinear, Q6KLinear, StackedLinear, int4_supported
+from zen_eco.quant import Int4Linear, Int8BlockLinear, KQuantLinear, StackedLinear, int4_supported
 from zen_eco.tokenizer.qwen import qwen3_tokenizer
 
 
@@ -236,9 +236,9 @@ def test_fused_matrix_of_mixed_types_keeps_each_part_packed(tmp_path, contents):
 @pytest.mark.parametrize("mix, q_type", [("q4_k_m", "Q4_K"), ("q2_k", "Q2_K")])
 def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path, mix, q_type):
     """--type q4_k_m / q2_k: llama.cpp's quantizer makes its mix from the Q8_0 file (K-quants need rows
-    of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps Q4_K_M's Q4_K matrices as int4 and the
-    Q6_K ones (the tied table, half of v and down) as stored (Q6KLinear; int8 blocks without AVX-512
-    VNNI), a q|k|v with a Q6_K v as both (StackedLinear); Q2_K's
+    of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps Q4_K_M's Q4_K and Q6_K matrices (the tied
+    table, half of v and down Q6_K) as stored (KQuantLinear; without AVX-512 VNNI Q4_K as int4 and Q6_K as
+    int8 blocks), a q|k|v with a Q6_K v as a StackedLinear of both; Q2_K's
     Q2_K / Q3_K matrices as int8 blocks too (a scale and an offset per 16 columns: no float copy). Its
     bf16 logits (one token and the prompt: both kernel paths) agree with its own dense float32 forward
     within bf16's rounding (3e-2 relative L2, as for the other bf16 runs; a misread layout is ~100%), and
@@ -254,9 +254,9 @@ def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path, mix, q_type):
         assert {types[f"blk.{i}.ffn_down.weight"] for i in range(cfg.num_hidden_layers)} <= {"Q4_K", "Q6_K"}
     ours = zen_eco.load(path, dtype="bfloat16", device="cpu")
     kinds = {type(m) for m in ours.model.modules()}
-    q6k = Q6KLinear if q6_kernel.available() else Int8BlockLinear  # Q6_K as stored where its kernel is built
-    assert q6k in kinds and (mix == "q4_k_m" or Int8BlockLinear in kinds)
-    assert mix == "q2_k" or Int4Linear in kinds or not int4_supported("cpu", torch.bfloat16)
+    stored = kquant_kernel.available()  # K-quants as stored where their kernel is built
+    assert (KQuantLinear if stored else Int8BlockLinear) in kinds and (mix == "q4_k_m" or Int8BlockLinear in kinds)
+    assert mix == "q2_k" or (KQuantLinear if stored else Int4Linear) in kinds or not int4_supported("cpu", torch.bfloat16)
     assert torch.nn.Linear not in kinds  # every matrix stays quantized
     dense = zen_eco.load(path, dtype="float32", device="cpu", quant="none")
     ids = ours.tokenizer.encode(PROMPT)

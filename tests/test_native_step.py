@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from zen_eco import decode_kernel, kv_quant, q6_kernel
+from zen_eco import decode_kernel, kquant_kernel, kv_quant
 from zen_eco.config import preset
 from zen_eco.engine import native_step
 from zen_eco.engine.graphs import decode_one
@@ -28,7 +28,7 @@ from zen_eco.errors import ContextLengthError
 from zen_eco.init import random_model
 from zen_eco.kv_cache import KVCache
 from zen_eco.model import RMSNorm
-from zen_eco.quant import (Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear, Q4Weight, Q6KLinear, Q6KWeight,
+from zen_eco.quant import (Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear, KQuantLinear, KQuantWeight, Q4Weight,
                            Q8BlockWeight, StackedLinear, quantize_int4, quantize_int8)
 
 pytestmark = pytest.mark.skipif(decode_kernel.library() is None, reason="no C compiler for the native step")
@@ -165,32 +165,36 @@ def test_float32_step_equals_the_forward(kind, quant):
         assert _rel(a[:, :, :19], b[:, :, :19]) < tol
 
 
-@pytest.mark.skipif(not q6_kernel.available(), reason="the Q6_K kernel needs AVX-512 VNNI")
-def test_q6k_layers_and_tied_table_step_equals_the_forward():
-    """Every matrix and the tied head/table Q6_K as stored (Q6KLinear, Int8Embedding over the head; K a
-    multiple of 256: hidden 256), and a StackedLinear of int4 and Q6_K parts: the C step's LIN_Q6K
-    against the forward, as the other quantized kinds (1e-3)."""
+@pytest.mark.skipif(not kquant_kernel.available(), reason="the K-quant kernel needs AVX-512 VNNI")
+def test_kquant_layers_and_tied_table_step_equals_the_forward():
+    """Matrices as K-quants stored (KQuantLinear: q|k|v and gate|up Q4_K, o Q5_K, down Q6_K; K a multiple of
+    256: hidden 256), the tied head/table Q6_K (Int8Embedding over the head), and in layer 0 a StackedLinear
+    of a Q4_K q|k and a Q6_K v: the C step's LIN_KQ against the forward, as the other quantized kinds (1e-3)."""
     cfg = dataclasses.replace(_config("qwen3"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=64)
     model = random_model(cfg, dtype=torch.float32, seed=2)
     gen = torch.Generator().manual_seed(12)
 
-    def q6k(n, k):
-        return Q6KWeight(torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=gen),
-                         torch.randint(-128, 128, (n, k // 16), dtype=torch.int8, generator=gen),
-                         (torch.rand(n, k // 256, generator=gen) * 2e-4).half().float())
+    def kquant(kind, n, k):
+        bits, sub = {"q4_k": (4, 32), "q5_k": (5, 32), "q6_k": (6, 16)}[kind]
+        d = lambda: (torch.rand(n, k // 256, generator=gen) * 2e-4).half().float()  # noqa: E731
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+        if kind == "q6_k":
+            return KQuantWeight(kind, codes, torch.randint(-128, 128, (n, k // sub), dtype=torch.int8, generator=gen), d())
+        six = lambda: torch.randint(0, 64, (n, k // sub), dtype=torch.uint8, generator=gen)  # noqa: E731
+        return KQuantWeight(kind, codes, six(), d(), six(), d())
 
+    kinds = {"wqkv": "q4_k", "wo": "q5_k", "w_gate_up": "q4_k", "w_down": "q6_k"}
     for i, block in enumerate(model.layers):
         for parent, name in ((block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w_gate_up"), (block.mlp, "w_down")):
-            lin = getattr(parent, name)
-            n, k = lin.weight.shape
-            setattr(parent, name, Q6KLinear(q6k(n, k), None, torch.float32))
-        if i == 0:  # q|k int4, v Q6_K
-            split = cfg.num_attention_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim
-            head = quantize_int4(torch.randn(split, 256, generator=gen) * 0.05, 32)
-            block.attn.wqkv = StackedLinear([Int4Linear(head, None, torch.float32),
-                                             Q6KLinear(q6k(cfg.num_key_value_heads * cfg.head_dim, 256), None, torch.float32)])
-    model.lm_head = Q6KLinear(q6k(cfg.vocab_size, 256), None, torch.float32)
+            n, k = getattr(parent, name).weight.shape
+            setattr(parent, name, KQuantLinear(kquant(kinds[name], n, k), None, torch.float32))
+        if i == 0:
+            kv = cfg.num_key_value_heads * cfg.head_dim
+            block.attn.wqkv = StackedLinear([KQuantLinear(kquant("q4_k", cfg.num_attention_heads * cfg.head_dim + kv, 256),
+                                                          None, torch.float32),
+                                             KQuantLinear(kquant("q6_k", kv, 256), None, torch.float32)])
+    model.lm_head = KQuantLinear(kquant("q6_k", cfg.vocab_size, 256), None, torch.float32)
     model.embed = Int8Embedding(model.lm_head)
     assert native_step.NativeStep.unsupported(model) is None
     prompt, tokens = _inputs(model, steps=6)

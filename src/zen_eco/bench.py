@@ -163,13 +163,14 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> tuple[fl
 
 
 def weights_summary(model) -> str:
-    """'int4 x120 + int8 x1 + bfloat16': how many linear layers run on the 4-bit (5-bit), Q6_K and 8-bit
+    """'int4 x120 + int8 x1 + bfloat16': how many linear layers run on the 4-bit (5-bit), K-quant and 8-bit
     kernels (the tied table counts once, as the head), and the dtype of the rest."""
-    from .quant import Int4Linear, Int8BlockLinear, Int8Linear, Q6KLinear
+    from .quant import Int4Linear, Int8BlockLinear, Int8Linear, KQuantLinear
 
     kinds = (("int4", lambda m: isinstance(m, Int4Linear) and m.bits == 4),
              ("int5", lambda m: isinstance(m, Int4Linear) and m.bits == 5),
-             ("q6_k", lambda m: isinstance(m, Q6KLinear)),
+             *((kind, lambda m, kind=kind: isinstance(m, KQuantLinear) and m.kind == kind)
+               for kind in ("q4_k", "q5_k", "q6_k")),
              ("int8", lambda m: isinstance(m, (Int8Linear, Int8BlockLinear))))
     counts = [(name, sum(map(test, model.modules()))) for name, test in kinds]
     parts = [f"{name} x{n}" for name, n in counts if n]

@@ -20,8 +20,8 @@ of 32) and, for dense float32/bfloat16 weights, float32 dot products. tests/test
 it to the eager forward: float32 logits to ~1e-5, bf16 ones to the eager path's own bf16 rounding.
 
 Linear kinds: 0 dense float32, 1 dense bfloat16, 2 int4 (`Int4Linear` native), 3 int8 with a float32
-scale per row (`Int8Linear` native), 4 int8 with a float16 scale per block of 32 (`Int8BlockLinear`), 5 Q6_K
-as stored (`Q6KLinear`).
+scale per row (`Int8Linear` native), 4 int8 with a float16 scale per block of 32 (`Int8BlockLinear`), 5 a
+K-quant as stored (`KQuantLinear`).
 A `StackedLinear` (row ranges of different kinds) is a chain of descriptors (`next`), run one after
 another into consecutive ranges of the output.
 """
@@ -32,29 +32,29 @@ import ctypes
 import os
 from functools import lru_cache
 
-from . import kv_kernel, native, q4_kernel, q6_kernel
+from . import kquant_kernel, kv_kernel, native, q4_kernel
 
-LIN_F32, LIN_BF16, LIN_Q4, LIN_Q8, LIN_Q8B, LIN_Q6K = range(6)
+LIN_F32, LIN_BF16, LIN_Q4, LIN_Q8, LIN_Q8B, LIN_KQ = range(6)
 MAX_HEAD_DIM = 512
 
-C_SOURCE = q4_kernel.C_SOURCE + q6_kernel.C_SOURCE + r"""
+C_SOURCE = q4_kernel.C_SOURCE + kquant_kernel.C_SOURCE + r"""
 #include <string.h>
 
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4, LIN_Q6K = 5 };
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4, LIN_KQ = 5 };
 #define MAX_HEAD_DIM 512
 #ifndef KV_PREFETCH
 #define KV_PREFETCH 4096  /* bytes ahead that K and V rows are prefetched: one stream per task, from DRAM */
 #endif
 
 typedef struct lin_s {
-    int32_t kind, n, k, group;  /* group: int4's group size; int8 blocks' flags (zen_q8b_linear) */
+    int32_t kind, n, k, group;  /* group: int4's group size; int8 blocks' flags (zen_q8b_linear); K-quants' KQ_* */
     const void *w;        /* dense (n, k) weights, or the codes */
     const void *scale;    /* int4: scale_zero; int8: float32 per row; int8 blocks: float16 planes per block;
-                             Q6_K: the int8 sub-scale planes */
+                             K-quants: the sub-scale planes */
     const float *bias;    /* (n,) or NULL */
-    const uint8_t *high;  /* 5-bit int4 layout: the codes' fifth bits (q4_kernel.pack_high); Q6_K: bits 4-5; else NULL */
+    const uint8_t *high;  /* 5-bit int4 layout: the codes' fifth bits (q4_kernel.pack_high); K-quants' bit planes */
     const struct lin_s *next;  /* the matrix's next rows, of another kind (a StackedLinear's next part); or NULL */
-    const uint16_t *d;    /* Q6_K: float16 per 256 columns; else NULL */
+    const uint16_t *d;    /* K-quants: float16 d (, dmin) per 256 columns; else NULL */
 } lin_t;
 
 typedef struct {
@@ -96,7 +96,7 @@ static int linear(const lin_t *l, const float *x, float *y, int nt) {
             case LIN_Q4: rc = zen_q4_linear(1, l->n, l->k, l->group, x, 0, l->w, l->high, l->scale, y, 0, nt); break;
             case LIN_Q8: rc = zen_q8_linear(1, l->n, l->k, x, 0, l->w, l->scale, y, 0, nt); break;
             case LIN_Q8B: rc = zen_q8b_linear(1, l->n, l->k, x, 0, l->w, l->scale, l->group, y, 0, nt); break;
-            case LIN_Q6K: rc = zen_q6k_linear(1, l->n, l->k, x, 0, l->w, l->high, l->scale, l->d, y, 0, nt); break;
+            case LIN_KQ: rc = zen_kq_linear(l->group, 1, l->n, l->k, x, 0, l->w, l->high, l->scale, l->d, y, 0, nt); break;
             default: rc = dense_linear(l, x, y, nt);
         }
         if (rc) return rc;

@@ -80,14 +80,14 @@ static int gemm_prepare_x(int M, int K, const void *x, int x_bf16, int sb, gx_t 
 typedef struct {
     int kind;                    /* GM_INT4: `codes` packed (q4_kernel.pack), `high` its fifth bits or NULL; */
     const uint8_t *codes, *high; /* GM_INT8: int8 codes (N, K) with `scale` per row or block scales */
-    const uint16_t *sz;          /* int4: scale_zero (N, 2, ngp); Q6_K: d (N, K / 256) */
+    const uint16_t *sz;          /* int4: scale_zero (N, 2, ngp); K-quants: d (N, K / 256, 1 or 2: d, dmin) */
     int G, ngp;
     const float *scale;          /* int8 per row */
     const uint16_t *bscale;      /* int8 blocks: (N, planes, nbs), `flags` as zen_q8b_linear */
-    int flags, nbs;
-    const int8_t *sc;            /* Q6_K: sub-scale planes (N, 2, nbs); `high` its bits 4 and 5 (q6_kernel.pack) */
+    int flags, nbs;              /* K-quants: flags = their KQ_* kind */
+    const uint8_t *sc;           /* K-quants: sub-scale planes (N, 2, nbs); `high` their bit planes (kquant_kernel.pack) */
 } gw_t;
-enum { GM_INT4 = 0, GM_INT8 = 1, GM_Q6K = 2 };
+enum { GM_INT4 = 0, GM_INT8 = 1, GM_KQ = 2 };
 
 static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int sb, uint8_t *wp, float *ps,
                        float *pz) {
@@ -119,27 +119,29 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
                 s[b] = f16(sz[bk * 32 / w->G]);
                 z[b] = f16(sz[w->ngp + bk * 32 / w->G]);
             }
-        } else if (w->kind == GM_Q6K) {  /* codes 0..63 as int4's low nibbles plus two bit planes; per 16 columns
-                                            d * sc and the offset -32 d * sc */
-            const uint8_t *c = w->codes + n * (K / 2) + c0 / 2, *h = w->high + n * 2 * high_stride(K);
-            const int8_t *sc = w->sc + n * 2 * w->nbs;
-            const uint16_t *d = w->sz + n * (K / 256);
+        } else if (w->kind == GM_KQ) {  /* low nibbles plus the kind's bit planes; per sub-block the float scale
+                                           and offset (Q6_K: -32 d sc per 16 columns; Q4_K / Q5_K: -dmin m per 32) */
+            const kq_t wk = {w->flags, w->codes, w->high, w->sc, w->sz}, r = kq_row(&wk, K, n);
+            const int hs = high_stride(K);
             for (int b = 0; b < kc / 32; b++) {
                 const int bk = c0 / 32 + b;
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(c + b * 16));
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(r.codes + bk * 16));
                 __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(15));
                 __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15));
-                for (int bit = 0; bit < 2; bit++) {
-                    const __m128i add = _mm_set1_epi8((char)(16 << bit));
-                    const uint8_t *plane = h + bit * high_stride(K);
-                    lo = _mm_mask_add_epi8(lo, (__mmask16)high_bits16(plane, bk, 0), lo, add);
-                    hi = _mm_mask_add_epi8(hi, (__mmask16)high_bits16(plane, bk, 1), hi, add);
+                for (int i = 0; i < r.kind; i++) {
+                    const __m128i add = _mm_set1_epi8((char)(16 << i));
+                    lo = _mm_mask_add_epi8(lo, (__mmask16)high_bits16(r.high + i * hs, bk, 0), lo, add);
+                    hi = _mm_mask_add_epi8(hi, (__mmask16)high_bits16(r.high + i * hs, bk, 1), hi, add);
                 }
                 _mm_storeu_si128((__m128i *)(dst + b * 32), lo);
                 _mm_storeu_si128((__m128i *)(dst + b * 32 + 16), hi);
-                const float dv = f16(d[bk / 8]);
-                s[2 * b] = dv * (float)sc[bk], s[2 * b + 1] = dv * (float)sc[w->nbs + bk];
-                z[2 * b] = -32.0f * s[2 * b], z[2 * b + 1] = -32.0f * s[2 * b + 1];
+                const float d = f16(r.d[bk / 8 * kq_nd(r.kind)]);
+                if (r.kind == KQ_Q6K) {
+                    s[2 * b] = d * (float)(int8_t)r.sc[bk], s[2 * b + 1] = d * (float)(int8_t)r.sc[w->nbs + bk];
+                    z[2 * b] = -32.0f * s[2 * b], z[2 * b + 1] = -32.0f * s[2 * b + 1];
+                } else {
+                    s[b] = d * (float)r.sc[bk], z[b] = -(f16(r.d[bk / 8 * 2 + 1]) * (float)r.sc[w->nbs + bk]);
+                }
             }
         } else {  /* int8: + 128 (unsigned bytes), then as stored */
             const int8_t *c = (const int8_t *)w->codes + n * K + c0;
@@ -203,8 +205,9 @@ INLINE void gemm_tile(const int SB, const int SIGNED, const int OFFSETS, const g
 }
 
 static int gemm(int M, int N, int K, const void *x, int x_bf16, const gw_t *w, void *y, int y_bf16, int n_threads) {
-    const int sb = (w->kind == GM_INT8 && w->bscale && (w->flags & 5)) || w->kind == GM_Q6K ? 16 : 32;  /* per 16 */
-    const int offsets = w->kind == GM_INT4 || w->kind == GM_Q6K || (w->bscale && (w->flags & 2));
+    const int sb = (w->kind == GM_INT8 && w->bscale && (w->flags & 5)) || (w->kind == GM_KQ && w->flags == KQ_Q6K)
+                   ? 16 : 32;  /* a scale or offset per 16 */
+    const int offsets = w->kind == GM_INT4 || w->kind == GM_KQ || (w->bscale && (w->flags & 2));
     const int signed_codes = w->kind == GM_INT8;
     if (M <= 0 || N <= 0) return 0;
     gx_t g;
@@ -297,11 +300,11 @@ int zen_q8_gemm(int M, int N, int K, const void *x, int x_bf16, const int8_t *co
 #endif
 }
 
-/* The prompt GEMM for zen_q6k_linear's buffers (q6_kernel.py; same arguments). */
-int zen_q6k_gemm(int M, int N, int K, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
-                 const int8_t *sc, const uint16_t *d, void *y, int y_bf16, int n_threads) {
+/* The prompt GEMM for zen_kq_linear's buffers (kquant_kernel.py; same arguments). */
+int zen_kq_gemm(int kind, int M, int N, int K, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
+                const uint8_t *sc, const uint16_t *d, void *y, int y_bf16, int n_threads) {
 #ifdef ZEN_VNNI
-    const gw_t w = {GM_Q6K, codes, high, d, 0, 0, 0, 0, 0, (K / 32 + 15) & ~15, sc};
+    const gw_t w = {GM_KQ, codes, high, d, 0, 0, 0, 0, kind, kq_nbp(K), sc};
     return gemm(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads);
 #else
     return -2;

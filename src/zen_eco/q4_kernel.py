@@ -359,9 +359,9 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
    columns 0-15, high nibbles 16-31): l of columns 0-15 of blocks b .. b + 3, their h, then l and h of
    columns 16-31. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. Where xh
    is given, the sums of each block's first 16 columns go to xh[b] and of its last 16 to xh[nbx + b]
-   (nbx: K / 32 rounded up to 16), of x as rounded (xd times the integers' sum): q6_kernel's offsets per 16
-   columns then multiply the same x as its codes do, and -32 * scale * x cancels exactly against the
-   codes' half (with the float sums, the rounding error of x came back 32-fold: twice the error). */
+   (nbx: K / 32 rounded up to 16), of x as rounded (xd times the integers' sum): kquant_kernel's offsets
+   then multiply the same x as its codes do, and Q6_K's -32 * scale * x cancels exactly against the
+   codes' part (with the float sums, the rounding error of x came back 32-fold: twice the error). */
 static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs, float *xh) {
     const int nbx = (K / 32 + 15) & ~15;
     for (int b = 0; b < K / 32; b++) {
@@ -855,9 +855,9 @@ def library() -> ctypes.CDLL | None:
     and `Int8Linear` use PyTorch's)."""
     if os.environ.get("ZEN_ECO_NATIVE_Q4", "1") == "0":
         return None
-    from . import q6_kernel  # its C uses this source's helpers; its Python, this library
+    from . import kquant_kernel  # its C uses this source's helpers (and the GEMM its); its Python, this library
 
-    lib = native.build("q4_matmul", C_SOURCE + prompt_gemm.C_SOURCE + q6_kernel.C_SOURCE)
+    lib = native.build("q4_matmul", C_SOURCE + kquant_kernel.C_SOURCE + prompt_gemm.C_SOURCE)
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -883,14 +883,14 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q4_pack.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_q4_pack_high.restype = None
     lib.zen_q4_pack_high.argtypes = [ctypes.c_int64, i, p, p, i]
-    lib.zen_q6k_available.restype = i
-    lib.zen_q6k_available.argtypes = []
-    lib.zen_q6k_linear.restype = i
-    lib.zen_q6k_linear.argtypes = [i, i, i, p, i, p, p, p, p, p, i, i]
-    lib.zen_q6k_gemm.restype = i
-    lib.zen_q6k_gemm.argtypes = lib.zen_q6k_linear.argtypes
-    lib.zen_q6k_dequant.restype = None
-    lib.zen_q6k_dequant.argtypes = [i, i, p, p, p, p, p, p, i, i]
+    lib.zen_kq_available.restype = i
+    lib.zen_kq_available.argtypes = []
+    lib.zen_kq_linear.restype = i
+    lib.zen_kq_linear.argtypes = [i, i, i, i, p, i, p, p, p, p, p, i, i]
+    lib.zen_kq_gemm.restype = i
+    lib.zen_kq_gemm.argtypes = lib.zen_kq_linear.argtypes
+    lib.zen_kq_dequant.restype = None
+    lib.zen_kq_dequant.argtypes = [i, i, i, p, p, p, p, p, p, i, i]
     return lib
 
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import q4_kernel, q6_kernel
+from . import kquant_kernel, q4_kernel
 from .errors import CheckpointError
 
 # Rows from which our kernel's layers dequantize for the dense GEMM where the prompt GEMM is not built or
@@ -159,27 +159,42 @@ class Q8BlockWeight:
 
 
 @dataclass
-class Q6KWeight:
-    """GGUF's Q6_K as stored: w[r, c] = d[r, c // 256] * sub_scale[r, c // 16] * (codes[r, c] - 32), the
-    product d * sub_scale in float32 (exact) as ggml computes it. Our CPU kernel only (`q6_kernel`)."""
+class KQuantWeight:
+    """GGUF's K-quants as stored (kind "q4_k", "q5_k", "q6_k"), ggml's float32 products: Q6_K
+    w[r, c] = (d[r, c // 256] * sub_scale[r, c // 16]) * (codes[r, c] - 32); Q4_K / Q5_K
+    w[r, c] = (d * sub_scale[r, c // 32]) * codes[r, c] - dmin * sub_min[r, c // 32]. Our CPU kernel only
+    (`kquant_kernel`)."""
 
-    codes: torch.Tensor  # (N, K) uint8 in [0, 63]
-    sub_scale: torch.Tensor  # (N, K // 16) int8
+    kind: str
+    codes: torch.Tensor  # (N, K) uint8: [0, 15], [0, 31], [0, 63]
+    sub_scale: torch.Tensor  # Q6_K (N, K // 16) int8; Q4_K / Q5_K (N, K // 32) uint8 in [0, 63]
     d: torch.Tensor  # (N, K // 256) float32 (float16 values)
+    sub_min: torch.Tensor | None = None  # Q4_K / Q5_K: (N, K // 32) uint8 in [0, 63]
+    dmin: torch.Tensor | None = None  # Q4_K / Q5_K: (N, K // 256) float32 (float16 values)
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.codes.shape
-        scale = (self.d.repeat_interleave(q6_kernel.SUPER // q6_kernel.SUB, 1) * self.sub_scale.float())
-        return (scale[..., None] * (self.codes.float() - 32).view(n, k // q6_kernel.SUB, q6_kernel.SUB)).view(n, k)
+        sub = k // self.sub_scale.shape[1]
+        per = lambda t: t.repeat_interleave(kquant_kernel.SUPER // sub, 1)  # noqa: E731 - per 256 -> per sub-block
+        scale = (per(self.d) * self.sub_scale.float())[..., None]
+        q = self.codes.float().view(n, k // sub, sub)
+        if self.kind == "q6_k":
+            return (scale * (q - 32)).view(n, k)
+        return (scale * q - (per(self.dmin) * self.sub_min.float())[..., None]).view(n, k)
 
-    def permute_rows(self, order: torch.Tensor) -> "Q6KWeight":
-        return Q6KWeight(self.codes[order], self.sub_scale[order], self.d[order])
+    def permute_rows(self, order: torch.Tensor) -> "KQuantWeight":
+        pick = lambda t: None if t is None else t[order]  # noqa: E731
+        return KQuantWeight(self.kind, self.codes[order], self.sub_scale[order], self.d[order], pick(self.sub_min),
+                            pick(self.dmin))
 
     @staticmethod
-    def cat(parts: list["Q6KWeight"], codes: torch.Tensor | None = None) -> "Q6KWeight":
-        """Rows of parts one after another; codes: as in Q4Weight.cat."""
-        return Q6KWeight(torch.cat([p.codes for p in parts]) if codes is None else codes,
-                         torch.cat([p.sub_scale for p in parts]), torch.cat([p.d for p in parts]))
+    def cat(parts: list["KQuantWeight"], codes: torch.Tensor | None = None) -> "KQuantWeight | None":
+        """Rows of parts one after another (None where their kinds differ); codes: as in Q4Weight.cat."""
+        if len({p.kind for p in parts}) != 1:
+            return None
+        join = lambda f: None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])  # noqa: E731
+        return KQuantWeight(parts[0].kind, join("codes") if codes is None else codes, join("sub_scale"), join("d"),
+                            join("sub_min"), join("dmin"))
 
 
 def _stored(x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +308,8 @@ def quantized_linear(weight: "Q4Weight | Q8Weight | Q8BlockWeight | list", bias:
     if isinstance(weight, list):
         biases = bias.split([w.codes.shape[0] for w in weight]) if bias is not None else [None] * len(weight)
         return StackedLinear([quantized_linear(w, b, dtype, device, kernel) for w, b in zip(weight, biases)])
-    cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear, Q6KWeight: Q6KLinear}[type(weight)]
+    cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear,
+           KQuantWeight: KQuantLinear}[type(weight)]
     return cls(weight, bias, dtype, device, kernel)
 
 
@@ -547,31 +563,37 @@ class Int8BlockLinear(_QuantizedLinear):
         return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
 
 
-# Rows from which a Q6_K layer dequantizes for the dense GEMM where the prompt GEMM is not built or is
-# turned off (ZEN_ECO_GEMM=0): its row kernel against dequantize + bf16
-# GEMM on 2560 x 9728 (zen-eco-4b's down), 2 threads of an AMD EPYC (benchmarks/prompt_rows.py): 16 rows
-# 9.5 vs 13.8 ms, 24 rows 14.2 vs 14.4, 32 rows 17.8 vs 13.7.
-Q6K_DENSE_ROWS = 24
+# Rows from which a K-quant layer dequantizes for the dense GEMM where the prompt GEMM is not built or is
+# turned off (ZEN_ECO_GEMM=0): its row kernel against dequantize + bf16 GEMM for Q6_K on 2560 x 9728
+# (zen-eco-4b's down), 2 threads of an AMD EPYC (benchmarks/prompt_rows.py): 16 rows 9.5 vs 13.8 ms,
+# 24 rows 14.2 vs 14.4, 32 rows 17.8 vs 13.7.
+KQUANT_DENSE_ROWS = 24
 
 
-class Q6KLinear(_QuantizedLinear):
-    """y = x W^T (+ b) for a `Q6KWeight` (GGUF's Q6_K kept as stored, 0.82 bytes a weight; as int8 blocks
-    1.13): our CPU kernel (`q6_kernel.matmul`, AVX-512 VNNI: row tiles, the prompt GEMM from GEMM_MIN_ROWS)
-    below native_max_rows() rows (Q6K_DENSE_ROWS without the prompt GEMM), else the weight dequantized for
-    the call (`q6_kernel.dequantize`) and the dense GEMM. Loaders make one only where `q6_kernel.available()`."""
+class KQuantLinear(_QuantizedLinear):
+    """y = x W^T (+ b) for a `KQuantWeight` (GGUF's Q4_K / Q5_K / Q6_K kept as stored: 0.58 / 0.70 / 0.82
+    bytes a weight, against our int4 layout's 0.63 for Q4_K and int8 blocks' 1.13 for Q6_K): our CPU kernel
+    (`kquant_kernel.matmul`, AVX-512 VNNI: row tiles, the prompt GEMM from GEMM_MIN_ROWS) below
+    native_max_rows() rows (KQUANT_DENSE_ROWS without the prompt GEMM), else the weight dequantized for the
+    call (`kquant_kernel.dequantize`) and the dense GEMM. Loaders make one only where
+    `kquant_kernel.available()`."""
 
-    def __init__(self, weight: Q6KWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+    def __init__(self, weight: KQuantWeight, bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
-        if not (kernel is True and torch.device(device).type == "cpu" and q6_kernel.available()):
-            raise ValueError("Q6_K weights as stored run on our CPU kernel only (AVX-512 VNNI)")
+        if not (kernel is True and torch.device(device).type == "cpu" and kquant_kernel.available()):
+            raise ValueError("K-quant weights as stored run on our CPU kernel only (AVX-512 VNNI)")
         self.out_features, self.in_features = weight.codes.shape
-        self.dtype, self.backend = dtype, "native"
-        # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner: Q6K_DENSE_ROWS)
-        self.native_rows = native_max_rows() if q4_kernel.gemm_available() else min(native_max_rows(), Q6K_DENSE_ROWS)
-        for name, t in zip(("packed", "high", "sub_scales", "d"), q6_kernel.pack(weight.codes, weight.sub_scale, weight.d)):
+        self.kind, self.dtype, self.backend = weight.kind, dtype, "native"
+        # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner)
+        self.native_rows = native_max_rows() if q4_kernel.gemm_available() else min(native_max_rows(), KQUANT_DENSE_ROWS)
+        bufs = kquant_kernel.pack(weight.kind, weight.codes, weight.sub_scale, weight.d, weight.sub_min, weight.dmin)
+        for name, t in zip(("packed", "high", "sub_scales", "d"), bufs):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+
+    def _kernel_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.high, self.sub_scales, self.d
 
     def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
         """(N, K) weight in `dtype`; reuse: as `Int4Linear.dense_weight`."""
@@ -580,13 +602,13 @@ class Q6KLinear(_QuantizedLinear):
     def dense_rows(self, rows: torch.Tensor | None, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
         """Rows `rows` (an index tensor; None: all) of the weight in `dtype` (a tied embedding's lookups)."""
         direct = dtype in (torch.float32, torch.bfloat16)
-        w = q6_kernel.dequantize(self.packed, self.high, self.sub_scales, self.d, dtype if direct else torch.float32,
-                                 rows, reuse and direct)
+        w = kquant_kernel.dequantize(self.kind, *self._kernel_buffers(), dtype if direct else torch.float32, rows,
+                                     reuse and direct)
         return w if direct else w.to(dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] < self.native_rows:
-            return q6_kernel.matmul(x2, self.packed, self.high, self.sub_scales, self.d, self.dtype)
+            return kquant_kernel.matmul(x2, self.kind, *self._kernel_buffers(), self.dtype)
         return F.linear(x2.to(self.dtype), self.dense_weight(self.dtype, reuse=True))
 
 
@@ -613,14 +635,14 @@ class Int8Embedding(nn.Module):
     """The embedding of a model whose tied output head is an `Int8Linear` (row i is codes[i] * scale[i])
     or an `Int8BlockLinear` (block scales), read from the head's own buffers, so the
     vocabulary table exists once, in int8 (for zen-eco-4b 0.39 GB instead of 0.78 GB in bf16); or a
-    `Q6KLinear` (a Q6_K table as stored: 0.32 GB), whose rows it dequantizes from the head's buffers."""
+    `KQuantLinear` (a Q6_K table as stored: 0.32 GB), whose rows it dequantizes from the head's buffers."""
 
-    def __init__(self, head: "Int8Linear | Int8BlockLinear | Q6KLinear") -> None:
+    def __init__(self, head: "Int8Linear | Int8BlockLinear | KQuantLinear") -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         # the head itself (not registered as a submodule: its buffers stay the head's, once in a state dict)
-        object.__setattr__(self, "q6k", head if isinstance(head, Q6KLinear) else None)
-        if self.q6k is not None:
+        object.__setattr__(self, "kquant", head if isinstance(head, KQuantLinear) else None)
+        if self.kquant is not None:
             self.dtype = head.dtype
             return
         self.register_buffer("codes", head.codes)  # the same tensors, not copies
@@ -630,8 +652,8 @@ class Int8Embedding(nn.Module):
         self.dtype = head.dtype if self.blocks else head.scales.dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.q6k is not None:  # computed in float32, rounded once
-            return self.q6k.dense_rows(ids, torch.float32).view(*ids.shape, -1).to(self.dtype)
+        if self.kquant is not None:  # computed in float32, rounded once
+            return self.kquant.dense_rows(ids, torch.float32).view(*ids.shape, -1).to(self.dtype)
         if self.blocks:  # few rows: computed in float32, rounded once
             return _block_rows(self.codes, self.scales, self.block_flags, ids, torch.float32).to(self.dtype)
         return self.codes[ids].to(self.dtype) * self.scales[ids].unsqueeze(-1)

@@ -392,19 +392,31 @@ def q5_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: 
     return _codes(q, n, k, codes_out), rows(fields[0]), rows(offset)
 
 
-Q6K_TYPES = (14,)  # Q6_K, kept as stored (`q6k_codes`)
+KQUANT_TYPES = {"q4_k": 12, "q5_k": 13, "q6_k": 14}  # kept as stored (`kquant_codes`, quant.KQuantWeight)
 
 
-def q6k_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
-              codes_out: np.ndarray | None = None):
-    """Bytes of a (N, K) Q6_K matrix -> (codes uint8 (N, K) in [0, 63], sub-scales int8 (N, K / 16), d float32
-    (N, K / 256)): w = d * sc * (code - 32), for `quant.Q6KWeight`. codes_out as in `q4_codes` (uint8)."""
+def kquant_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, what: str = "tensor",
+                 codes_out: np.ndarray | None = None):
+    """Bytes of a (N, K) Q4_K / Q5_K / Q6_K matrix -> (codes uint8 (N, K), sub-scales (N, K / 16) int8 for Q6_K,
+    (N, K / 32) uint8 for Q4_K / Q5_K, d float32 (N, K / 256), and for Q4_K / Q5_K their minimums uint8
+    (N, K / 32) and dmin float32 (N, K / 256); else None, None): `quant.KQuantWeight`'s fields. Q6_K codes
+    are its values + 32 (0..63). codes_out as in `q4_codes` (uint8)."""
     n, k = shape
-    blocks = _matrix_blocks(data, ggml_type, shape, Q6K_TYPES, "Q6_K", what)
-    q, _ = _q6_k_values(blocks, None if codes_out is None else codes_out.view(np.int8))
-    q += np.int8(32)  # in place: values -32..31 -> codes 0..63
-    sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(n, k // 16)
-    return _codes(q.view(np.uint8), n, k, codes_out), sub, _f16(blocks, 208).reshape(n, k // 256)
+    blocks = _matrix_blocks(data, ggml_type, shape, tuple(KQUANT_TYPES.values()), "Q4_K/Q5_K/Q6_K", what)
+    if ggml_type == 14:
+        q, _ = _q6_k_values(blocks, None if codes_out is None else codes_out.view(np.int8))
+        q += np.int8(32)  # in place: values -32..31 -> codes 0..63
+        sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(n, k // 16)
+        return _codes(q.view(np.uint8), n, k, codes_out), sub, _f16(blocks, 208).reshape(n, k // 256), None, None
+    if ggml_type == 13:
+        q, _, _ = _q5_k_values(blocks, codes_out)
+    elif gguf_native.usable(blocks, 144):
+        q, _, _ = gguf_native.k_quant(blocks, five=False, codes=codes_out)
+    else:
+        q = _nibbles(blocks[:, 16:144].reshape(-1, 32))
+    sc, mn = _k_scales(blocks[:, 4:16])
+    return (_codes(q, n, k, codes_out), sc.reshape(n, k // 32), _f16(blocks, 0).reshape(n, k // 256),
+            mn.reshape(n, k // 32), _f16(blocks, 2).reshape(n, k // 256))
 
 
 Q8_BLOCK_TYPES = (6, 8, 7, 13, 14, 11, 10, *Q4_TYPES)  # what `q8_block_codes` turns into int8 blocks

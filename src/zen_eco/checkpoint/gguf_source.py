@@ -21,9 +21,9 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..quant import Q4Weight, Q6KWeight, Q8BlockWeight
+from ..quant import KQuantWeight, Q4Weight, Q8BlockWeight
 from .gguf_file import GGUFFile
-from .gguf_quants import (Q4_TYPES, Q5_TYPES, Q6K_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q5_codes, q6k_codes,
+from .gguf_quants import (KQUANT_TYPES, Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, dequantize, kquant_codes, q4_codes, q5_codes,
                           q8_block_codes)
 from .names import gguf_to_hf, hf_to_gguf
 
@@ -32,7 +32,7 @@ PACKED = {
     "int4": (Q4_TYPES, q4_codes, Q4Weight),
     "int5": (Q5_TYPES + Q4_TYPES, q5_codes, partial(Q4Weight, bits=5)),
     "int8 blocks": (Q8_BLOCK_TYPES, q8_block_codes, Q8BlockWeight),
-    "q6_k": (Q6K_TYPES, q6k_codes, Q6KWeight),
+    **{kind: ((t,), kquant_codes, partial(KQuantWeight, kind)) for kind, t in KQUANT_TYPES.items()},  # as stored
 }
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
@@ -177,10 +177,10 @@ class GGUFSource:
         return tuple(int(d) for d in self._lookup(name)[1].shape)
 
     def get_packed(self, layout: str, name: str,
-                   codes_out: torch.Tensor | None = None) -> Q4Weight | Q6KWeight | Q8BlockWeight | None:
+                   codes_out: torch.Tensor | None = None) -> Q4Weight | KQuantWeight | Q8BlockWeight | None:
         """The tensor in `layout` (PACKED: "int4" Q4_0/Q4_1/Q4_K codes; "int5" those and the Q5 types as
-        5-bit codes; "int8 blocks" `q8_block_codes`' types as int8 with block scales; "q6_k" Q6_K as
-        stored), or None where its
+        5-bit codes; "int8 blocks" `q8_block_codes`' types as int8 with block scales; "q4_k", "q5_k",
+        "q6_k" those K-quants as stored), or None where its
         type does not map onto it. codes_out: a contiguous CPU tensor of the layout's code dtype and the
         matrix's shape (rows of a fused matrix) that the codes are decoded into, and that the weight holds."""
         if not self.stores_as(layout, name):

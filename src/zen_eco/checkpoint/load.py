@@ -22,10 +22,11 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import (Int8Embedding, Q4Weight, Q6KWeight, Q8BlockWeight, Q8Weight, QuantSpec, int4_supported,
+from ..quant import (Int8Embedding, KQuantWeight, Q4Weight, Q8BlockWeight, Q8Weight, QuantSpec, int4_supported,
                      parse_quant, quantized_linear)
-from .. import q4_kernel, q6_kernel
+from .. import kquant_kernel, q4_kernel
 from .gguf_file import GGUF_MAGIC
+from .gguf_quants import KQUANT_TYPES
 from .names import internal_to_hf
 from .quantized import QuantizedSource, read_quantization
 from .resolve import resolve_model
@@ -105,11 +106,12 @@ def load_weights(
 
     quant (see zen_eco.quant.QUANT_MODES):
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
-              stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q6_K ones (and tied table) as
-              stored where the CPU has AVX-512 VNNI (`Q6KLinear`), its Q8_0/Q3_K/Q2_K layer matrices (Q6_K
-              elsewhere) and tied table int8 with their block scales (`Int8BlockLinear`), where our kernels
-              run (CPU, bf16 activations); a fused matrix whose parts mix 4/5-bit and int8-only types (q, k
-              Q4_K and v Q6_K) is a `StackedLinear` of both; everything else is `dtype`.
+              stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q8_0/Q3_K/Q2_K layer matrices (and
+              Q6_K) and tied table int8 with their block scales (`Int8BlockLinear`), where our kernels run
+              (CPU, bf16 activations); where the CPU has AVX-512 VNNI, Q4_K, Q5_K and Q6_K matrices (and a
+              Q6_K table) as stored instead (`KQuantLinear`); a fused matrix whose parts' types share no
+              layout (q, k Q4_K and v Q6_K) is a `StackedLinear` of each run of parts; everything else is
+              `dtype`.
       "none"  every weight dequantized to `dtype`.
       "int8", "int4" (= "int4-g32"), "int4-g64", "int4-g128": the layers' linear matrices quantized
               while loading, an untied output head int8 (see QuantSpec). A quantized checkpoint only
@@ -165,13 +167,13 @@ def load_weights(
         if use_stored:
             return _stored_weight(ckpt, hf_names, shape)
         if gguf_packed and name.startswith("layers."):
-            return (_packed_q4(ckpt.source, hf_names, shape, available)
+            return (_packed_kquant(ckpt.source, hf_names, shape, available)
+                    or _packed_q4(ckpt.source, hf_names, shape, available)
                     or _packed_q5(ckpt.source, hf_names, shape, available)
                     or _packed_stacked(ckpt.source, hf_names, shape, available)
-                    or _packed_q6k(ckpt.source, hf_names, shape, available)
                     or _packed_q8_blocks(ckpt.source, hf_names, shape, available))
         if gguf_packed and name == "embed.weight" and config.tie_word_embeddings:  # the tied table as stored
-            return (_packed_q6k(ckpt.source, hf_names, shape, available)
+            return (_packed_kquant(ckpt.source, hf_names, shape, available)
                     or _packed_q8_blocks(ckpt.source, hf_names, shape, available))
         spec = (on_the_fly.for_weight(name, config.tie_word_embeddings, int8_head=device.type == "cpu")
                 if on_the_fly is not None else None)
@@ -290,7 +292,7 @@ def _packed(source, layout: str, cat, hf_names, shape, available):
     shapes = [source.matrix_shape(h) for h in hf_names]
     if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes):
         return None
-    codes = torch.empty(shape, dtype=torch.int8 if layout == "int8 blocks" else torch.uint8)  # q6_k: uint8 too
+    codes = torch.empty(shape, dtype=torch.int8 if layout == "int8 blocks" else torch.uint8)
     parts, at = [], 0
     for h, s in zip(hf_names, shapes):
         parts.append(source.get_packed(layout, h, codes_out=codes[at : at + s[0]]))
@@ -307,15 +309,20 @@ def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | Non
 
 
 def _packed_stacked(source, hf_names, shape, available) -> list | None:
-    """A fused matrix whose parts' types share no layout (4- or 5-bit types next to int8-only ones such as
-    Q6_K), as one weight per run of parts of the same family (`StackedLinear`): rows in 4 or 5 bits stay
-    there instead of widening to int8 with the rest. None where the parts share a family or some part
-    maps onto neither."""
+    """A fused matrix whose parts' types share no layout (Q4_K_M's q, k Q4_K next to v Q6_K: two K-quants
+    as stored, or without their kernel 4-bit codes next to int8), as one weight per run of parts of the
+    same family (`StackedLinear`): no part widens to another's layout. None where the parts share a family
+    or some part maps onto none."""
     if not q4_kernel.available() or any(h not in available for h in hf_names):
         return None
-    q6k = q6_kernel.available()
-    families = ["4/5-bit" if source.stores_as("int5", h) else "Q6_K" if q6k and source.stores_as("q6_k", h)
-                else "int8" if source.stores_as("int8 blocks", h) else None for h in hf_names]
+    kquant = kquant_kernel.available()
+
+    def family(h: str) -> str | None:
+        stored = next((kind for kind in KQUANT_TYPES if kquant and source.stores_as(kind, h)), None)
+        return stored or ("4/5-bit" if source.stores_as("int5", h) else "int8" if source.stores_as("int8 blocks", h)
+                          else None)
+
+    families = [family(h) for h in hf_names]
     if None in families or len(set(families)) == 1:
         return None
     shapes = [source.matrix_shape(h) for h in hf_names]
@@ -326,20 +333,21 @@ def _packed_stacked(source, hf_names, shape, available) -> list | None:
         run = list(run)
         names, rows = tuple(hf_names[i] for i in run), sum(shapes[i][0] for i in run)
         sub = (rows, *shape[1:])
-        w = (_packed_q4(source, names, sub, available) or _packed_q5(source, names, sub, available)
-             or _packed_q6k(source, names, sub, available) or _packed_q8_blocks(source, names, sub, available))
+        w = (_packed_kquant(source, names, sub, available) or _packed_q4(source, names, sub, available)
+             or _packed_q5(source, names, sub, available) or _packed_q8_blocks(source, names, sub, available))
         if w is None:
             return None
         weights.append(w)
     return weights
 
 
-def _packed_q6k(source, hf_names, shape, available) -> Q6KWeight | None:
-    """The fused weight as Q6_K stores it if every part is Q6_K and our kernel for it is built (AVX-512 VNNI;
-    elsewhere Q6_K goes to int8 blocks)."""
-    if not q6_kernel.available():
+def _packed_kquant(source, hf_names, shape, available) -> KQuantWeight | None:
+    """The fused weight as stored if every part is one K-quant type (Q4_K, Q5_K or Q6_K) and our kernel for
+    them is built (AVX-512 VNNI; elsewhere Q4_K goes to int4, Q5_K to 5-bit codes, Q6_K to int8 blocks)."""
+    if not kquant_kernel.available() or any(h not in available for h in hf_names):
         return None
-    return _packed(source, "q6_k", Q6KWeight.cat, hf_names, shape, available)
+    kind = next((k for k in KQUANT_TYPES if source.stores_as(k, hf_names[0])), None)
+    return None if kind is None else _packed(source, kind, KQuantWeight.cat, hf_names, shape, available)
 
 
 def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:

@@ -26,7 +26,8 @@ from .. import decode_kernel as dk
 from .. import kv_kernel, kv_quant
 from ..kv_cache import KVCache
 from ..kv_quant import QuantizedKVCache
-from ..quant import Int4Linear, Int8BlockLinear, Int8Linear, Q6KLinear, StackedLinear
+from .. import kquant_kernel
+from ..quant import Int4Linear, Int8BlockLinear, Int8Linear, KQuantLinear, StackedLinear
 from ..rope import rope_cos_sin
 
 ROPE_ROWS = 256  # positions whose cos/sin rows are computed at a time
@@ -71,7 +72,7 @@ class NativeStep:
         if model.config.head_dim > dk.MAX_HEAD_DIM or model.config.head_dim % 2:
             return f"head_dim {model.config.head_dim} not supported"
         for name, mod in model.named_modules():
-            if isinstance(mod, (Int4Linear, Int8Linear, Int8BlockLinear, Q6KLinear)) and mod.backend != "native":
+            if isinstance(mod, (Int4Linear, Int8Linear, Int8BlockLinear, KQuantLinear)) and mod.backend != "native":
                 return f"{name}: {type(mod).__name__} backend {mod.backend!r}"
             if type(mod) is nn.Linear and mod.weight.dtype not in (torch.float32, torch.bfloat16):
                 return f"{name}: dense weights in {mod.weight.dtype}"
@@ -102,9 +103,10 @@ class NativeStep:
         if isinstance(mod, Int8Linear):
             return dk.Linear(dk.LIN_Q8, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
                              mod.scales_f32.data_ptr(), bias_ptr)
-        if isinstance(mod, Q6KLinear):
-            return dk.Linear(dk.LIN_Q6K, mod.out_features, mod.in_features, 0, mod.packed.data_ptr(),
-                             mod.sub_scales.data_ptr(), bias_ptr, mod.high.data_ptr(), None, mod.d.data_ptr())
+        if isinstance(mod, KQuantLinear):
+            return dk.Linear(dk.LIN_KQ, mod.out_features, mod.in_features, kquant_kernel.KINDS[mod.kind],
+                             mod.packed.data_ptr(), mod.sub_scales.data_ptr(), bias_ptr, mod.high.data_ptr(), None,
+                             mod.d.data_ptr())
         if isinstance(mod, Int8BlockLinear):
             return dk.Linear(dk.LIN_Q8B, mod.out_features, mod.in_features, mod.block_flags, mod.codes.data_ptr(),
                              mod.block_scales.data_ptr(), bias_ptr)

@@ -1,0 +1,331 @@
+"""GGUF's K-quants (Q4_K, Q5_K, Q6_K) as stored, on the CPU: y = x W^T and W itself.
+
+Per 256 columns a float16 d (Q4_K, Q5_K: also a dmin); Q6_K: per 16 columns a signed 8-bit sub-scale sc
+and 6-bit codes q, w = d sc (q - 32); Q4_K / Q5_K: per 32 columns 6-bit sc and m, 4- / 5-bit codes,
+w = d sc q - dmin m. Our int4 layout held Q4_K as a float16 scale and offset per 32 columns (5 bits a
+weight against the file's 4.5) and Q6_K as int8 with a float16 scale per 16 (9 bits against 6.56): for
+zen-eco-4b Q4_K_M 3.1 GB read per token where the file has 2.5. Kept as they are (the sub-scales in
+bytes), a weight takes 4.63 / 5.63 / 6.56 bits and the products d * sc, dmin * m are ggml's float32 ones.
+
+Layout (`pack`), per row of W: the low four bits of the codes as `q4_kernel.pack` lays out int4 codes
+(16 bytes a block of 32: byte j = column j | column 16 + j); bit 4 (Q5_K, Q6_K) and bit 5 (Q6_K) as bit
+planes, each as `q4_kernel.pack_high` lays out a fifth bit (a 64-bit mask per 64 bytes of codes, in their
+byte order); two byte planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last
+16 columns, Q4_K / Q5_K sc and m; per 256 columns float16 d (Q4_K / Q5_K: d, dmin pairs).
+
+The kernel (AVX-512 VNNI only: `available()`) is the int4 decode loop's: x rounded to 15-bit integers per
+block of 32 and split into two byte planes, four `vpdpbusd` per 64 bytes of codes and row of x, the bit
+planes added by masked byte adds (the low nibbles are each block's first 16 columns and the high nibbles
+its last 16, so Q6_K's two sub-scales each take their own sums), the offsets times the sums of x as
+rounded. Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for a few rows; from GEMM_MIN_ROWS rows the
+prompt GEMM (`prompt_gemm`, its K-quant panels); `dequantize` for a dense GEMM (long prompts) and for rows
+of a tied embedding table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import q4_kernel
+
+KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the C side's KQ_*: also the number of bit planes above the nibbles
+SUPER = 256  # columns per d (a K-quant block)
+
+C_SOURCE = r"""
+/* ---- GGUF K-quants as stored (kquant_kernel.py) ---- */
+enum { KQ_Q4K = 0, KQ_Q5K = 1, KQ_Q6K = 2 };  /* also the number of bit planes above the low nibbles */
+
+INLINE int kq_nbp(int K) { return (K / 32 + 15) & ~15; }  /* a sub-scale plane's length: blocks, padded to 16 */
+INLINE int kq_nd(int kind) { return kind == KQ_Q6K ? 1 : 2; }  /* float16 planes per 256 columns: d (, dmin) */
+
+/* One weight's buffers (kquant_kernel.pack), at row 0 of those given; d: (d, dmin) pairs for Q4_K / Q5_K. */
+typedef struct { int kind; const uint8_t *codes, *high, *sc; const uint16_t *d; } kq_t;
+
+INLINE kq_t kq_row(const kq_t *w, int K, int64_t n) {
+    const kq_t r = {w->kind, w->codes + n * (K / 2), w->high + n * w->kind * high_stride(K), w->sc + n * 2 * kq_nbp(K),
+                    w->d + n * kq_nd(w->kind) * (K / 256)};
+    return r;
+}
+
+#ifdef ZEN_VNNI
+/* Rows of x for the K-quant loops: quantize_planes' planes, scales and half-block sums (of x as rounded). */
+typedef struct { const int8_t *xp; const float *xd, *xa, *xb; } kqx_t;
+
+/* d (and dmin: Q4_K, Q5_K) of the one or two super-blocks that blocks b0 .. b0 + n16 - 1 span, each over its
+   8 blocks' lanes: one load of the row's interleaved float16 (d, dmin) pairs. */
+INLINE void kq_supers(const int KIND, const uint16_t *d, int b0, int n16, __m512 *dv, __m512 *mv) {
+    const int nd = kq_nd(KIND), count = n16 / 8 * nd;
+    const __m512 v = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << count) - 1),
+                                                                              d + b0 / 8 * nd)));
+    const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);  /* super-block per lane */
+    const __m512i at = _mm512_mullo_epi32(first, _mm512_set1_epi32(nd));
+    *dv = _mm512_permutexvar_ps(at, v);
+    if (KIND != KQ_Q6K) *mv = _mm512_permutexvar_ps(_mm512_add_epi32(at, _mm512_set1_epi32(1)), v);
+}
+
+/* 16 sub-scales (or minimums) from `at` as floats: int8 for Q6_K, uint8 for Q4_K / Q5_K. */
+INLINE __m512 kq_scales16(const int KIND, const uint8_t *at) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)at);
+    return _mm512_cvtepi32_ps(KIND == KQ_Q6K ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
+}
+
+/* out[j * RX + r] = x_r . w_j for RW rows of W (rows_w <= RW real; the others repeat row 0, dropped) and RX
+   rows of x. Constant KIND, RW, RX (always inlined): accumulators in registers. Per 64 bytes of low nibbles
+   (four blocks): the nibbles as unsigned bytes, bits 4 (and 5) added by masked adds from the bit planes,
+   four vpdpbusd per row of x against x = 128 h + l; the low nibbles hold each block's first 16 columns and
+   the high its last 16, so Q6_K's two sub-scales per block each take their own sums. */
+INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_w, const kq_t *w, const kqx_t *x,
+                    float *out) {
+    const int nb = K / 32, hs = high_stride(K), nbp = kq_nbp(K), nsb = K / 256;
+    const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
+    const __m512i low = _mm512_set1_epi8(15);
+    kq_t row[4];
+    for (int j = 0; j < RW; j++) row[j] = kq_row(w, K, j < rows_w ? j : 0);
+    __m512 acc[4][4];
+    for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int n16 = nb - b0 < 16 ? nb - b0 : 16;  /* a multiple of 8: K is one of 256 */
+        __m512 ca[4][4], cb[4][4];  /* per block: the scale of its first (last) 16 columns times x's scale */
+        for (int j = 0; j < RW; j++) {
+            if ((b0 & 63) == 0) {  /* a line of sub-scales covers 64 blocks, of d (, dmin) 128 or more */
+                prefetch_side(row[j].sc + b0, rows_ahead, 2 * nbp);
+                prefetch_side(row[j].sc + nbp + b0, rows_ahead, 2 * nbp);
+                prefetch_side(row[j].d + b0 / 8 * kq_nd(KIND), rows_ahead, 2 * kq_nd(KIND) * nsb);
+            }
+            for (int i = 0; i < KIND; i++) prefetch_side(row[j].high + i * hs + b0 * 4, rows_ahead, KIND * hs);
+            __m512 dv, mv;
+            kq_supers(KIND, row[j].d, b0, n16, &dv, &mv);
+            const __m512 sa = _mm512_mul_ps(dv, kq_scales16(KIND, row[j].sc + b0));
+            const __m512 sb = KIND == KQ_Q6K ? _mm512_mul_ps(dv, kq_scales16(KIND, row[j].sc + nbp + b0)) : sa;
+            /* offsets: Q6_K -32 * scale per half; Q4_K / Q5_K -dmin * m per block */
+            const __m512 za = KIND == KQ_Q6K ? _mm512_mul_ps(sa, _mm512_set1_ps(-32.0f))
+                                             : _mm512_mul_ps(_mm512_mul_ps(mv, _mm512_set1_ps(-1.0f)),
+                                                             kq_scales16(KIND, row[j].sc + nbp + b0));
+            const __m512 zb = KIND == KQ_Q6K ? _mm512_mul_ps(sb, _mm512_set1_ps(-32.0f)) : za;
+            for (int r = 0; r < RX; r++) {
+                const __m512 xdv = _mm512_loadu_ps(x[r].xd + b0);
+                ca[j][r] = _mm512_mul_ps(sa, xdv), cb[j][r] = _mm512_mul_ps(sb, xdv);
+                acc[j][r] = _mm512_fmadd_ps(za, _mm512_loadu_ps(x[r].xa + b0), acc[j][r]);
+                acc[j][r] = _mm512_fmadd_ps(zb, _mm512_loadu_ps(x[r].xb + b0), acc[j][r]);
+            }
+        }
+        for (int p = 0; p < n16; p += 4) {
+            const int b = b0 + p;
+            __m512i l0[4], h0[4], l1[4], h1[4];  /* x's planes for these four blocks, loaded once for all RW rows */
+            for (int r = 0; r < RX; r++) {
+                const int8_t *x4 = x[r].xp + (int64_t)(b / 4) * 256;
+                l0[r] = _mm512_loadu_si512(x4), h0[r] = _mm512_loadu_si512(x4 + 64);
+                l1[r] = _mm512_loadu_si512(x4 + 128), h1[r] = _mm512_loadu_si512(x4 + 192);
+            }
+            for (int j = 0; j < RW; j++) {
+                const uint8_t *c = row[j].codes + b * 16;
+                __builtin_prefetch(c + ahead, 0, 2);
+                const __m512i wv = _mm512_loadu_si512(c);
+                __m512i c0 = _mm512_and_si512(wv, low), c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                for (int i = 0; i < KIND; i++) {  /* bit 4 + i: + 16 << i where set */
+                    uint64_t h[2];
+                    __builtin_memcpy(h, row[j].high + i * hs + (b / 4) * 16, 16);
+                    const __m512i add = _mm512_set1_epi8((char)(16 << i));
+                    c0 = _mm512_mask_add_epi8(c0, (__mmask64)h[0], c0, add);
+                    c1 = _mm512_mask_add_epi8(c1, (__mmask64)h[1], c1, add);
+                }
+                for (int r = 0; r < RX; r++) {
+                    if (KIND == KQ_Q6K) {  /* each half its own sub-scale */
+                        const __m512i d0 = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, l0[r]),
+                                                            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, h0[r]), 7));
+                        const __m512i d1 = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c1, l1[r]),
+                                                            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c1, h1[r]), 7));
+                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), quad_scale(ca[j][r], p), acc[j][r]);
+                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), quad_scale(cb[j][r], p), acc[j][r]);
+                    } else {  /* one scale a block: both halves in one sum */
+                        const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, l0[r]), c1, l1[r]);
+                        const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, h0[r]), c1, h1[r]);
+                        const __m512i d = _mm512_add_epi32(lo, _mm512_slli_epi32(hi, 7));
+                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), quad_scale(ca[j][r], p), acc[j][r]);
+                    }
+                }
+            }
+        }
+    }
+    for (int j = 0; j < rows_w; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum16(acc[j][r]);
+}
+
+/* One tile with constant KIND, RW, RX. (The OpenMP loops live in zen_kq_linear itself: a loop inside an
+   inlined helper is outlined before inlining, with its constants turned back into variables: 1.5x slower.) */
+#define KQ_TILE(KIND_, RW_, RX_, ROWS_, W_, X_, OUT_) do { \
+    if ((KIND_) == KQ_Q4K) kq_tile(KQ_Q4K, RW_, RX_, K, ROWS_, W_, X_, OUT_); \
+    else if ((KIND_) == KQ_Q5K) kq_tile(KQ_Q5K, RW_, RX_, K, ROWS_, W_, X_, OUT_); \
+    else kq_tile(KQ_Q6K, RW_, RX_, K, ROWS_, W_, X_, OUT_); } while (0)
+#endif
+
+/* 1 where the K-quant kernel is built (AVX-512 VNNI): else zen_kq_linear returns -2. */
+int zen_kq_available(void) {
+#ifdef ZEN_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y (M, N) = x (M, K) W^T for W of `kind` (KQ_*) in kquant_kernel.pack's buffers; x and y float32 or
+   bfloat16 (x_bf16, y_bf16). 0; -1 where memory runs out; -2 where not built (no AVX-512 VNNI). */
+int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
+                  const uint8_t *sc, const uint16_t *d, void *y, int y_bf16, int n_threads) {
+#ifdef ZEN_VNNI
+    const int nbx = (K / 32 + 15) & ~15;
+    const int64_t plane = (int64_t)(K / 32 + 3) / 4 * 256;
+    int8_t *xp = calloc((size_t)M * plane, 1);
+    float *sums = calloc((size_t)4 * M * nbx, sizeof(float));  /* per row: xd, block sums, first-half, last-half */
+    kqx_t *xs = malloc((size_t)M * sizeof(kqx_t));
+    if (!xp || !sums || !xs) { free(xp); free(sums); free(xs); return -1; }
+    for (int m = 0; m < M; m++) {
+        float *s = sums + (int64_t)4 * m * nbx;
+        quantize_planes(K, (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4), x_bf16, xp + m * plane, s, s + nbx,
+                        s + 2 * nbx);
+        xs[m] = (kqx_t){xp + m * plane, s, s + 2 * nbx, s + 3 * nbx};
+    }
+    const kq_t w = {kind, codes, high, sc, d};
+    if (M == 1) {  /* decode: four rows of W a tile */
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int n = 0; n < N; n += 4) {
+            float out[4];
+            const int rows = N - n < 4 ? N - n : 4;
+            const kq_t wn = kq_row(&w, K, n);
+            KQ_TILE(kind, 4, 1, rows, &wn, xs, out);
+            for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
+        }
+    } else {  /* a few rows of x: one row of W a tile, four rows of x at a time */
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int n = 0; n < N; n++) {
+            const kq_t wn = kq_row(&w, K, n);
+            for (int m0 = 0; m0 < M; m0 += 4) {
+                float out[4];
+                const int R = M - m0 < 4 ? M - m0 : 4;
+                switch (R) {
+                    case 1: KQ_TILE(kind, 1, 1, 1, &wn, xs + m0, out); break;
+                    case 2: KQ_TILE(kind, 1, 2, 1, &wn, xs + m0, out); break;
+                    case 3: KQ_TILE(kind, 1, 3, 1, &wn, xs + m0, out); break;
+                    default: KQ_TILE(kind, 1, 4, 1, &wn, xs + m0, out); break;
+                }
+                for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
+            }
+        }
+    }
+    free(xp);
+    free(sums);
+    free(xs);
+    return 0;
+#else
+    return -2;
+#endif
+}
+
+/* Block b of a K-quant row as its 32 codes (0..63) and the float scale / offset of its first and last 16
+   columns: w = scale * code + offset, ggml's float32 products. */
+INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, float *offset) {
+    const int hs = high_stride(K), nbp = kq_nbp(K);
+    for (int j = 0; j < 16; j++) q[j] = r->codes[b * 16 + j] & 15, q[j + 16] = r->codes[b * 16 + j] >> 4;
+    for (int i = 0; i < r->kind; i++) {
+        const uint32_t a = high_bits16(r->high + i * hs, b, 0), z = high_bits16(r->high + i * hs, b, 1);
+        for (int j = 0; j < 16; j++) q[j] |= (a >> j & 1) << (4 + i), q[j + 16] |= (z >> j & 1) << (4 + i);
+    }
+    const float d = f16(r->d[b / 8 * kq_nd(r->kind)]);
+    if (r->kind == KQ_Q6K) {
+        scale[0] = d * (float)(int8_t)r->sc[b], scale[1] = d * (float)(int8_t)r->sc[nbp + b];
+        offset[0] = -32.0f * scale[0], offset[1] = -32.0f * scale[1];
+    } else {
+        scale[0] = scale[1] = d * (float)r->sc[b];
+        offset[0] = offset[1] = -(f16(r->d[b / 8 * 2 + 1]) * (float)r->sc[nbp + b]);
+    }
+}
+
+/* Rows of the dense weight, float32 or (out_bf16) bfloat16, as ggml computes them: Q6_K (d * sc) * (q - 32),
+   Q4_K / Q5_K (d * sc) * q - dmin * m; rounded once. rows: the R row indices to give (out is (R, K)); NULL:
+   all rows, in order. */
+void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t *high, const uint8_t *sc,
+                    const uint16_t *d, const int64_t *rows, void *out, int out_bf16, int n_threads) {
+    const kq_t w = {kind, codes, high, sc, d};
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int i = 0; i < R; i++) {
+        const kq_t r = kq_row(&w, K, rows ? rows[i] : i);
+        for (int b = 0; b < K / 32; b++) {
+            uint8_t q[32];
+            float scale[2], offset[2], v[32];
+            kq_block(&r, K, b, q, scale, offset);
+            if (kind == KQ_Q6K) for (int j = 0; j < 32; j++) v[j] = scale[j / 16] * (float)((int)q[j] - 32);
+            else for (int j = 0; j < 32; j++) v[j] = scale[j / 16] * (float)q[j] + offset[j / 16];
+            store32(out, out_bf16, (int64_t)i * K + b * 32, v);
+        }
+    }
+}
+"""
+
+def available() -> bool:
+    """Whether the K-quant kernel is built here (AVX-512 VNNI): loaders keep K-quants as stored only then."""
+    lib = q4_kernel.library()
+    return lib is not None and bool(lib.zen_kq_available())
+
+
+def pack(kind: str, codes: torch.Tensor, sub_scale: torch.Tensor, d: torch.Tensor, sub_min: torch.Tensor | None = None,
+         dmin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """A `quant.KQuantWeight`'s fields -> the kernel's buffers: low four bits (N, K / 2) uint8; bit planes
+    (N, planes, high bytes) uint8 (none for Q4_K); sub-scale planes (N, 2, K / 32 rounded up to 16) uint8
+    (Q6_K: int8 bits of each block's first 16 columns' scale, then its last 16's; Q4_K / Q5_K: sc, then m);
+    (N, K / 256, 1 or 2) float16 d (Q4_K / Q5_K: d, dmin pairs)."""
+    n, k = codes.shape
+    if k % SUPER:
+        raise ValueError(f"K-quant rows are whole blocks of {SUPER} columns, not {k}")
+    codes = codes.contiguous()
+    packed, _ = q4_kernel.pack(codes, torch.zeros(n, 1), torch.zeros(n, 1))
+    planes = [q4_kernel.pack_high(codes >> i) for i in range(KINDS[kind])]  # bit 4 + i as a "fifth bit"
+    high = torch.stack(planes, 1) if planes else torch.zeros(n, 0, 16, dtype=torch.uint8)
+    if kind == "q6_k":
+        sc = sub_scale.view(n, k // 32, 2).transpose(1, 2).view(torch.uint8)  # (N, 2, K / 32)
+        ds = d[..., None]
+    else:
+        sc = torch.stack([sub_scale, sub_min], 1)
+        ds = torch.stack([d, dmin], -1)
+    sc = torch.nn.functional.pad(sc, (0, -(k // 32) % 16)).contiguous()
+    return packed, high.contiguous(), sc, ds.to(torch.float16).contiguous()
+
+
+def dequantize(kind: str, packed: torch.Tensor, high: torch.Tensor, sc: torch.Tensor, d: torch.Tensor,
+               dtype: torch.dtype, rows: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
+    """`pack`'s buffers -> the dense weight (rows `rows`: an int64 index tensor; None: all) in `dtype` (float32 or
+    bfloat16), ggml's float32 values rounded once. reuse: as `q4_kernel.dequantize_int4`."""
+    k = packed.shape[1] * 2
+    if rows is not None:
+        rows = rows.reshape(-1).to(torch.int64).contiguous()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= packed.shape[0]):
+            raise IndexError(f"row index out of range for a weight of {packed.shape[0]} rows")
+    r = packed.shape[0] if rows is None else rows.numel()
+    out = q4_kernel._weight_buffer(r, k, dtype, reuse and rows is None)
+    q4_kernel.library().zen_kq_dequant(KINDS[kind], r, k, packed.data_ptr(), high.data_ptr(), sc.data_ptr(),
+                                       d.data_ptr(), None if rows is None else rows.data_ptr(), out.data_ptr(),
+                                       dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+def _kq_linear(x: torch.Tensor, kind: int, packed: torch.Tensor, high: torch.Tensor, sc: torch.Tensor,
+               d: torch.Tensor, out_dtype: torch.dtype, gemm: bool | None = None) -> torch.Tensor:
+    (m, k), n = x.shape, packed.shape[0]
+    run = q4_kernel._entry(m, "kq", gemm)  # the prompt GEMM from GEMM_MIN_ROWS rows, as the other layouts
+    return q4_kernel._linear(x, n, out_dtype, lambda xp, xb, yp, yb: run(
+        kind, m, n, k, xp, xb, packed.data_ptr(), high.data_ptr(), sc.data_ptr(), d.data_ptr(), yp, yb,
+        torch.get_num_threads()))
+
+
+_kq_op = torch.library.custom_op("zen_eco::kq_linear", _kq_linear, mutates_args=())
+
+
+@_kq_op.register_fake
+def _(x, kind, packed, high, sc, d, out_dtype, gemm=None):
+    return x.new_empty((x.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
+def matmul(x: torch.Tensor, kind: str, packed: torch.Tensor, high: torch.Tensor, sc: torch.Tensor, d: torch.Tensor,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype` for `pack`'s buffers of a `kind` weight (where `available()`)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.zen_eco.kq_linear(x, KINDS[kind], packed, high, sc, d, out_dtype)
+    return _kq_linear(x, KINDS[kind], packed, high, sc, d, out_dtype)

@@ -1,0 +1,167 @@
+"""GGUF's K-quants (Q4_K, Q5_K, Q6_K) kept as stored (kquant_kernel, quant.KQuantLinear).
+
+References: gguf-py's `dequantize` for the file's values (bit-identical: our decode keeps ggml's float32
+products d * sc, dmin * m), and float64 matmuls of those values for the kernel. Kernel tolerance 2e-4
+relative L2: x is rounded to 15-bit integers per block of 32 (a step of 2^-14 of the block's largest |x|,
+as the int4 decode loop; the prompt GEMM 16-bit), measured 2e-5 to 1.1e-4 on random blocks; a sub-scale,
+a minimum or a bit plane read for the wrong block or half is off by > 1e-2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zen_eco import kquant_kernel, q4_kernel
+from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES, kquant_codes
+from zen_eco.quant import KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight, native_max_rows
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(not kquant_kernel.available(), reason="the K-quant kernel needs AVX-512 VNNI")
+
+KERNEL_TOL = 2e-4
+KINDS = list(KQUANT_TYPES)
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+FP16_AT = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # d (and dmin) in each block
+
+
+def _random_blocks(kind: str, n_blocks: int, seed: int) -> np.ndarray:
+    """Random blocks of `kind` (any bytes are codes and sub-scales) with finite d (and dmin) over 4 decades."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_blocks, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for at in FP16_AT[kind]:
+        d = (rng.uniform(0.1, 1, n_blocks) * 10.0 ** rng.integers(-6, -2, n_blocks)).astype(np.float16)
+        blocks[:, at:at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def _weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[KQuantWeight, torch.Tensor]:
+    """A random matrix of `kind` as our weight, and gguf-py's float32 values of the same bytes."""
+    blocks = _random_blocks(kind, n * k // 256, seed)
+    t = KQUANT_TYPES[kind]
+    ref = gguf.quants.dequantize(blocks.reshape(n, -1), gguf.GGMLQuantizationType(t)).reshape(n, k)
+    arrays = kquant_codes(blocks.reshape(-1), t, (n, k))
+    fields = (None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    return KQuantWeight(kind, *fields), torch.from_numpy(ref)
+
+
+def _bufs(w: KQuantWeight) -> tuple[torch.Tensor, ...]:
+    return kquant_kernel.pack(w.kind, w.codes, w.sub_scale, w.d, w.sub_min, w.dmin)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_codes_and_both_dequantizations_are_bit_identical_to_gguf(kind):
+    w, ref = _weight(kind, 6, 512)
+    assert w.codes.dtype == torch.uint8 and int(w.codes.max()) < {"q4_k": 16, "q5_k": 32, "q6_k": 64}[kind]
+    assert torch.equal(w.dequantize(), ref)
+    bufs = _bufs(w)
+    assert bufs[1].shape[1] == KINDS.index(kind)  # bit planes above the nibbles: 0, 1, 2
+    assert torch.equal(kquant_kernel.dequantize(kind, *bufs, torch.float32), ref)
+    assert torch.equal(kquant_kernel.dequantize(kind, *bufs, torch.bfloat16), ref.bfloat16())
+    rows = torch.tensor([[5, 0], [2, 2]])
+    assert torch.equal(kquant_kernel.dequantize(kind, *bufs, torch.float32, rows=rows), ref[rows.view(-1)])
+    with pytest.raises(IndexError):
+        kquant_kernel.dequantize(kind, *bufs, torch.float32, rows=torch.tensor([6]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_codes_decode_into_a_given_array_and_rows_cat(kind):
+    blocks = _random_blocks(kind, 4, 3)
+    out = np.zeros((2, 512), np.uint8)
+    codes, *_ = kquant_codes(blocks.reshape(-1), KQUANT_TYPES[kind], (2, 512), codes_out=out)
+    assert codes is out and out.max() > 0
+    a, ref_a = _weight(kind, 3, 256, seed=1)
+    b, ref_b = _weight(kind, 2, 256, seed=2)
+    joined = KQuantWeight.cat([a, b])
+    assert torch.equal(joined.dequantize(), torch.cat([ref_a, ref_b]))
+    assert torch.equal(joined.permute_rows(torch.tensor([4, 0])).dequantize(), torch.cat([ref_a, ref_b])[[4, 0]])
+    other = "q6_k" if kind != "q6_k" else "q4_k"
+    assert KQuantWeight.cat([a, _weight(other, 2, 256)[0]]) is None  # kinds differ: no one layout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,k", [(37, 256), (40, 768), (9, 2560)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 9])
+def test_kernel_matches_float64(kind, n, k, m):
+    """K of one super-block (a half-filled step of 16 blocks), 3 and 10; N not a multiple of the decode
+    loop's four rows; 1 row of x (the decode tiles) and 2-9 (tiles of 1 row of W x up to 4 of x)."""
+    w, ref = _weight(kind, n, k, seed=n + k)
+    bufs = _bufs(w)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    assert _rel(kquant_kernel.matmul(x, kind, *bufs), x.double() @ ref.double().T) < KERNEL_TOL
+    y = kquant_kernel.matmul(x.bfloat16(), kind, *bufs, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and _rel(y, x.bfloat16().double() @ ref.double().T) < 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_an_activation_outlier_costs_only_its_blocks_precision(kind, m):
+    """x is rounded per block of 32 to multiples of max |x| / 16383, and the offsets multiply x as rounded,
+    so |error| <= sum_c |w_c| step_c / 2 per output (plus float32 rounding): an outlier coarsens its block."""
+    w, ref = _weight(kind, 20, 512, seed=9)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(4))
+    x[:, 3] = 400.0
+    step = x.abs().view(m, -1, 32).amax(-1).double().repeat_interleave(32, -1) / 16383
+    want = x.double() @ ref.double().T
+    err = (kquant_kernel.matmul(x, kind, *_bufs(w)).double() - want).abs()
+    assert (err <= (step / 2) @ ref.double().abs().T * 1.001 + 1e-6 * want.abs()).all()
+    assert (err > 0).any()
+
+
+@pytest.mark.skipif(not q4_kernel.gemm_available(), reason="no prompt GEMM here")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,k,m", [(37, 256, 12), (40, 768, 17), (130, 512, 40)])
+def test_prompt_gemm_matches_float64_and_the_row_kernel(kind, n, k, m):
+    """The prompt GEMM's K-quant panels (16-bit x: half the row kernel's rounding) against the same float64
+    reference, and against the row tiles within both kernels' rounding."""
+    w, ref = _weight(kind, n, k, seed=n * k)
+    bufs = _bufs(w)
+    code = kquant_kernel.KINDS[kind]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    gemm = kquant_kernel._kq_linear(x, code, *bufs, torch.float32, gemm=True)
+    assert _rel(gemm, x.double() @ ref.double().T) < KERNEL_TOL
+    assert _rel(gemm, kquant_kernel._kq_linear(x, code, *bufs, torch.float32, gemm=False)) < KERNEL_TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_threads_give_identical_results(kind):
+    w, _ = _weight(kind, 64, 1024)
+    bufs = _bufs(w)
+    x = torch.randn(3, 1024)
+    saved = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append((kquant_kernel.matmul(x[:1], kind, *bufs), kquant_kernel.matmul(x, kind, *bufs)))
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_dispatch_bias_and_tied_embedding(kind):
+    w, ref = _weight(kind, 24, 512, seed=5)
+    bias = torch.randn(24)
+    layer = KQuantLinear(w, bias, torch.float32)
+    assert layer.native_rows == (native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS)
+    for m in (1, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 1, layer.native_rows):  # row tiles, GEMM, dense
+        x = torch.randn(2, m, 512)
+        assert _rel(layer(x), x.double() @ ref.double().T + bias.double()) < KERNEL_TOL
+    embed = Int8Embedding(layer)
+    ids = torch.tensor([[3, 23], [0, 3]])
+    assert torch.equal(embed(ids), ref[ids])
+    assert "kquant" not in dict(embed.named_modules()) and not list(embed.buffers())  # the head's buffers, once
+    with pytest.raises(ValueError, match="K-quant"):
+        KQuantLinear(w, None, torch.float32, kernel=False)
+
+
+def test_rows_must_be_whole_super_blocks():
+    with pytest.raises(ValueError, match="256"):
+        kquant_kernel.pack("q6_k", torch.zeros(2, 288, dtype=torch.uint8), torch.zeros(2, 18, dtype=torch.int8),
+                           torch.ones(2, 1))
