@@ -233,13 +233,13 @@ def test_fused_matrix_of_mixed_types_keeps_each_part_packed(tmp_path, contents):
     assert ((step - ref).norm() / ref.norm()).item() < 3e-2 and step.argmax() == ref.argmax()
 
 
-@pytest.mark.parametrize("mix, q_type", [("q4_k_m", "Q4_K"), ("q2_k", "Q2_K")])
+@pytest.mark.parametrize("mix, q_type", [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q2_k", "Q2_K")])
 def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path, mix, q_type):
-    """--type q4_k_m / q2_k: llama.cpp's quantizer makes its mix from the Q8_0 file (K-quants need rows
-    of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps Q4_K_M's Q4_K and Q6_K matrices (the tied
-    table, half of v and down Q6_K) as stored (KQuantLinear; without AVX-512 VNNI Q4_K as int4 and Q6_K as
-    int8 blocks), a q|k|v with a Q6_K v as a StackedLinear of both; Q2_K's
-    Q2_K / Q3_K matrices as int8 blocks too (a scale and an offset per 16 columns: no float copy). Its
+    """--type q4_k_m / q5_k_m / q2_k: llama.cpp's quantizer makes its mix from the Q8_0 file (K-quants need
+    rows of 256: a zen-eco-tiny widened to hidden 256). zen-eco keeps Q4_K_M's Q4_K and Q6_K matrices (the
+    tied table, half of v and down Q6_K) and Q5_K_M's Q5_K and Q6_K ones as stored (KQuantLinear; without
+    AVX-512 VNNI Q4_K as int4, Q5_K as 5-bit codes, Q6_K as int8 blocks), a q|k|v with a Q6_K v as a
+    StackedLinear; Q2_K's Q2_K / Q3_K matrices as int8 blocks (a scale and an offset per 16 columns). Its
     bf16 logits (one token and the prompt: both kernel paths) agree with its own dense float32 forward
     within bf16's rounding (3e-2 relative L2, as for the other bf16 runs; a misread layout is ~100%), and
     the float32 logits with llama.cpp's on the same file as the Q8_0 / Q4_0 files' do."""
@@ -255,7 +255,7 @@ def test_k_quant_mix_from_llama_cpp_runs_on_our_kernels(tmp_path, mix, q_type):
     ours = zen_eco.load(path, dtype="bfloat16", device="cpu")
     kinds = {type(m) for m in ours.model.modules()}
     stored = kquant_kernel.available()  # K-quants as stored where their kernel is built
-    assert (KQuantLinear if stored else Int8BlockLinear) in kinds and (mix == "q4_k_m" or Int8BlockLinear in kinds)
+    assert (KQuantLinear if stored else Int8BlockLinear) in kinds and (mix != "q2_k" or Int8BlockLinear in kinds)
     assert mix == "q2_k" or (KQuantLinear if stored else Int4Linear) in kinds or not int4_supported("cpu", torch.bfloat16)
     assert torch.nn.Linear not in kinds  # every matrix stays quantized
     dense = zen_eco.load(path, dtype="float32", device="cpu", quant="none")
