@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from zen_eco import kquant_kernel, q4_kernel
+from zen_eco import kquant_kernel, native, q4_kernel
 from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES, kquant_codes
 from zen_eco.quant import KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight, native_max_rows
 
@@ -165,3 +165,23 @@ def test_rows_must_be_whole_super_blocks():
     with pytest.raises(ValueError, match="256"):
         kquant_kernel.pack("q6_k", torch.zeros(2, 288, dtype=torch.uint8), torch.zeros(2, 18, dtype=torch.int8),
                            torch.ones(2, 1))
+
+
+def test_without_avx512_vnni_there_is_no_kquant_kernel(monkeypatch):
+    """The AVX2 build: available() is False (loaders keep Q4_K as int4, Q5_K as 5-bit codes, Q6_K as int8
+    blocks), zen_kq_linear says so (-2) instead of computing anything, and KQuantLinear refuses; the
+    dequantization, plain C, still gives gguf-py's values."""
+    w, ref = _weight("q5_k", 4, 512, seed=7)
+    base = native.flags
+    monkeypatch.setattr(native, "flags", lambda: base() + ["-DZEN_NO_VNNI"])
+    q4_kernel.library.cache_clear()
+    try:
+        assert not kquant_kernel.available()
+        bufs = _bufs(w)
+        assert torch.equal(kquant_kernel.dequantize("q5_k", *bufs, torch.float32), ref)
+        assert q4_kernel.library().zen_kq_linear(1, 1, 4, 512, None, 0, None, None, None, None, None, 0, 1) == -2
+        with pytest.raises(ValueError, match="K-quant"):
+            KQuantLinear(w, None, torch.float32)
+    finally:
+        monkeypatch.undo()
+        q4_kernel.library.cache_clear()

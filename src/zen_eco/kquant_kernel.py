@@ -7,10 +7,14 @@ weight against the file's 4.5) and Q6_K as int8 with a float16 scale per 16 (9 b
 zen-eco-4b Q4_K_M 3.1 GB read per token where the file has 2.5. Kept as they are (the sub-scales in
 bytes), a weight takes 4.63 / 5.63 / 6.56 bits and the products d * sc, dmin * m are ggml's float32 ones.
 
-Layout (`pack`), per row of W: the low four bits of the codes as `q4_kernel.pack` lays out int4 codes
-(16 bytes a block of 32: byte j = column j | column 16 + j); bit 4 (Q5_K, Q6_K) and bit 5 (Q6_K) as bit
-planes, each as `q4_kernel.pack_high` lays out a fifth bit (a 64-bit mask per 64 bytes of codes, in their
-byte order); two byte planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last
+Layout (`pack`), per row of W: the low four bits of the codes in panels: per 16 blocks of 32 columns (the
+last 8 or 16) each block's 16 bytes (byte j = column j | column 16 + j, as the int4 layout) as four words,
+word w of block i at word w n + i (the C source's code_pos), so that each 64-byte read holds
+one word of every block and a lane of the decode loop's sums is one block: a panel's four reads sum in
+integers, then one conversion and one multiply-add per 16 blocks (laid out as int4, each read's sums were
+four per block, converted and scaled read by read: 1.5x the instructions); bit 4 (Q5_K, Q6_K) and bit 5
+(Q6_K) as bit planes, each as `q4_kernel.pack_high` lays out a fifth bit (a 64-bit mask per 64 bytes of
+codes, in their byte order); two byte planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last
 16 columns, Q4_K / Q5_K sc and m; per 256 columns float16 d (Q4_K / Q5_K: d, dmin pairs).
 
 The kernel (AVX-512 VNNI only: `available()`) is the int4 decode loop's: x rounded to 15-bit integers per
@@ -109,43 +113,57 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
                 acc[j][r] = _mm512_fmadd_ps(zb, _mm512_loadu_ps(x[r].xb + b0), acc[j][r]);
             }
         }
-        for (int p = 0; p < n16; p += 4) {
-            const int b = b0 + p;
-            __m512i l0[4], h0[4], l1[4], h1[4];  /* x's planes for these four blocks, loaded once for all RW rows */
+        if (n16 < 16) {  /* the last panel of 8 blocks: lanes i and 8 + i both hold block i */
+            const __m512i dup = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+            for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++)
+                ca[j][r] = _mm512_permutexvar_ps(dup, ca[j][r]), cb[j][r] = _mm512_permutexvar_ps(dup, cb[j][r]);
+        }
+        /* integer sums per lane (= block) over the panel's reads: x = 128 h + l; Q6_K each half apart */
+        __m512i lo[4][4], hi[4][4], lo1[4][4], hi1[4][4];
+        for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++)
+            lo[j][r] = hi[j][r] = lo1[j][r] = hi1[j][r] = _mm512_setzero_si512();
+        for (int v = 0; v < n16 / 4; v++) {
+            const int chunk = b0 / 4 + v;  /* 64 bytes of codes: one word of each of the panel's blocks */
+            __m512i l0[4], h0[4], l1[4], h1[4];  /* x's planes for this read, loaded once for all RW rows */
             for (int r = 0; r < RX; r++) {
-                const int8_t *x4 = x[r].xp + (int64_t)(b / 4) * 256;
+                const int8_t *x4 = x[r].xp + (int64_t)chunk * 256;
                 l0[r] = _mm512_loadu_si512(x4), h0[r] = _mm512_loadu_si512(x4 + 64);
                 l1[r] = _mm512_loadu_si512(x4 + 128), h1[r] = _mm512_loadu_si512(x4 + 192);
             }
             for (int j = 0; j < RW; j++) {
-                const uint8_t *c = row[j].codes + b * 16;
+                const uint8_t *c = row[j].codes + (int64_t)chunk * 64;
                 __builtin_prefetch(c + ahead, 0, 2);
                 const __m512i wv = _mm512_loadu_si512(c);
                 __m512i c0 = _mm512_and_si512(wv, low), c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
                 for (int i = 0; i < KIND; i++) {  /* bit 4 + i: + 16 << i where set */
                     uint64_t h[2];
-                    __builtin_memcpy(h, row[j].high + i * hs + (b / 4) * 16, 16);
+                    __builtin_memcpy(h, row[j].high + i * hs + (int64_t)chunk * 16, 16);
                     const __m512i add = _mm512_set1_epi8((char)(16 << i));
                     c0 = _mm512_mask_add_epi8(c0, (__mmask64)h[0], c0, add);
                     c1 = _mm512_mask_add_epi8(c1, (__mmask64)h[1], c1, add);
                 }
                 for (int r = 0; r < RX; r++) {
-                    if (KIND == KQ_Q6K) {  /* each half its own sub-scale */
-                        const __m512i d0 = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, l0[r]),
-                                                            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, h0[r]), 7));
-                        const __m512i d1 = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c1, l1[r]),
-                                                            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c1, h1[r]), 7));
-                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), quad_scale(ca[j][r], p), acc[j][r]);
-                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), quad_scale(cb[j][r], p), acc[j][r]);
-                    } else {  /* one scale a block: both halves in one sum */
-                        const __m512i lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, l0[r]), c1, l1[r]);
-                        const __m512i hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, h0[r]), c1, h1[r]);
-                        const __m512i d = _mm512_add_epi32(lo, _mm512_slli_epi32(hi, 7));
-                        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), quad_scale(ca[j][r], p), acc[j][r]);
+                    lo[j][r] = _mm512_dpbusd_epi32(lo[j][r], c0, l0[r]);
+                    hi[j][r] = _mm512_dpbusd_epi32(hi[j][r], c0, h0[r]);
+                    if (KIND == KQ_Q6K) {  /* c1: each block's last 16 columns, their own sub-scale */
+                        lo1[j][r] = _mm512_dpbusd_epi32(lo1[j][r], c1, l1[r]);
+                        hi1[j][r] = _mm512_dpbusd_epi32(hi1[j][r], c1, h1[r]);
+                    } else {
+                        lo[j][r] = _mm512_dpbusd_epi32(lo[j][r], c1, l1[r]);
+                        hi[j][r] = _mm512_dpbusd_epi32(hi[j][r], c1, h1[r]);
                     }
                 }
             }
         }
+        for (int j = 0; j < RW; j++)
+            for (int r = 0; r < RX; r++) {
+                const __m512i d0 = _mm512_add_epi32(lo[j][r], _mm512_slli_epi32(hi[j][r], 7));
+                acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), ca[j][r], acc[j][r]);
+                if (KIND == KQ_Q6K) {
+                    const __m512i d1 = _mm512_add_epi32(lo1[j][r], _mm512_slli_epi32(hi1[j][r], 7));
+                    acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), cb[j][r], acc[j][r]);
+                }
+            }
     }
     for (int j = 0; j < rows_w; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum16(acc[j][r]);
 }
@@ -157,6 +175,45 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
     else if ((KIND_) == KQ_Q5K) kq_tile(KQ_Q5K, RW_, RX_, K, ROWS_, W_, X_, OUT_); \
     else kq_tile(KQ_Q6K, RW_, RX_, K, ROWS_, W_, X_, OUT_); } while (0)
 #endif
+
+/* codes (N, K) of `planes` bits above four -> packed (N, K / 2), each block's byte j (column j | column 16 + j)
+   at code_pos(1, K, b, j), and the bit planes (N, planes, high_stride(K)): bit 4 + i of the code in the bit
+   of plane i's masks that its byte's position has (the low nibble's 64-bit mask, then the high's). */
+void zen_kq_pack(int64_t N, int K, int planes, const uint8_t *codes, uint8_t *packed, uint8_t *high, int n_threads) {
+    const int hs = high_stride(K);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < N; r++) {
+        const uint8_t *c = codes + r * K;
+        uint8_t *o = packed + r * (K / 2), *h = high + r * planes * hs;
+        if (planes) __builtin_memset(h, 0, (size_t)planes * hs);
+        for (int b = 0; b < K / 32; b++) {
+            uint8_t bytes[16];
+            uint16_t bits[2][2] = {{0, 0}, {0, 0}};  /* per plane, half: bit j = that bit of column (16 half +) j */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+            const __m128i lo = _mm_loadu_si128((const __m128i *)(c + b * 32)), hi = _mm_loadu_si128((const __m128i *)(c + b * 32 + 16));
+            _mm_storeu_si128((__m128i *)bytes, _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi8(15)),
+                                                            _mm_slli_epi16(_mm_and_si128(hi, _mm_set1_epi8(15)), 4)));
+            for (int i = 0; i < planes; i++)
+                bits[i][0] = _mm_test_epi8_mask(lo, _mm_set1_epi8((char)(16 << i))),
+                bits[i][1] = _mm_test_epi8_mask(hi, _mm_set1_epi8((char)(16 << i)));
+#else
+            for (int j = 0; j < 16; j++) {
+                const uint8_t lo = c[b * 32 + j], hi = c[b * 32 + 16 + j];
+                bytes[j] = (uint8_t)((lo & 15) | (hi << 4));
+                for (int i = 0; i < planes; i++)
+                    bits[i][0] |= (uint16_t)(((lo >> (4 + i)) & 1) << j), bits[i][1] |= (uint16_t)(((hi >> (4 + i)) & 1) << j);
+            }
+#endif
+            for (int w = 0; w < 4; w++) {  /* a word of 4 bytes stays together: 4 bits of each mask */
+                const int64_t pos = code_pos(1, K, b, 4 * w);
+                __builtin_memcpy(o + pos, bytes + 4 * w, 4);
+                for (int i = 0; i < planes; i++)
+                    for (int half = 0; half < 2; half++)
+                        h[i * hs + pos / 64 * 16 + half * 8 + pos % 64 / 8] |= (uint8_t)((bits[i][half] >> (4 * w) & 15) << (pos % 8));
+            }
+        }
+    }
+}
 
 /* 1 where the K-quant kernel is built (AVX-512 VNNI): else zen_kq_linear returns -2. */
 int zen_kq_available(void) {
@@ -180,7 +237,7 @@ int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, cons
     if (!xp || !sums || !xs) { free(xp); free(sums); free(xs); return -1; }
     for (int m = 0; m < M; m++) {
         float *s = sums + (int64_t)4 * m * nbx;
-        quantize_planes(K, (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4), x_bf16, xp + m * plane, s, s + nbx,
+        quantize_planes(K, 1, (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4), x_bf16, xp + m * plane, s, s + nbx,
                         s + 2 * nbx);
         xs[m] = (kqx_t){xp + m * plane, s, s + 2 * nbx, s + 3 * nbx};
     }
@@ -224,10 +281,13 @@ int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, cons
    columns: w = scale * code + offset, ggml's float32 products. */
 INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, float *offset) {
     const int hs = high_stride(K), nbp = kq_nbp(K);
-    for (int j = 0; j < 16; j++) q[j] = r->codes[b * 16 + j] & 15, q[j + 16] = r->codes[b * 16 + j] >> 4;
-    for (int i = 0; i < r->kind; i++) {
-        const uint32_t a = high_bits16(r->high + i * hs, b, 0), z = high_bits16(r->high + i * hs, b, 1);
-        for (int j = 0; j < 16; j++) q[j] |= (a >> j & 1) << (4 + i), q[j + 16] |= (z >> j & 1) << (4 + i);
+    for (int j = 0; j < 16; j++) {
+        const int64_t pos = code_pos(1, K, b, j);
+        q[j] = r->codes[pos] & 15, q[j + 16] = r->codes[pos] >> 4;
+        for (int i = 0; i < r->kind; i++) {  /* the bit of byte pos in its 64-byte read's masks */
+            const uint8_t *m = r->high + i * hs + pos / 64 * 16 + (pos % 64) / 8;
+            q[j] |= (m[0] >> (pos % 8) & 1) << (4 + i), q[j + 16] |= (m[8] >> (pos % 8) & 1) << (4 + i);
+        }
     }
     const float d = f16(r->d[b / 8 * kq_nd(r->kind)]);
     if (r->kind == KQ_Q6K) {
@@ -275,10 +335,11 @@ def pack(kind: str, codes: torch.Tensor, sub_scale: torch.Tensor, d: torch.Tenso
     n, k = codes.shape
     if k % SUPER:
         raise ValueError(f"K-quant rows are whole blocks of {SUPER} columns, not {k}")
-    codes = codes.contiguous()
-    packed, _ = q4_kernel.pack(codes, torch.zeros(n, 1), torch.zeros(n, 1))
-    planes = [q4_kernel.pack_high(codes >> i) for i in range(KINDS[kind])]  # bit 4 + i as a "fifth bit"
-    high = torch.stack(planes, 1) if planes else torch.zeros(n, 0, 16, dtype=torch.uint8)
+    planes, codes = KINDS[kind], codes.contiguous()
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    high = torch.empty(n, planes, (k // 32 + 3) // 4 * 16, dtype=torch.uint8)
+    q4_kernel.library().zen_kq_pack(n, k, planes, codes.data_ptr(), packed.data_ptr(), high.data_ptr(),
+                                    torch.get_num_threads())
     if kind == "q6_k":
         sc = sub_scale.view(n, k // 32, 2).transpose(1, 2).view(torch.uint8)  # (N, 2, K / 32)
         ds = d[..., None]

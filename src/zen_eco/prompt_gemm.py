@@ -124,14 +124,26 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
             const kq_t wk = {w->flags, w->codes, w->high, w->sc, w->sz}, r = kq_row(&wk, K, n);
             const int hs = high_stride(K);
             for (int b = 0; b < kc / 32; b++) {
-                const int bk = c0 / 32 + b;
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(r.codes + bk * 16));
+                const int bk = c0 / 32 + b, p0 = bk & ~15, n = K / 32 - p0 < 16 ? K / 32 - p0 : 16;
+                uint32_t words[4], bits[2][2] = {{0, 0}, {0, 0}};  /* the block's 4 words; its bit masks per plane, half */
+                for (int w = 0; w < 4; w++) {  /* panel layout (code_pos): word w of block i at word w n + i */
+                    const int64_t pos = (int64_t)p0 * 16 + ((int64_t)w * n + bk - p0) * 4;
+                    __builtin_memcpy(words + w, r.codes + pos, 4);  /* into registers: see the vector below */
+                    for (int i = 0; i < r.kind; i++)
+                        for (int h = 0; h < 2; h++) {
+                            uint64_t m;
+                            __builtin_memcpy(&m, r.high + i * hs + pos / 64 * 16 + h * 8, 8);
+                            bits[i][h] |= (uint32_t)(m >> (pos % 64) & 15) << (4 * w);
+                        }
+                }
+                /* built from the words (not reloaded from memory: four narrow stores, one wide load stalls) */
+                const __m128i raw = _mm_setr_epi32((int)words[0], (int)words[1], (int)words[2], (int)words[3]);
                 __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(15));
                 __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15));
                 for (int i = 0; i < r.kind; i++) {
                     const __m128i add = _mm_set1_epi8((char)(16 << i));
-                    lo = _mm_mask_add_epi8(lo, (__mmask16)high_bits16(r.high + i * hs, bk, 0), lo, add);
-                    hi = _mm_mask_add_epi8(hi, (__mmask16)high_bits16(r.high + i * hs, bk, 1), hi, add);
+                    lo = _mm_mask_add_epi8(lo, (__mmask16)bits[i][0], lo, add);
+                    hi = _mm_mask_add_epi8(hi, (__mmask16)bits[i][1], hi, add);
                 }
                 _mm_storeu_si128((__m128i *)(dst + b * 32), lo);
                 _mm_storeu_si128((__m128i *)(dst + b * 32 + 16), hi);

@@ -163,6 +163,17 @@ INLINE uint32_t high_bits16(const uint8_t *high, int b, int half) {
 
 INLINE int high_stride(int K) { return (K / 32 + 3) / 4 * 16; }  /* bytes of one row's fifth bits */
 
+/* Where byte j of block b's codes (column j in the low nibble, 16 + j in the high) sits in a row of packed
+   codes. panels 0: the int4 layout, 16 bytes a block (byte 16 b + j). panels 1: the K-quant layout
+   (kquant_kernel), per 16 blocks (the last 8 or 16) a panel whose 4-byte words are transposed: word w of
+   block i at word w n + i (n blocks in the panel), so a 64-byte read holds one word of 16 blocks, lane i
+   block i, and the decode loop sums a whole block in one lane. */
+INLINE int64_t code_pos(int panels, int K, int b, int j) {
+    if (!panels) return (int64_t)b * 16 + j;
+    const int p0 = b / 16 * 16, n = K / 32 - p0 < 16 ? K / 32 - p0 : 16;
+    return (int64_t)p0 * 16 + ((j / 4) * n + b - p0) * 4 + j % 4;
+}
+
 #ifdef __AVX2__
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -355,14 +366,14 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
 /* x (1, K) -> the int8 planes the one-row int4 loop reads. x is rounded to int16 per block of 32 with
    max |x| -> 16383 (15 bits: a step of 2^-14 of the block's largest |x|) and split as x = 128 h + l,
    l in [0, 128), h in [-128, 128), both bytes that vpdpbusd takes as its signed operand. Per four blocks
-   256 bytes, in the order a 64-byte read of four blocks' codes has them (16 bytes a block, low nibbles
-   columns 0-15, high nibbles 16-31): l of columns 0-15 of blocks b .. b + 3, their h, then l and h of
-   columns 16-31. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. Where xh
+   256 bytes, in the order a 64-byte read of codes has them (code_pos with `panels`; int4: 16 bytes a block,
+   low nibbles columns 0-15, high nibbles 16-31): l of the columns in the low nibbles of those 64 bytes,
+   their h, then l and h of the columns in the high nibbles. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. Where xh
    is given, the sums of each block's first 16 columns go to xh[b] and of its last 16 to xh[nbx + b]
    (nbx: K / 32 rounded up to 16), of x as rounded (xd times the integers' sum): kquant_kernel's offsets
    then multiply the same x as its codes do, and Q6_K's -32 * scale * x cancels exactly against the
    codes' part (with the float sums, the rounding error of x came back 32-fold: twice the error). */
-static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs, float *xh) {
+static void quantize_planes(int K, int panels, const void *x, int x_bf16, int8_t *xp, float *xd, float *xs, float *xh) {
     const int nbx = (K / 32 + 15) & ~15;
     for (int b = 0; b < K / 32; b++) {
         float xr[32];
@@ -374,11 +385,15 @@ static void quantize_planes(int K, const void *x, int x_bf16, int8_t *xp, float 
             for (int i = 0; i < 32; i++) half[i / 16] += q[i];
             xh[b] = xd[b] * (float)half[0], xh[nbx + b] = xd[b] * (float)half[1];
         }
-        int8_t *four = xp + (int64_t)(b / 4) * 256 + (b % 4) * 16;
-        for (int i = 0; i < 32; i++) {
-            const int half = (i / 16) * 128;
-            four[half + i % 16] = (int8_t)(q[i] & 127);
-            four[half + 64 + i % 16] = (int8_t)(q[i] >> 7);  /* arithmetic shift: floor(q / 128) */
+        for (int w = 0; w < 4; w++) {  /* a word (4 bytes) of codes stays together in every layout */
+            const int64_t pos = code_pos(panels, K, b, 4 * w);
+            int8_t *at = xp + pos / 64 * 256 + pos % 64;
+            for (int i = 0; i < 4; i++)
+                for (int half = 0; half < 2; half++) {
+                    const int32_t v = q[16 * half + 4 * w + i];
+                    at[128 * half + i] = (int8_t)(v & 127);
+                    at[128 * half + 64 + i] = (int8_t)(v >> 7);  /* arithmetic shift: floor(v / 128) */
+                }
         }
     }
 }
@@ -770,7 +785,7 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
         int8_t *xp = calloc((size_t)(K / 32 + 3) / 4 * 256, 1);
         float *dsum = calloc((size_t)2 * nbx, sizeof(float));
         if (!xp || !dsum) { free(xp); free(dsum); return -1; }
-        quantize_planes(K, x, x_bf16, xp, dsum, dsum + nbx, 0);
+        quantize_planes(K, 0, x, x_bf16, xp, dsum, dsum + nbx, 0);
         #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int n = 0; n < N; n += 4) {
             float out[4];
@@ -889,6 +904,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_kq_linear.argtypes = [i, i, i, i, p, i, p, p, p, p, p, i, i]
     lib.zen_kq_gemm.restype = i
     lib.zen_kq_gemm.argtypes = lib.zen_kq_linear.argtypes
+    lib.zen_kq_pack.restype = None
+    lib.zen_kq_pack.argtypes = [ctypes.c_int64, i, i, p, p, p, i]
     lib.zen_kq_dequant.restype = None
     lib.zen_kq_dequant.argtypes = [i, i, i, p, p, p, p, p, p, i, i]
     return lib
