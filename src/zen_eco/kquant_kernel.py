@@ -7,23 +7,23 @@ weight against the file's 4.5) and Q6_K as int8 with a float16 scale per 16 (9 b
 zen-eco-4b Q4_K_M 3.1 GB read per token where the file has 2.5. Kept as they are (the sub-scales in
 bytes), a weight takes 4.63 / 5.63 / 6.56 bits and the products d * sc, dmin * m are ggml's float32 ones.
 
-Layout (`pack`), per row of W: the low four bits of the codes in panels: per 16 blocks of 32 columns (the
-last 8 or 16) each block's 16 bytes (byte j = column j | column 16 + j, as the int4 layout) as four words,
-word w of block i at word w n + i (the C source's code_pos), so that each 64-byte read holds
-one word of every block and a lane of the decode loop's sums is one block: a panel's four reads sum in
+Layout (`pack`, zen_kq_pack), per row of W: the low four bits of the codes in panels: per 16 blocks of 32
+columns (the last 8 or 16) each block's 16 bytes (byte j = column j | column 16 + j, as the int4 layout) as
+four words, word w of block i at word w n + i (the C source's code_pos), so that each 64-byte read holds one
+word of every block and a lane of the decode loop's sums is one block: a panel's four reads sum in
 integers, then one conversion and one multiply-add per 16 blocks (laid out as int4, each read's sums were
-four per block, converted and scaled read by read: 1.5x the instructions); bit 4 (Q5_K, Q6_K) and bit 5
-(Q6_K) as bit planes, each as `q4_kernel.pack_high` lays out a fifth bit (a 64-bit mask per 64 bytes of
-codes, in their byte order); two byte planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last
-16 columns, Q4_K / Q5_K sc and m; per 256 columns float16 d (Q4_K / Q5_K: d, dmin pairs).
+four lanes per block, converted and scaled read by read: 1.5x the instructions); bit 4 (Q5_K, Q6_K) and
+bit 5 (Q6_K) as bit planes of 64-bit masks, one per 64 bytes of codes and nibble (bit p: byte p's); two byte
+planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last 16 columns, Q4_K / Q5_K
+sc and m; per 256 columns float16 d (Q4_K / Q5_K: d, dmin pairs).
 
-The kernel (AVX-512 VNNI only: `available()`) is the int4 decode loop's: x rounded to 15-bit integers per
-block of 32 and split into two byte planes, four `vpdpbusd` per 64 bytes of codes and row of x, the bit
-planes added by masked byte adds (the low nibbles are each block's first 16 columns and the high nibbles
-its last 16, so Q6_K's two sub-scales each take their own sums), the offsets times the sums of x as
-rounded. Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for a few rows; from GEMM_MIN_ROWS rows the
-prompt GEMM (`prompt_gemm`, its K-quant panels); `dequantize` for a dense GEMM (long prompts) and for rows
-of a tied embedding table.
+The kernel (AVX-512 VNNI only: `available()`): x rounded to 15-bit integers per block of 32 (as the int4
+decode loop) and split into two byte planes in the codes' panel order, four `vpdpbusd` per 64 bytes of
+codes and row of x, the bit planes added by masked byte adds (the low nibbles are each block's first 16
+columns and the high nibbles its last 16, so Q6_K's two sub-scales each take their own sums), the offsets
+times the sums of x as rounded. Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for a few rows; from
+GEMM_MIN_ROWS rows the prompt GEMM (`prompt_gemm`, its K-quant panels); `dequantize` for a dense GEMM
+(long prompts) and for rows of a tied embedding table.
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ INLINE __m512 kq_scales16(const int KIND, const uint8_t *at) {
 }
 
 /* out[j * RX + r] = x_r . w_j for RW rows of W (rows_w <= RW real; the others repeat row 0, dropped) and RX
-   rows of x. Constant KIND, RW, RX (always inlined): accumulators in registers. Per 64 bytes of low nibbles
-   (four blocks): the nibbles as unsigned bytes, bits 4 (and 5) added by masked adds from the bit planes,
-   four vpdpbusd per row of x against x = 128 h + l; the low nibbles hold each block's first 16 columns and
-   the high its last 16, so Q6_K's two sub-scales per block each take their own sums. */
+   rows of x. Constant KIND, RW, RX (always inlined): accumulators in registers. Per 64 bytes of codes (a word
+   of each block of a panel: lane i = block i): the nibbles as unsigned bytes, bits 4 (and 5) added by masked
+   adds from the bit planes, four vpdpbusd per row of x against x = 128 h + l, summed over the panel's reads
+   in integers; the low nibbles hold each block's first 16 columns and the high its last 16, so Q6_K's two
+   sub-scales per block each take their own sums. */
 INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_w, const kq_t *w, const kqx_t *x,
                     float *out) {
     const int nb = K / 32, hs = high_stride(K), nbp = kq_nbp(K), nsb = K / 256;
