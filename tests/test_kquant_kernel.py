@@ -115,10 +115,11 @@ def test_an_activation_outlier_costs_only_its_blocks_precision(kind, m):
 
 @pytest.mark.skipif(not q4_kernel.gemm_available(), reason="no prompt GEMM here")
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,k,m", [(37, 256, 12), (40, 768, 17), (130, 512, 40)])
+@pytest.mark.parametrize("n,k,m", [(37, 256, 12), (40, 768, 17), (130, 512, 40), (9, 2560, 112)])
 def test_prompt_gemm_matches_float64_and_the_row_kernel(kind, n, k, m):
     """The prompt GEMM's K-quant panels (16-bit x: half the row kernel's rounding) against the same float64
-    reference, and against the row tiles within both kernels' rounding."""
+    reference, and against the row tiles within both kernels' rounding: a last panel of 8 blocks (block by
+    block), whole panels (in vectors), and at 112 rows K in two chunks of whole panels."""
     w, ref = _weight(kind, n, k, seed=n * k)
     bufs = _bufs(w)
     code = kquant_kernel.KINDS[kind]
