@@ -6,9 +6,9 @@ For a (9728 x 2560) weight (zen-eco-4b's up matrix's shape), int8 with block sca
 of 32, for 2 to 512 rows of bf16 activations: our row kernel (`zen_*_linear`, what decode runs), our
 prompt GEMM (`prompt_gemm`, where AVX-512 VNNI is built) and dequantizing into the reused buffer for a
 bf16 `F.linear` (PyTorch's GEMM: what a layer did for long prompts before the prompt GEMM, and still
-does where it is not built); and Q6_K as stored (`kquant_kernel`, where built) on the transposed shape
-(2560 x 9728, the down matrix that Q4_K_M stores Q6_K), row kernel, GEMM and dense; median ms of 5
-calls each, in turns.
+does where it is not built); and K-quants as stored (`kquant_kernel`, where built): Q4_K on the same shape,
+Q6_K on the transposed one (2560 x 9728, the down matrix that Q4_K_M stores Q6_K), row kernel, GEMM and
+dense; median ms of 5 calls each, in turns.
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ def main() -> None:
     int8 = Int8BlockLinear(Q8BlockWeight(torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=gen), scales(),
                                          scales()), None, torch.bfloat16)
     int4 = Int4Linear(quantize_int4(torch.randn(N, K, generator=gen) * 0.02, 32), None, torch.bfloat16)
-    q6k = KQuantLinear(KQuantWeight("q6_k", torch.randint(0, 64, (K, N), dtype=torch.uint8, generator=gen),
-                                    torch.randint(-128, 128, (K, N // 16), dtype=torch.int8, generator=gen),
-                                    torch.rand(K, N // 256, generator=gen) * 1e-3), None,
-                       torch.bfloat16) if kquant_kernel.available() else None
+    kquant = {}
+    if kquant_kernel.available():
+        six = lambda: torch.randint(0, 64, (N, K // 32), dtype=torch.uint8, generator=gen)  # noqa: E731
+        d = lambda rows, cols: torch.rand(rows, cols // 256, generator=gen) * 1e-3  # noqa: E731
+        kquant["q4_k"] = (K, KQuantLinear(KQuantWeight("q4_k", torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen),
+                                                        six(), d(N, K), six(), d(N, K)), None, torch.bfloat16))
+        kquant["q6_k"] = (N, KQuantLinear(KQuantWeight("q6_k", torch.randint(0, 64, (K, N), dtype=torch.uint8, generator=gen),
+                                                        torch.randint(-128, 128, (K, N // 16), dtype=torch.int8, generator=gen),
+                                                        d(K, N)), None, torch.bfloat16))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for m in (int(r) for r in args.rows.split(",")):
@@ -65,18 +70,19 @@ def main() -> None:
                 "int4 gemm": lambda: q4_kernel._q4_linear(x, int4.packed, int4.scale_zero, 32, torch.bfloat16, gemm=True),
                 "int4 dense": lambda: F.linear(x, int4.dense_weight(torch.bfloat16, reuse=True)),
             }
-            if q6k is not None:
-                xt = torch.randn(m, N, generator=gen).bfloat16()
-                bufs = (kquant_kernel.KINDS["q6_k"], q6k.packed, q6k.high, q6k.sub_scales, q6k.d, torch.bfloat16)
-                row["q6_k row"] = lambda: kquant_kernel._kq_linear(xt, *bufs, gemm=False)
+            for kind, (cols, layer) in kquant.items():
+                xk = torch.randn(m, cols, generator=gen).bfloat16()
+                bufs = (kquant_kernel.KINDS[kind], layer.packed, layer.high, layer.sub_scales, layer.d, torch.bfloat16)
+                row[f"{kind} row"] = lambda xk=xk, bufs=bufs: kquant_kernel._kq_linear(xk, *bufs, gemm=False)
                 if q4_kernel.gemm_available():
-                    row["q6_k gemm"] = lambda: kquant_kernel._kq_linear(xt, *bufs, gemm=True)
-                row["q6_k dense"] = lambda: F.linear(xt, q6k.dense_weight(torch.bfloat16, reuse=True))
+                    row[f"{kind} gemm"] = lambda xk=xk, bufs=bufs: kquant_kernel._kq_linear(xk, *bufs, gemm=True)
+                row[f"{kind} dense"] = lambda xk=xk, layer=layer: F.linear(xk, layer.dense_weight(torch.bfloat16, reuse=True))
             if not q4_kernel.gemm_available():
                 del row["int8 gemm"], row["int4 gemm"]
             if m > 128:  # the row kernel: minutes
                 del row["int8 row"], row["int4 row"]
-                row.pop("q6_k row", None)
+                for kind in kquant:
+                    row.pop(f"{kind} row", None)
             cells = "  ".join(f"{name} {_median_ms(fn):6.1f}" for name, fn in row.items())
             print(f"threads {threads} rows {m:3d}: {cells}  (ms)", flush=True)
 

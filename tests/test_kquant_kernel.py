@@ -56,7 +56,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_codes_and_both_dequantizations_are_bit_identical_to_gguf(kind):
-    w, ref = _weight(kind, 6, 512)
+    """K = 768: a panel of 16 blocks (unpacked in vectors) and a last one of 8 (block by block)."""
+    w, ref = _weight(kind, 6, 768)
     assert w.codes.dtype == torch.uint8 and int(w.codes.max()) < {"q4_k": 16, "q5_k": 32, "q6_k": 64}[kind]
     assert torch.equal(w.dequantize(), ref)
     bufs = _bufs(w)

@@ -67,6 +67,42 @@ INLINE void kq_supers(const int KIND, const uint16_t *d, int b0, int n16, __m512
     if (KIND != KQ_Q6K) *mv = _mm512_permutexvar_ps(_mm512_add_epi32(at, _mm512_set1_epi32(1)), v);
 }
 
+/* 4 x 4 32-bit words transposed within each 128-bit lane of v[0..3]: word i of v[w] -> word w of v[i]. */
+INLINE void transpose_words4(__m512i *v) {
+    const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm512_unpacklo_epi64(t0, t2), v[1] = _mm512_unpackhi_epi64(t0, t2);
+    v[2] = _mm512_unpacklo_epi64(t1, t3), v[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+/* A whole panel of 16 blocks (from block bk) of a K-quant row as unsigned codes (the GEMM's panels, dequantization), 32 bytes a block
+   (its first 16 columns, then its last 16): the panel's four 64-byte reads (read w: word w of every block),
+   nibbles and bit planes as the decode loop takes them, then the words transposed back to block order. */
+INLINE void kq_unpack_panel(const kq_t *r, int K, int bk, uint8_t *dst) {
+    const int hs = high_stride(K);
+    __m512i lo[4], hi[4];
+    for (int w = 0; w < 4; w++) {
+        const int64_t chunk = bk / 4 + w;
+        const __m512i v = _mm512_loadu_si512(r->codes + chunk * 64);
+        lo[w] = _mm512_and_si512(v, _mm512_set1_epi8(15));
+        hi[w] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+        for (int i = 0; i < r->kind; i++) {
+            uint64_t m[2];
+            __builtin_memcpy(m, r->high + i * hs + chunk * 16, 16);
+            const __m512i add = _mm512_set1_epi8((char)(16 << i));
+            lo[w] = _mm512_mask_add_epi8(lo[w], (__mmask64)m[0], lo[w], add);
+            hi[w] = _mm512_mask_add_epi8(hi[w], (__mmask64)m[1], hi[w], add);
+        }
+    }
+    transpose_words4(lo);  /* lane L of lo[i]: block 4 L + i's four words */
+    transpose_words4(hi);
+    #define KQ_STORE_LANE(L) for (int i = 0; i < 4; i++) { \
+        _mm_storeu_si128((__m128i *)(dst + (4 * (L) + i) * 32), _mm512_extracti32x4_epi32(lo[i], L)); \
+        _mm_storeu_si128((__m128i *)(dst + (4 * (L) + i) * 32 + 16), _mm512_extracti32x4_epi32(hi[i], L)); }
+    KQ_STORE_LANE(0) KQ_STORE_LANE(1) KQ_STORE_LANE(2) KQ_STORE_LANE(3)
+    #undef KQ_STORE_LANE
+}
+
 /* 16 sub-scales (or minimums) from `at` as floats: int8 for Q6_K, uint8 for Q4_K / Q5_K. */
 INLINE __m512 kq_scales16(const int KIND, const uint8_t *at) {
     const __m128i v = _mm_loadu_si128((const __m128i *)at);
@@ -280,16 +316,9 @@ int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, cons
 
 /* Block b of a K-quant row as its 32 codes (0..63) and the float scale / offset of its first and last 16
    columns: w = scale * code + offset, ggml's float32 products. */
-INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, float *offset) {
-    const int hs = high_stride(K), nbp = kq_nbp(K);
-    for (int j = 0; j < 16; j++) {
-        const int64_t pos = code_pos(1, K, b, j);
-        q[j] = r->codes[pos] & 15, q[j + 16] = r->codes[pos] >> 4;
-        for (int i = 0; i < r->kind; i++) {  /* the bit of byte pos in its 64-byte read's masks */
-            const uint8_t *m = r->high + i * hs + pos / 64 * 16 + (pos % 64) / 8;
-            q[j] |= (m[0] >> (pos % 8) & 1) << (4 + i), q[j + 16] |= (m[8] >> (pos % 8) & 1) << (4 + i);
-        }
-    }
+/* Block b's float scale and offset of its first and last 16 columns (w = scale * code + offset). */
+INLINE void kq_block_scales(const kq_t *r, int K, int b, float *scale, float *offset) {
+    const int nbp = kq_nbp(K);
     const float d = f16(r->d[b / 8 * kq_nd(r->kind)]);
     if (r->kind == KQ_Q6K) {
         scale[0] = d * (float)(int8_t)r->sc[b], scale[1] = d * (float)(int8_t)r->sc[nbp + b];
@@ -298,6 +327,19 @@ INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, floa
         scale[0] = scale[1] = d * (float)r->sc[b];
         offset[0] = offset[1] = -(f16(r->d[b / 8 * 2 + 1]) * (float)r->sc[nbp + b]);
     }
+}
+
+INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, float *offset) {
+    const int hs = high_stride(K);
+    for (int j = 0; j < 16; j++) {
+        const int64_t pos = code_pos(1, K, b, j);
+        q[j] = r->codes[pos] & 15, q[j + 16] = r->codes[pos] >> 4;
+        for (int i = 0; i < r->kind; i++) {  /* the bit of byte pos in its 64-byte read's masks */
+            const uint8_t *m = r->high + i * hs + pos / 64 * 16 + (pos % 64) / 8;
+            q[j] |= (m[0] >> (pos % 8) & 1) << (4 + i), q[j + 16] |= (m[8] >> (pos % 8) & 1) << (4 + i);
+        }
+    }
+    kq_block_scales(r, K, b, scale, offset);
 }
 
 /* Rows of the dense weight, float32 or (out_bf16) bfloat16, as ggml computes them: Q6_K (d * sc) * (q - 32),
@@ -309,9 +351,19 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int i = 0; i < R; i++) {
         const kq_t r = kq_row(&w, K, rows ? rows[i] : i);
+#ifdef ZEN_VNNI
+        uint8_t panel[512];  /* whole panels' codes unpacked in vectors (the last 8 blocks, if any, one by one) */
+#endif
         for (int b = 0; b < K / 32; b++) {
             uint8_t q[32];
             float scale[2], offset[2], v[32];
+#ifdef ZEN_VNNI
+            if (b % 16 == 0 && K / 32 - b >= 16) kq_unpack_panel(&r, K, b, panel);
+            if (K / 32 - b / 16 * 16 >= 16) {
+                kq_block_scales(&r, K, b, scale, offset);
+                __builtin_memcpy(q, panel + b % 16 * 32, 32);
+            } else
+#endif
             kq_block(&r, K, b, q, scale, offset);
             if (kind == KQ_Q6K) for (int j = 0; j < 32; j++) v[j] = scale[j / 16] * (float)((int)q[j] - 32);
             else for (int j = 0; j < 32; j++) v[j] = scale[j / 16] * (float)q[j] + offset[j / 16];

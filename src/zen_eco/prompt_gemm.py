@@ -89,52 +89,13 @@ typedef struct {
 } gw_t;
 enum { GM_INT4 = 0, GM_INT8 = 1, GM_KQ = 2 };
 
-/* A K-quant row's block bk as the panel's sub-block scales and offsets at block b of the chunk: Q6_K per 16
-   columns d sc and -32 d sc; Q4_K / Q5_K per 32 d sc and -dmin m. */
-INLINE void kq_panel_scales(const kq_t *r, int nbs, int bk, int b, float *s, float *z) {
-    const float d = f16(r->d[bk / 8 * kq_nd(r->kind)]);
-    if (r->kind == KQ_Q6K) {
-        s[2 * b] = d * (float)(int8_t)r->sc[bk], s[2 * b + 1] = d * (float)(int8_t)r->sc[nbs + bk];
-        z[2 * b] = -32.0f * s[2 * b], z[2 * b + 1] = -32.0f * s[2 * b + 1];
-    } else {
-        s[b] = d * (float)r->sc[bk], z[b] = -(f16(r->d[bk / 8 * 2 + 1]) * (float)r->sc[nbs + bk]);
-    }
-}
-
-/* 4 x 4 32-bit words transposed within each 128-bit lane of v[0..3]: word i of v[w] -> word w of v[i]. */
-INLINE void transpose_words4(__m512i *v) {
-    const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
-    v[0] = _mm512_unpacklo_epi64(t0, t2), v[1] = _mm512_unpackhi_epi64(t0, t2);
-    v[2] = _mm512_unpacklo_epi64(t1, t3), v[3] = _mm512_unpackhi_epi64(t1, t3);
-}
-
-/* A whole panel of 16 blocks (from block bk) of a K-quant row as the GEMM's unsigned codes, 32 bytes a block
-   (its first 16 columns, then its last 16): the panel's four 64-byte reads (read w: word w of every block),
-   nibbles and bit planes as the decode loop takes them, then the words transposed back to block order. */
-INLINE void kq_unpack_panel(const kq_t *r, int K, int bk, uint8_t *dst) {
-    const int hs = high_stride(K);
-    __m512i lo[4], hi[4];
-    for (int w = 0; w < 4; w++) {
-        const int64_t chunk = bk / 4 + w;
-        const __m512i v = _mm512_loadu_si512(r->codes + chunk * 64);
-        lo[w] = _mm512_and_si512(v, _mm512_set1_epi8(15));
-        hi[w] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
-        for (int i = 0; i < r->kind; i++) {
-            uint64_t m[2];
-            __builtin_memcpy(m, r->high + i * hs + chunk * 16, 16);
-            const __m512i add = _mm512_set1_epi8((char)(16 << i));
-            lo[w] = _mm512_mask_add_epi8(lo[w], (__mmask64)m[0], lo[w], add);
-            hi[w] = _mm512_mask_add_epi8(hi[w], (__mmask64)m[1], hi[w], add);
-        }
-    }
-    transpose_words4(lo);  /* lane L of lo[i]: block 4 L + i's four words */
-    transpose_words4(hi);
-    #define KQ_STORE_LANE(L) for (int i = 0; i < 4; i++) { \
-        _mm_storeu_si128((__m128i *)(dst + (4 * (L) + i) * 32), _mm512_extracti32x4_epi32(lo[i], L)); \
-        _mm_storeu_si128((__m128i *)(dst + (4 * (L) + i) * 32 + 16), _mm512_extracti32x4_epi32(hi[i], L)); }
-    KQ_STORE_LANE(0) KQ_STORE_LANE(1) KQ_STORE_LANE(2) KQ_STORE_LANE(3)
-    #undef KQ_STORE_LANE
+/* A K-quant row's block bk as the panel's sub-block scales and offsets at block b of the chunk (kq_block_scales):
+   Q6_K per 16 columns, Q4_K / Q5_K per 32. */
+INLINE void kq_panel_scales(const kq_t *r, int K, int bk, int b, float *s, float *z) {
+    float scale[2], offset[2];
+    kq_block_scales(r, K, bk, scale, offset);
+    if (r->kind == KQ_Q6K) s[2 * b] = scale[0], s[2 * b + 1] = scale[1], z[2 * b] = offset[0], z[2 * b + 1] = offset[1];
+    else s[b] = scale[0], z[b] = offset[0];
 }
 
 static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int sb, uint8_t *wp, float *ps,
@@ -175,7 +136,7 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
                 const int bk = c0 / 32 + b, p0 = bk & ~15, n = K / 32 - p0 < 16 ? K / 32 - p0 : 16;
                 if (bk == p0 && n == 16 && kc / 32 - b >= 16) {  /* a whole panel in this chunk: in vectors */
                     kq_unpack_panel(&r, K, bk, dst + b * 32);
-                    for (int i = 0; i < 16; i++) kq_panel_scales(&r, w->nbs, bk + i, b + i, s, z);
+                    for (int i = 0; i < 16; i++) kq_panel_scales(&r, K, bk + i, b + i, s, z);
                     b += 15;
                     continue;
                 }
@@ -201,7 +162,7 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
                 }
                 _mm_storeu_si128((__m128i *)(dst + b * 32), lo);
                 _mm_storeu_si128((__m128i *)(dst + b * 32 + 16), hi);
-                kq_panel_scales(&r, w->nbs, bk, b, s, z);
+                kq_panel_scales(&r, K, bk, b, s, z);
             }
         } else {  /* int8: + 128 (unsigned bytes), then as stored */
             const int8_t *c = (const int8_t *)w->codes + n * K + c0;
