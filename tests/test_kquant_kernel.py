@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from zen_eco import kquant_kernel, native, q4_kernel
+from zen_eco.checkpoint import gguf_native
 from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES, kquant_codes
 from zen_eco.quant import KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight, native_max_rows
 
@@ -187,3 +188,14 @@ def test_without_avx512_vnni_there_is_no_kquant_kernel(monkeypatch):
     finally:
         monkeypatch.undo()
         q4_kernel.library.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k"])
+def test_codes_and_six_bit_values_from_c_equal_numpy(kind, monkeypatch):
+    """kquant_codes reads Q4_K / Q5_K codes and their 6-bit sc, m in one C pass; numpy (no compiler) agrees."""
+    blocks = _random_blocks(kind, 8, 11).reshape(-1)
+    t = KQUANT_TYPES[kind]
+    fast = kquant_codes(blocks, t, (2, 1024))
+    monkeypatch.setattr(gguf_native, "usable", lambda *a: False)
+    slow = kquant_codes(blocks, t, (2, 1024))
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow))

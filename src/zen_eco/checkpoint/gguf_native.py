@@ -109,18 +109,23 @@ void zen_gguf_q3_k(const uint8_t *blocks, int64_t n, int8_t *q, float *d16, int 
 /* Q4_K (five 0): d, dmin: f16 | scales: 12 | qs: 128. Q5_K (five 1): d, dmin | scales: 12 | qh: 32 | qs: 128.
    Sub-blocks 0..3 keep scale and min in the low 6 bits of scale bytes 0..3 / 4..7; 4..7 take their low 4
    bits from the nibbles of bytes 8..11 and their top 2 from the top of bytes 0..3 / 4..7. Chunk c of 32
-   code bytes: low nibbles are sub-block 2c, high ones 2c + 1; Q5_K's sub-block s takes bit s of qh[l]. */
-void zen_gguf_kquant(const uint8_t *blocks, int64_t n, int five, uint8_t *codes, float *d1, float *m1, int nt) {
+   code bytes: low nibbles are sub-block 2c, high ones 2c + 1; Q5_K's sub-block s takes bit s of qh[l].
+   Outputs per sub-block (each pair optional, NULL): d1, m1 the float products d * sc, dmin * m; sc, mn the
+   6-bit values themselves. */
+void zen_gguf_kquant(const uint8_t *blocks, int64_t n, int five, uint8_t *codes, float *d1, float *m1, uint8_t *sc,
+                     uint8_t *mn, int nt) {
     const int size = five ? 176 : 144, at = five ? 48 : 16;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < n; b++) {
         const uint8_t *x = blocks + b * size, *p = x + 4, *qs = x + at, *qh = x + 16;
         const float d = f16(x), dmin = f16(x + 2);
         for (int j = 0; j < 4; j++) {
-            d1[b * 8 + j] = d * (float)(p[j] & 63);
-            m1[b * 8 + j] = dmin * (float)(p[4 + j] & 63);
-            d1[b * 8 + 4 + j] = d * (float)((p[8 + j] & 15) | ((p[j] >> 6) << 4));
-            m1[b * 8 + 4 + j] = dmin * (float)((p[8 + j] >> 4) | ((p[4 + j] >> 6) << 4));
+            const uint8_t s[2] = {p[j] & 63, (p[8 + j] & 15) | ((p[j] >> 6) << 4)};
+            const uint8_t m[2] = {p[4 + j] & 63, (p[8 + j] >> 4) | ((p[4 + j] >> 6) << 4)};
+            for (int h = 0; h < 2; h++) {  /* sub-blocks j and 4 + j */
+                if (d1) d1[b * 8 + 4 * h + j] = d * (float)s[h], m1[b * 8 + 4 * h + j] = dmin * (float)m[h];
+                if (sc) sc[b * 8 + 4 * h + j] = s[h], mn[b * 8 + 4 * h + j] = m[h];
+            }
         }
         uint8_t *o = codes + b * 256;
         for (int c = 0; c < 4; c++)
@@ -167,7 +172,7 @@ def library() -> ctypes.CDLL | None:
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, args in (("zen_gguf_q8_0", [p, i64, p, p, i]), ("zen_gguf_q6_k", [p, i64, p, p, i]),
                        ("zen_gguf_q2_k", [p, i64, p, p, p, i]), ("zen_gguf_q3_k", [p, i64, p, p, i]),
-                       ("zen_gguf_kquant", [p, i64, i, p, p, p, i]), ("zen_gguf_nibbles", [p, i64, i, i, i, p, p, p, i])):
+                       ("zen_gguf_kquant", [p, i64, i, p, p, p, p, p, i]), ("zen_gguf_nibbles", [p, i64, i, i, i, p, p, p, i])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
     return lib
@@ -221,11 +226,15 @@ def q3_k(blocks: np.ndarray, q: np.ndarray | None = None) -> tuple[np.ndarray, n
     return q, d16
 
 
-def k_quant(blocks: np.ndarray, five: bool, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def k_quant(blocks: np.ndarray, five: bool, codes: np.ndarray | None = None,
+            raw: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, d * sc, dmin * m) per sub-block; raw: (codes, sc, m) as stored (uint8)."""
     n = blocks.shape[0]
-    codes, d1, m1 = _out(codes, (n, 8, 32), np.uint8), np.empty((n, 8), np.float32), np.empty((n, 8), np.float32)
-    library().zen_gguf_kquant(_ptr(blocks), n, int(five), _ptr(codes), _ptr(d1), _ptr(m1), torch.get_num_threads())
-    return codes, d1, m1
+    codes = _out(codes, (n, 8, 32), np.uint8)
+    a, b = (np.empty((n, 8), np.uint8 if raw else np.float32) for _ in range(2))
+    floats, ints = ((0, 0), (_ptr(a), _ptr(b))) if raw else ((_ptr(a), _ptr(b)), (0, 0))
+    library().zen_gguf_kquant(_ptr(blocks), n, int(five), _ptr(codes), *floats, *ints, torch.get_num_threads())
+    return codes, a, b
 
 
 def nibbles(blocks: np.ndarray, at: int, high: int = -1, values: np.ndarray | None = None,

@@ -408,13 +408,11 @@ def kquant_codes(data: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, wh
         q += np.int8(32)  # in place: values -32..31 -> codes 0..63
         sub = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(n, k // 16)
         return _codes(q.view(np.uint8), n, k, codes_out), sub, _f16(blocks, 208).reshape(n, k // 256), None, None
-    if ggml_type == 13:
-        q, _, _ = _q5_k_values(blocks, codes_out)
-    elif gguf_native.usable(blocks, 144):
-        q, _, _ = gguf_native.k_quant(blocks, five=False, codes=codes_out)
+    if gguf_native.usable(blocks, 176 if ggml_type == 13 else 144):  # codes and the 6-bit values in one C pass
+        q, sc, mn = gguf_native.k_quant(blocks, five=ggml_type == 13, codes=codes_out, raw=True)
     else:
-        q = _nibbles(blocks[:, 16:144].reshape(-1, 32))
-    sc, mn = _k_scales(blocks[:, 4:16])
+        q = _q5_k_values(blocks)[0] if ggml_type == 13 else _nibbles(blocks[:, 16:144].reshape(-1, 32))
+        sc, mn = _k_scales(blocks[:, 4:16])
     return (_codes(q, n, k, codes_out), sc.reshape(n, k // 32), _f16(blocks, 0).reshape(n, k // 256),
             mn.reshape(n, k // 32), _f16(blocks, 2).reshape(n, k // 256))
 
