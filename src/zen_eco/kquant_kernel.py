@@ -67,6 +67,21 @@ INLINE void kq_supers(const int KIND, const uint16_t *d, int b0, int n16, __m512
     if (KIND != KQ_Q6K) *mv = _mm512_permutexvar_ps(_mm512_add_epi32(at, _mm512_set1_epi32(1)), v);
 }
 
+/* 64 bytes of a row's codes (read `chunk`: a word of each block of a panel) as unsigned bytes: c0 the low
+   nibbles (each block's first 16 columns), c1 the high (its last 16), plus 16 << i where bit plane i's
+   mask for that nibble is set. planes: r->kind, a constant where the caller's loop is hot. */
+INLINE void kq_read(const int planes, const kq_t *r, int64_t hs, int64_t chunk, __m512i *c0, __m512i *c1) {
+    const __m512i v = _mm512_loadu_si512(r->codes + chunk * 64), low = _mm512_set1_epi8(15);
+    *c0 = _mm512_and_si512(v, low), *c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    for (int i = 0; i < planes; i++) {
+        uint64_t m[2];
+        __builtin_memcpy(m, r->high + i * hs + chunk * 16, 16);
+        const __m512i add = _mm512_set1_epi8((char)(16 << i));
+        *c0 = _mm512_mask_add_epi8(*c0, (__mmask64)m[0], *c0, add);
+        *c1 = _mm512_mask_add_epi8(*c1, (__mmask64)m[1], *c1, add);
+    }
+}
+
 /* 4 x 4 32-bit words transposed within each 128-bit lane of v[0..3]: word i of v[w] -> word w of v[i]. */
 INLINE void transpose_words4(__m512i *v) {
     const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
@@ -75,25 +90,12 @@ INLINE void transpose_words4(__m512i *v) {
     v[2] = _mm512_unpacklo_epi64(t1, t3), v[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-/* A whole panel of 16 blocks (from block bk) of a K-quant row as unsigned codes (the GEMM's panels, dequantization), 32 bytes a block
-   (its first 16 columns, then its last 16): the panel's four 64-byte reads (read w: word w of every block),
-   nibbles and bit planes as the decode loop takes them, then the words transposed back to block order. */
+/* A whole panel of 16 blocks (from block bk) of a K-quant row as unsigned codes, 32 bytes a block (its
+   first 16 columns, then its last 16; the GEMM's panels, the dequantization): the panel's four reads
+   (kq_read; read w: word w of every block), then the words transposed back to block order. */
 INLINE void kq_unpack_panel(const kq_t *r, int K, int bk, uint8_t *dst) {
-    const int hs = high_stride(K);
     __m512i lo[4], hi[4];
-    for (int w = 0; w < 4; w++) {
-        const int64_t chunk = bk / 4 + w;
-        const __m512i v = _mm512_loadu_si512(r->codes + chunk * 64);
-        lo[w] = _mm512_and_si512(v, _mm512_set1_epi8(15));
-        hi[w] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
-        for (int i = 0; i < r->kind; i++) {
-            uint64_t m[2];
-            __builtin_memcpy(m, r->high + i * hs + chunk * 16, 16);
-            const __m512i add = _mm512_set1_epi8((char)(16 << i));
-            lo[w] = _mm512_mask_add_epi8(lo[w], (__mmask64)m[0], lo[w], add);
-            hi[w] = _mm512_mask_add_epi8(hi[w], (__mmask64)m[1], hi[w], add);
-        }
-    }
+    for (int w = 0; w < 4; w++) kq_read(r->kind, r, high_stride(K), bk / 4 + w, lo + w, hi + w);
     transpose_words4(lo);  /* lane L of lo[i]: block 4 L + i's four words */
     transpose_words4(hi);
     #define KQ_STORE_LANE(L) for (int i = 0; i < 4; i++) { \
@@ -119,7 +121,6 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
                     float *out) {
     const int nb = K / 32, hs = high_stride(K), nbp = kq_nbp(K), nsb = K / 256;
     const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
-    const __m512i low = _mm512_set1_epi8(15);
     kq_t row[4];
     for (int j = 0; j < RW; j++) row[j] = kq_row(w, K, j < rows_w ? j : 0);
     __m512 acc[4][4];
@@ -168,17 +169,9 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
                 l1[r] = _mm512_loadu_si512(x4 + 128), h1[r] = _mm512_loadu_si512(x4 + 192);
             }
             for (int j = 0; j < RW; j++) {
-                const uint8_t *c = row[j].codes + (int64_t)chunk * 64;
-                __builtin_prefetch(c + ahead, 0, 2);
-                const __m512i wv = _mm512_loadu_si512(c);
-                __m512i c0 = _mm512_and_si512(wv, low), c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-                for (int i = 0; i < KIND; i++) {  /* bit 4 + i: + 16 << i where set */
-                    uint64_t h[2];
-                    __builtin_memcpy(h, row[j].high + i * hs + (int64_t)chunk * 16, 16);
-                    const __m512i add = _mm512_set1_epi8((char)(16 << i));
-                    c0 = _mm512_mask_add_epi8(c0, (__mmask64)h[0], c0, add);
-                    c1 = _mm512_mask_add_epi8(c1, (__mmask64)h[1], c1, add);
-                }
+                __builtin_prefetch(row[j].codes + (int64_t)chunk * 64 + ahead, 0, 2);
+                __m512i c0, c1;
+                kq_read(KIND, row + j, hs, chunk, &c0, &c1);
                 for (int r = 0; r < RX; r++) {
                     lo[j][r] = _mm512_dpbusd_epi32(lo[j][r], c0, l0[r]);
                     hi[j][r] = _mm512_dpbusd_epi32(hi[j][r], c0, h0[r]);
@@ -269,14 +262,13 @@ int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, cons
     const int nbx = (K / 32 + 15) & ~15;
     const int64_t plane = (int64_t)(K / 32 + 3) / 4 * 256;
     int8_t *xp = calloc((size_t)M * plane, 1);
-    float *sums = calloc((size_t)4 * M * nbx, sizeof(float));  /* per row: xd, block sums, first-half, last-half */
+    float *sums = calloc((size_t)3 * M * nbx, sizeof(float));  /* per row: xd, first-half sums, last-half sums */
     kqx_t *xs = malloc((size_t)M * sizeof(kqx_t));
     if (!xp || !sums || !xs) { free(xp); free(sums); free(xs); return -1; }
     for (int m = 0; m < M; m++) {
-        float *s = sums + (int64_t)4 * m * nbx;
-        quantize_planes(K, 1, (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4), x_bf16, xp + m * plane, s, s + nbx,
-                        s + 2 * nbx);
-        xs[m] = (kqx_t){xp + m * plane, s, s + 2 * nbx, s + 3 * nbx};
+        float *s = sums + (int64_t)3 * m * nbx;
+        quantize_planes(K, 1, (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4), x_bf16, xp + m * plane, s, 0, s + nbx);
+        xs[m] = (kqx_t){xp + m * plane, s, s + nbx, s + 2 * nbx};
     }
     const kq_t w = {kind, codes, high, sc, d};
     if (M == 1) {  /* decode: four rows of W a tile */
@@ -314,9 +306,8 @@ int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, cons
 #endif
 }
 
-/* Block b of a K-quant row as its 32 codes (0..63) and the float scale / offset of its first and last 16
-   columns: w = scale * code + offset, ggml's float32 products. */
-/* Block b's float scale and offset of its first and last 16 columns (w = scale * code + offset). */
+/* Block b's float scale and offset of its first and last 16 columns (w = scale * code + offset), ggml's
+   float32 products. */
 INLINE void kq_block_scales(const kq_t *r, int K, int b, float *scale, float *offset) {
     const int nbp = kq_nbp(K);
     const float d = f16(r->d[b / 8 * kq_nd(r->kind)]);
@@ -329,6 +320,7 @@ INLINE void kq_block_scales(const kq_t *r, int K, int b, float *scale, float *of
     }
 }
 
+/* Block b of a K-quant row as its 32 codes (0..63, one at a time through code_pos) and kq_block_scales'. */
 INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, float *offset) {
     const int hs = high_stride(K);
     for (int j = 0; j < 16; j++) {
@@ -358,8 +350,8 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
             uint8_t q[32];
             float scale[2], offset[2], v[32];
 #ifdef ZEN_VNNI
-            if (b % 16 == 0 && K / 32 - b >= 16) kq_unpack_panel(&r, K, b, panel);
-            if (K / 32 - b / 16 * 16 >= 16) {
+            if (K / 32 - b / 16 * 16 >= 16) {  /* in a whole panel */
+                if (b % 16 == 0) kq_unpack_panel(&r, K, b, panel);
                 kq_block_scales(&r, K, b, scale, offset);
                 __builtin_memcpy(q, panel + b % 16 * 32, 32);
             } else

@@ -89,12 +89,10 @@ typedef struct {
 } gw_t;
 enum { GM_INT4 = 0, GM_INT8 = 1, GM_KQ = 2 };
 
-/* A K-quant row's block bk as the panel's sub-block scales and offsets at block b of the chunk (kq_block_scales):
-   Q6_K per 16 columns, Q4_K / Q5_K per 32. */
-INLINE void kq_panel_scales(const kq_t *r, int K, int bk, int b, float *s, float *z) {
-    float scale[2], offset[2];
-    kq_block_scales(r, K, bk, scale, offset);
-    if (r->kind == KQ_Q6K) s[2 * b] = scale[0], s[2 * b + 1] = scale[1], z[2 * b] = offset[0], z[2 * b + 1] = offset[1];
+/* A K-quant block's scales and offsets (kq_block_scales) as the panel's sub-block ones at block b of the
+   chunk: Q6_K per 16 columns, Q4_K / Q5_K per 32. */
+INLINE void kq_panel_scales(int kind, const float *scale, const float *offset, int b, float *s, float *z) {
+    if (kind == KQ_Q6K) s[2 * b] = scale[0], s[2 * b + 1] = scale[1], z[2 * b] = offset[0], z[2 * b + 1] = offset[1];
     else s[b] = scale[0], z[b] = offset[0];
 }
 
@@ -131,38 +129,20 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
         } else if (w->kind == GM_KQ) {  /* low nibbles plus the kind's bit planes; per sub-block the float scale
                                            and offset (Q6_K: -32 d sc per 16 columns; Q4_K / Q5_K: -dmin m per 32) */
             const kq_t wk = {w->flags, w->codes, w->high, w->sc, w->sz}, r = kq_row(&wk, K, n);
-            const int hs = high_stride(K);
+            float scale[2], offset[2];
             for (int b = 0; b < kc / 32; b++) {
-                const int bk = c0 / 32 + b, p0 = bk & ~15, n = K / 32 - p0 < 16 ? K / 32 - p0 : 16;
-                if (bk == p0 && n == 16 && kc / 32 - b >= 16) {  /* a whole panel in this chunk: in vectors */
+                const int bk = c0 / 32 + b;
+                if (bk % 16 == 0 && K / 32 - bk >= 16 && kc / 32 - b >= 16) {  /* a whole panel in this chunk: in vectors */
                     kq_unpack_panel(&r, K, bk, dst + b * 32);
-                    for (int i = 0; i < 16; i++) kq_panel_scales(&r, K, bk + i, b + i, s, z);
+                    for (int i = 0; i < 16; i++) {
+                        kq_block_scales(&r, K, bk + i, scale, offset);
+                        kq_panel_scales(r.kind, scale, offset, b + i, s, z);
+                    }
                     b += 15;
                     continue;
                 }
-                uint32_t words[4], bits[2][2] = {{0, 0}, {0, 0}};  /* the block's 4 words; its bit masks per plane, half */
-                for (int w = 0; w < 4; w++) {  /* panel layout (code_pos): word w of block i at word w n + i */
-                    const int64_t pos = (int64_t)p0 * 16 + ((int64_t)w * n + bk - p0) * 4;
-                    __builtin_memcpy(words + w, r.codes + pos, 4);  /* into registers: see the vector below */
-                    for (int i = 0; i < r.kind; i++)
-                        for (int h = 0; h < 2; h++) {
-                            uint64_t m;
-                            __builtin_memcpy(&m, r.high + i * hs + pos / 64 * 16 + h * 8, 8);
-                            bits[i][h] |= (uint32_t)(m >> (pos % 64) & 15) << (4 * w);
-                        }
-                }
-                /* built from the words (not reloaded from memory: four narrow stores, one wide load stalls) */
-                const __m128i raw = _mm_setr_epi32((int)words[0], (int)words[1], (int)words[2], (int)words[3]);
-                __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(15));
-                __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15));
-                for (int i = 0; i < r.kind; i++) {
-                    const __m128i add = _mm_set1_epi8((char)(16 << i));
-                    lo = _mm_mask_add_epi8(lo, (__mmask16)bits[i][0], lo, add);
-                    hi = _mm_mask_add_epi8(hi, (__mmask16)bits[i][1], hi, add);
-                }
-                _mm_storeu_si128((__m128i *)(dst + b * 32), lo);
-                _mm_storeu_si128((__m128i *)(dst + b * 32 + 16), hi);
-                kq_panel_scales(&r, K, bk, b, s, z);
+                kq_block(&r, K, bk, dst + b * 32, scale, offset);  /* the last panel of 8 blocks: block by block */
+                kq_panel_scales(r.kind, scale, offset, b, s, z);
             }
         } else {  /* int8: + 128 (unsigned bytes), then as stored */
             const int8_t *c = (const int8_t *)w->codes + n * K + c0;

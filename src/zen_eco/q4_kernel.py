@@ -368,8 +368,8 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
    l in [0, 128), h in [-128, 128), both bytes that vpdpbusd takes as its signed operand. Per four blocks
    256 bytes, in the order a 64-byte read of codes has them (code_pos with `panels`; int4: 16 bytes a block,
    low nibbles columns 0-15, high nibbles 16-31): l of the columns in the low nibbles of those 64 bytes,
-   their h, then l and h of the columns in the high nibbles. xd, xs as zen_q4_quantize_x; the padding to whole fours of blocks stays zero. Where xh
-   is given, the sums of each block's first 16 columns go to xh[b] and of its last 16 to xh[nbx + b]
+   their h, then l and h of the columns in the high nibbles. xd, xs as zen_q4_quantize_x (xs may be NULL);
+   the padding to whole fours of blocks stays zero. Where xh is given, the sums of each block's first 16 columns go to xh[b] and of its last 16 to xh[nbx + b]
    (nbx: K / 32 rounded up to 16), of x as rounded (xd times the integers' sum): kquant_kernel's offsets
    then multiply the same x as its codes do, and Q6_K's -32 * scale * x cancels exactly against the
    codes' part (with the float sums, the rounding error of x came back 32-fold: twice the error). */
@@ -379,7 +379,7 @@ static void quantize_planes(int K, int panels, const void *x, int x_bf16, int8_t
         float xr[32];
         int32_t q[32];
         load_block(x, x_bf16, b * 32, xr);
-        xd[b] = round_block(xr, 16383.0f, q, xs + b);
+        xd[b] = round_block(xr, 16383.0f, q, xs ? xs + b : 0);
         if (xh) {
             int32_t half[2] = {0, 0};
             for (int i = 0; i < 32; i++) half[i / 16] += q[i];
