@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import zen_eco
-from zen_eco import kv_kernel, kv_quant
+from zen_eco import kv_kernel, kv_quant, native
 from zen_eco.api import ZenModel
 from zen_eco.engine.generate import Sequence
 from zen_eco.engine.sampling import SamplingParams
@@ -128,11 +128,20 @@ def _filled(fmt, n, heads=2, dim=64, layers=1, max_tokens=None, seed=0):
     return cache
 
 
-@pytest.fixture(params=["kernel", "torch"])
+@pytest.fixture(params=["kernel", "portable", "torch"])
 def path(request, monkeypatch):
-    """Run attention through the C kernel, and again through the chunked PyTorch path."""
-    if request.param == "kernel" and kv_kernel.library() is None:
+    """Run attention through the C kernel, through the kernel built for any x86-64 (its plain-vector
+    loops, as on CPUs without AVX-512 VNNI), and through the chunked PyTorch path."""
+    if request.param != "torch" and kv_kernel.library() is None:
         pytest.skip("no C compiler: the kernel is not built")
+    if request.param == "portable":
+        if not any(f.startswith("-march") for f in native.flags()):
+            pytest.skip("not an x86-64 build")
+        base = native.flags
+        monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))]
+                            + ["-march=x86-64"])
+        kv_kernel.library.cache_clear()
+        request.addfinalizer(kv_kernel.library.cache_clear)  # the next call builds with the usual flags
     if request.param == "torch":
         monkeypatch.setattr(kv_kernel, "library", lambda: None)
     monkeypatch.setattr(kv_quant, "PAGE_TOKENS", 512)  # several pages, and chunks that split them
@@ -202,10 +211,10 @@ def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
         sc, zr = np.stack([m[1][1] for m in members]), np.stack([m[1][2] for m in members])  # (n, G)
         G = sc.shape[1]
         out = np.zeros((R, D))
+        W = sc.max(0)  # (G,): the block's largest value scale per group; p <= 1
+        scaled = (sc * np.where(W > 0, np.float32(255) / np.where(W > 0, W, 1), 0)).astype(np.float32)
         for r in range(R):
-            w = (p[r][:, None] * sc).astype(np.float32)  # (n, G)
-            W = w.max(0)
-            w8 = np.round(w * np.where(W > 0, np.float32(255) / np.where(W > 0, W, 1), 0).astype(np.float32))
+            w8 = np.round(p[r][:, None].astype(np.float32) * scaled)
             for gi in range(G):
                 cols = slice(gi * D // G, (gi + 1) * D // G)
                 out[r, cols] = W[gi] / 255 * (w8[:, gi] @ codes[:, cols]) + p[r] @ zr[:, gi]

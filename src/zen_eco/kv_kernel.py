@@ -14,8 +14,9 @@ pages by log-sum-exp). Two ways in, one per kind of format:
   each query times the group's channel scales is rounded to int8 (one scale per 32 channels) and dotted
   with the 4-/2-bit codes by VNNI (`vpdpbusd`: 4 byte products per 32-bit lane), 16 tokens per
   instruction; per block of 64 positions (aligned, so that the threads' split does not change the
-  result), exp(score - block max) times each token's value scale is rounded to uint8 per (query, value
-  group) and dotted with the value codes, 4 tokens per lane. The codes are stored interleaved for this
+  result), exp(score - block max) times each token's value scale is rounded to uint8 against the block's
+  largest scale in the value group (exp <= 1, so one bound serves every query) and dotted with the value
+  codes, 4 tokens per lane. The codes are stored interleaved for this
   (kv_quant.Codec.store), the value scales group-major per 32 tokens. The rounding adds little error
   next to the codes' own (docs/benchmarks.md, "Integer attention over quantized KV"); kv_quant's
   PyTorch path computes the same numbers. Without AVX512-VNNI the same integer arithmetic runs on
@@ -339,9 +340,10 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
    query, 4 products per lane) advances 16 tokens' scores by 4 channels. score = sum over blocks of
    scale * int32 sum, plus q . min.
    Values, blocks of 64 positions aligned to multiples of 64: p = exp(score - block max); per query and
-   group of value channels, p * scale rounded to uint8 (scale max / 255); a value tile's codes hold 4
-   tokens' codes of one channel per lane, dotted with those 4 tokens' weights. The block's output
-   (int32 * weight scale + sum of p * min) joins the running softmax by log-sum-exp.
+   group of value channels, p * scale rounded to uint8 against the block's largest scale of the group
+   (weight scale: that / 255; p <= 1); a value tile's codes hold 4 tokens' codes of one channel per lane,
+   dotted with those 4 tokens' weights. The block's output (int32 * weight scale) joins the running
+   softmax by log-sum-exp; the sums of p and of p * min stay per-lane vectors until the end.
    kv_quant's PyTorch path (_key_scores, _merge_blocks) computes the same numbers. */
 
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
@@ -362,6 +364,12 @@ INLINE vq vq_set1(int32_t w) { return _mm512_set1_epi32(w); }
 INLINE vq vq_add(vq a, vq b) { return _mm512_add_epi32(a, b); }
 /* acc + the sums of 4 adjacent byte products u * s (u unsigned, s signed) per lane */
 INLINE vq vq_dot(vq acc, vq u, vq s) { return _mm512_dpbusd_epi32(acc, u, s); }
+/* vq_dot(acc, u, vq_set1(*s)) as one instruction (the broadcast folded into the dot product's load;
+   GCC keeps them apart) */
+INLINE vq vq_dot_set1(vq acc, vq u, const int32_t *s) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*s));
+    return acc;
+}
 INLINE v16 vq_float(vq a) {
     const __m512 f = _mm512_cvtepi32_ps(a);
     v16 out;
@@ -381,6 +389,8 @@ typedef i32x16 vq;
 INLINE vq vq_zero(void) { return (vq){0}; }
 INLINE vq vq_set1(int32_t w) { return (vq){w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w}; }
 INLINE vq vq_add(vq a, vq b) { return a + b; }
+INLINE vq vq_dot(vq acc, vq u, vq s);
+INLINE vq vq_dot_set1(vq acc, vq u, const int32_t *s) { return vq_dot(acc, u, vq_set1(*s)); }
 INLINE vq vq_dot(vq acc, vq u, vq s) {  /* bytes by shifts: unsigned from u, sign-extended from s */
     const vq m = vq_set1(0xff);
     return acc + (u & m) * ((s << 24) >> 24) + ((u >> 8) & m) * ((s << 16) >> 24) + ((u >> 16) & m) * ((s << 8) >> 24) +
@@ -420,18 +430,20 @@ INLINE void attend_int_impl(int n_rep, const float *q, const side_t *k, const si
     const int ktile = 16 * dim * kbits / 8, vtile = 4 * dim * vbits / 8;  /* packed bytes */
     v16 acc[MAX_REP][NC];
     float s[MAX_REP][VBLOCK] __attribute__((aligned(64)));
-    float mr[MAX_REP], lr[MAX_REP], bias[MAX_REP], qscale[MAX_REP][MAX_DIM / QBLOCK];
+    float mr[MAX_REP], bias[MAX_REP], qscale[MAX_REP][MAX_DIM / QBLOCK];
     int32_t q8[MAX_REP][MAX_DIM / 4] __attribute__((aligned(64)));  /* the rounded query, 4 channels a word */
     float scf[MAX_DIM / 16][VBLOCK] __attribute__((aligned(64))), zrf[MAX_DIM / 16][VBLOCK] __attribute__((aligned(64)));
     uint8_t w8[MAX_REP][MAX_DIM / 16][VBLOCK] __attribute__((aligned(64)));  /* uint8 value weights */
-    float wscale[MAX_REP][MAX_DIM / 16], wzero[MAX_REP][MAX_DIM / 16];
+    float wscale[MAX_REP][MAX_DIM / 16];
+    v16 lv[MAX_REP], zacc[MAX_REP][MAX_DIM / 16];  /* sums of p and of p * min, lanes summed at the end */
     const uint8_t *kcodes = (const uint8_t *)k->codes + h * k->codes_head_stride;
     const uint8_t *vcodes = (const uint8_t *)v->codes + h * v->codes_head_stride;
     const _Float16 *ksc = k->scale + h * k->scale_head_stride, *kzr = k->zero + h * k->scale_head_stride;
     const _Float16 *vsc = v->scale + h * v->scale_head_stride, *vzr = v->zero + h * v->scale_head_stride;
     for (int r = 0; r < nr; r++) {
-        mr[r] = -__builtin_inff(), lr[r] = 0.0f;
+        mr[r] = -__builtin_inff(), lv[r] = splat(0.0f);
         for (int c = 0; c < nc; c++) acc[r][c] = splat(0.0f);
+        for (int gi = 0; gi < ngv; gi++) zacc[r][gi] = splat(0.0f);
     }
     int64_t kgroup_loaded = -1;
     for (int64_t bs = t0 / VBLOCK * VBLOCK; bs < t1; bs += VBLOCK) {
@@ -477,10 +489,10 @@ UNROLL8
                     for (int i = 0; i < QBLOCK / 4; i++) {
                         const int j = b * QBLOCK / 4 + i, jn = j + QBLOCK / 4;
                         const vq x = tile_codes(tile, j, kbits, ktile), y = tile_codes(tile, jn, kbits, ktile);
-                        a0 = vq_dot(a0, x, vq_set1(q8[r0][j])), c0 = vq_dot(c0, y, vq_set1(q8[r0][jn]));
-                        a1 = vq_dot(a1, x, vq_set1(q8[r0 + 1][j])), c1 = vq_dot(c1, y, vq_set1(q8[r0 + 1][jn]));
-                        a2 = vq_dot(a2, x, vq_set1(q8[r0 + 2][j])), c2 = vq_dot(c2, y, vq_set1(q8[r0 + 2][jn]));
-                        a3 = vq_dot(a3, x, vq_set1(q8[r0 + 3][j])), c3 = vq_dot(c3, y, vq_set1(q8[r0 + 3][jn]));
+                        a0 = vq_dot_set1(a0, x, &q8[r0][j]), c0 = vq_dot_set1(c0, y, &q8[r0][jn]);
+                        a1 = vq_dot_set1(a1, x, &q8[r0 + 1][j]), c1 = vq_dot_set1(c1, y, &q8[r0 + 1][jn]);
+                        a2 = vq_dot_set1(a2, x, &q8[r0 + 2][j]), c2 = vq_dot_set1(c2, y, &q8[r0 + 2][jn]);
+                        a3 = vq_dot_set1(a3, x, &q8[r0 + 3][j]), c3 = vq_dot_set1(c3, y, &q8[r0 + 3][jn]);
                     }
                     s0 += vq_float(a0) * qscale[r0][b] + vq_float(c0) * qscale[r0][b + 1];
                     s1 += vq_float(a1) * qscale[r0 + 1][b] + vq_float(c1) * qscale[r0 + 1][b + 1];
@@ -507,35 +519,59 @@ UNROLL8
                 memcpy(&scf[gi][t], &scm, 64), memcpy(&zrf[gi][t], &zrm, 64);
             }
         }
-        /* softmax weights against the block max, joined to the running state; uint8 value weights */
+        /* per value group, the block's largest scale: p <= 1, so p * scale / it * 255 fits a byte for
+           every query (one maximum per group, not one per query and group) */
+        float wsc[MAX_DIM / 16];
+        for (int gi = 0; gi < ngv; gi++) {
+            v16 mx = splat(0.0f), x[VBLOCK / 16];
+            for (int t = 0; t < VBLOCK / 16; t++) memcpy(&x[t], &scf[gi][16 * t], 64), mx = vmax(mx, x[t]);
+            const float smax = hmax(mx), inv = smax > 0.0f ? 255.0f / smax : 0.0f;
+            wsc[gi] = smax / 255.0f;
+            for (int t = 0; t < VBLOCK / 16; t++) x[t] *= inv, memcpy(&scf[gi][16 * t], &x[t], 64);
+        }
+        /* softmax weights against the block max, joined to the running state; uint8 value weights.
+           The running sums l and the values' min terms stay vectors (lanes: token partial sums),
+           reduced once at the end, and the state is rescaled only when a query's max moves. */
+        float mb[MAX_REP], f[MAX_REP];
+        for (int r = 0; r < nr; r++) mb[r] = max64(s[r], -__builtin_inff());
+        for (int r0 = 0; r0 < nr; r0 += 8) {  /* both corrections of 8 queries in one exponential */
+            v16 x = splat(0.0f);
+            const int n8 = nr - r0 < 8 ? nr - r0 : 8;
+            for (int i = 0; i < n8; i++) {
+                const float m_new = mr[r0 + i] > mb[r0 + i] ? mr[r0 + i] : mb[r0 + i];
+                x[i] = mb[r0 + i] - m_new, x[8 + i] = mr[r0 + i] - m_new;  /* corr: 0 while mr is -inf */
+                mr[r0 + i] = m_new;
+            }
+            x = exp16(x);
+            for (int i = 0; i < n8; i++) {
+                const float corr = x[8 + i];
+                f[r0 + i] = x[i];
+                if (corr != 1.0f) {
+                    lv[r0 + i] *= corr;
+                    for (int c = 0; c < nc; c++) acc[r0 + i][c] *= corr;
+                    for (int gi = 0; gi < ngv; gi++) zacc[r0 + i][gi] *= corr;
+                }
+            }
+        }
         for (int r = 0; r < nr; r++) {
-            const float mb = max64(s[r], -__builtin_inff());
-            v16 p[VBLOCK / 16], psum = splat(0.0f);
+            v16 p[VBLOCK / 16];
+            const v16 fr = splat(f[r]);
             for (int t = 0; t < VBLOCK / 16; t++) {
                 memcpy(&p[t], &s[r][16 * t], 64);
-                p[t] = exp16(p[t] - mb);
-                psum += p[t];
+                p[t] = exp16(p[t] - mb[r]);
+                lv[r] += fr * p[t];
             }
-            const float m_new = mr[r] > mb ? mr[r] : mb;
-            const float corr = lr[r] == 0.0f ? 0.0f : exp_neg(mr[r] - m_new), f = exp_neg(mb - m_new);
-            lr[r] = lr[r] * corr + f * hsum(psum);
-            mr[r] = m_new;
-            for (int c = 0; c < nc; c++) acc[r][c] *= corr;
             for (int gi = 0; gi < ngv; gi++) {
-                v16 w[VBLOCK / 16], wmax = splat(0.0f), zs = splat(0.0f);
+                v16 zs = splat(0.0f);
                 for (int t = 0; t < VBLOCK / 16; t++) {
                     v16 sc, zr;
                     memcpy(&sc, &scf[gi][16 * t], 64);
                     memcpy(&zr, &zrf[gi][16 * t], 64);
-                    w[t] = p[t] * sc;
                     zs += p[t] * zr;
-                    wmax = vmax(wmax, w[t]);
+                    round_to_bytes(p[t] * sc, &w8[r][gi][16 * t]);
                 }
-                const float wm = hmax(wmax);
-                const float inv = wm > 0.0f ? 255.0f / wm : 0.0f;
-                wscale[r][gi] = f * (wm / 255.0f);
-                wzero[r][gi] = f * hsum(zs);
-                for (int t = 0; t < VBLOCK / 16; t++) round_to_bytes(w[t] * inv, &w8[r][gi][16 * t]);
+                wscale[r][gi] = f[r] * wsc[gi];
+                zacc[r][gi] += fr * zs;
             }
         }
         /* values: per chunk of 16 channels, the block's tiles of 4 tokens */
@@ -543,36 +579,32 @@ UNROLL8
         for (int o = 0; o < 16 * vtile; o += 64) __builtin_prefetch(vb + AHEAD * VBLOCK * (dim * vbits / 8) + o, 0, 2);
         const int q0 = first / 4, q1 = (last + 3) / 4;
         for (int r0 = 0; r0 < nr; r0 += 4)
-UNROLL16
-            for (int c = 0; c < nc; c++) {
+UNROLL8
+            for (int c = 0; c < nc; c += 2) {  /* two chunks of one value group (vgroup >= 32): each weight
+                                                  broadcast serves 2 dot products */
                 const int gi = c * 16 / vgroup;
                 const int32_t *w0 = (const int32_t *)w8[r0][gi], *w1 = (const int32_t *)w8[r0 + 1][gi];
                 const int32_t *w2 = (const int32_t *)w8[r0 + 2][gi], *w3 = (const int32_t *)w8[r0 + 3][gi];
                 vq a0 = vq_zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                int qd = q0;
-                for (; qd + 1 < q1; qd += 2) {  /* two tiles at a time: 8 independent sums */
+                for (int qd = q0; qd < q1; qd++) {
                     const vq x = tile_codes(vb + qd * vtile, c, vbits, vtile);
-                    const vq y = tile_codes(vb + (qd + 1) * vtile, c, vbits, vtile);
-                    a0 = vq_dot(a0, vq_set1(w0[qd]), x), b0 = vq_dot(b0, vq_set1(w0[qd + 1]), y);
-                    a1 = vq_dot(a1, vq_set1(w1[qd]), x), b1 = vq_dot(b1, vq_set1(w1[qd + 1]), y);
-                    a2 = vq_dot(a2, vq_set1(w2[qd]), x), b2 = vq_dot(b2, vq_set1(w2[qd + 1]), y);
-                    a3 = vq_dot(a3, vq_set1(w3[qd]), x), b3 = vq_dot(b3, vq_set1(w3[qd + 1]), y);
+                    const vq y = tile_codes(vb + qd * vtile, c + 1, vbits, vtile);
+                    const vq u0 = vq_set1(w0[qd]), u1 = vq_set1(w1[qd]), u2 = vq_set1(w2[qd]), u3 = vq_set1(w3[qd]);
+                    a0 = vq_dot(a0, u0, x), b0 = vq_dot(b0, u0, y);
+                    a1 = vq_dot(a1, u1, x), b1 = vq_dot(b1, u1, y);
+                    a2 = vq_dot(a2, u2, x), b2 = vq_dot(b2, u2, y);
+                    a3 = vq_dot(a3, u3, x), b3 = vq_dot(b3, u3, y);
                 }
-                if (qd < q1) {
-                    const vq x = tile_codes(vb + qd * vtile, c, vbits, vtile);
-                    a0 = vq_dot(a0, vq_set1(w0[qd]), x), a1 = vq_dot(a1, vq_set1(w1[qd]), x);
-                    a2 = vq_dot(a2, vq_set1(w2[qd]), x), a3 = vq_dot(a3, vq_set1(w3[qd]), x);
-                }
-                a0 = vq_add(a0, b0), a1 = vq_add(a1, b1), a2 = vq_add(a2, b2), a3 = vq_add(a3, b3);
-                acc[r0][c] += vq_float(a0) * wscale[r0][gi] + wzero[r0][gi];
-                acc[r0 + 1][c] += vq_float(a1) * wscale[r0 + 1][gi] + wzero[r0 + 1][gi];
-                acc[r0 + 2][c] += vq_float(a2) * wscale[r0 + 2][gi] + wzero[r0 + 2][gi];
-                acc[r0 + 3][c] += vq_float(a3) * wscale[r0 + 3][gi] + wzero[r0 + 3][gi];
+                acc[r0][c] += vq_float(a0) * wscale[r0][gi], acc[r0][c + 1] += vq_float(b0) * wscale[r0][gi];
+                acc[r0 + 1][c] += vq_float(a1) * wscale[r0 + 1][gi], acc[r0 + 1][c + 1] += vq_float(b1) * wscale[r0 + 1][gi];
+                acc[r0 + 2][c] += vq_float(a2) * wscale[r0 + 2][gi], acc[r0 + 2][c + 1] += vq_float(b2) * wscale[r0 + 2][gi];
+                acc[r0 + 3][c] += vq_float(a3) * wscale[r0 + 3][gi], acc[r0 + 3][c + 1] += vq_float(b3) * wscale[r0 + 3][gi];
             }
     }
     for (int r = 0; r < n_rep; r++) {
         m[r] = mr[r];
-        l[r] = lr[r];
+        l[r] = hsum(lv[r]);
+        for (int c = 0; c < nc; c++) acc[r][c] += hsum(zacc[r][c * 16 / vgroup]);
         memcpy(acc_out + r * dim, &acc[r][0], sizeof(float) * dim);
     }
 }
