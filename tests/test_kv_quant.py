@@ -149,20 +149,29 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("fmt", ["int8"])
 @pytest.mark.parametrize("window", [None, 300])
-def test_decode_attention_equals_sdpa_on_the_dequantized_cache(fmt, window, path):
-    heads, rep, dim, n = 2, 3, 64, 1500  # 3 pages of 512; int2: 1280 quantized + 221 in the residual window
-    cache = _filled(fmt, n, heads, dim, layers=2)
+def test_int8_integer_attention_adds_less_error_than_the_codes(window, path):
+    # int8 decode attention in integers (the query rounded to int8 per 4 channels, the softmax weights
+    # to uint8; the spec test below pins the arithmetic) against float attention over the same codes
+    # (SDPA on the dequantized cache) and over the raw K/V: the rounding moves the output by about half
+    # what the int8 codes do (seen: RMS 1.0e-3 / 1.3e-3 against 2.1e-3 / 2.4e-3), so in all the error
+    # grows by ~10%, not more than 30%.
+    heads, rep, dim, n = 2, 3, 64, 1500  # 3 pages of 512
+    cache = _filled("int8", n, heads, dim, layers=2)
     q = torch.randn(1, heads * rep, 1, dim)
     k1, v1 = torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim)
     cache.reserve(1)
     out = cache.attend(0, q, k1, v1, 0.1, window)
     keys, values = cache.update(1, k1, v1)  # the same positions, dequantized whole (prefill's view)
+    raw_k = torch.cat([_keys((1, heads, n, dim)), k1], 2)
+    raw_v = torch.cat([torch.randn(1, heads, n, dim, generator=torch.Generator().manual_seed(1)), v1], 2)
     if window is not None:
-        keys, values = keys[:, :, -window:], values[:, :, -window:]
-    want = F.scaled_dot_product_attention(q.view(1, heads, rep, dim), keys, values, scale=0.1)
-    torch.testing.assert_close(out, want.reshape(1, heads * rep, dim), rtol=0, atol=1e-5)
+        keys, values, raw_k, raw_v = (x[:, :, -window:] for x in (keys, values, raw_k, raw_v))
+    sdpa = lambda k, v: F.scaled_dot_product_attention(q.view(1, heads, rep, dim), k, v, scale=0.1).reshape(out.shape)
+    want, exact = sdpa(keys, values), sdpa(raw_k, raw_v)
+    rms = lambda x: x.pow(2).mean().sqrt().item()
+    assert rms(out - want) < 0.75 * rms(want - exact)
+    assert rms(out - exact) < 1.3 * rms(want - exact)
 
 
 def _numpy_codes(x: np.ndarray, codec: Codec):
@@ -170,6 +179,10 @@ def _numpy_codes(x: np.ndarray, codec: Codec):
     T, D = x.shape
     g = x.reshape(T // codec.group, codec.group, D) if codec.per_channel else x.reshape(T, D // codec.group, codec.group)
     axis = 1 if codec.per_channel else 2
+    if codec.symmetric:  # int8: code * scale, scale = amax / 127
+        scale = (np.abs(g).max(axis, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+        codes = np.clip(np.round(g / np.where(scale > 0, scale, 1)), -127, 127)
+        return codes.reshape(T, D), scale.squeeze(axis), np.zeros_like(scale.squeeze(axis))
     lo, hi = g.min(axis, keepdims=True), g.max(axis, keepdims=True)
     qmax = np.float32(2**codec.bits - 1)
     scale = ((hi - lo) / qmax).astype(np.float16).astype(np.float32)
@@ -179,9 +192,9 @@ def _numpy_codes(x: np.ndarray, codec: Codec):
 
 
 def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
-    """The KIVI formats' decode attention as specified (kv_quant, _key_scores and _merge_blocks), in
-    numpy: q (R, D) scaled, k, v (N, D) raw float32 for positions 0..N-1 of one head, positions in
-    `quantized` = [a, b) read as codes, the others exact; attention over positions >= lo."""
+    """The quantized formats' decode attention as specified (kv_quant, _key_scores / _row_key_scores and
+    _merge_blocks), in numpy: q (R, D) scaled, k, v (N, D) raw float32 for positions 0..N-1 of one head,
+    positions in `quantized` = [a, b) read as codes, the others exact; attention over positions >= lo."""
     kc, vc = kv_quant.codecs(fmt, q.shape[1])[:2]
     a, b = quantized
     kcodes, ksc, kzr = _numpy_codes(k[a:b], kc)  # a, b are whole key groups
@@ -192,6 +205,14 @@ def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
     for t in range(lo, len(k)):
         if a <= t < b:
             i, grp = t - a, (t - a) // kc.group
+            if kc.symmetric:  # int8 rows: q rounded per 4 channels, times the row's scale
+                q4 = q.astype(np.float32).reshape(R, D // 4, 4)
+                amax = np.abs(q4).max(-1, keepdims=True)
+                q8 = np.round(q4 * np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32))
+                ints = (q8 * kcodes[i].reshape(D // 4, 4)).sum(-1)
+                score = (ints * (amax[..., 0] / np.float32(127))).sum(-1) * ksc[i, 0]
+                blocks.setdefault(t // kv_quant.VALUE_BLOCK, []).append((score, (vcodes[i], vsc[i], vzr[i])))
+                continue
             qs = (q * ksc[grp]).astype(np.float32).reshape(R, D // B, B)
             amax = np.abs(qs).max(-1, keepdims=True)
             q8 = np.round(qs * np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32))
@@ -224,7 +245,7 @@ def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
     return sum(np.exp(x[0] - m)[:, None] * x[2] for x in parts) / l[:, None]
 
 
-@pytest.mark.parametrize("fmt", ["int4", "k4v2", "int2"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "k4v2", "int2"])
 @pytest.mark.parametrize("n, window, dim", [(1500, None, 64), (1500, 300, 64), (420, None, 64), (420, 250, 64),
                                             (420, None, 16)])  # 16: no kernel specialisation, the torch path
 def test_integer_decode_attention_follows_its_spec(fmt, n, window, dim, path):
@@ -249,7 +270,10 @@ def test_integer_decode_attention_follows_its_spec(fmt, n, window, dim, path):
         qh = (q[0, h * rep : (h + 1) * rep, 0] * 0.1).numpy()
         want = _numpy_integer_attention(qh, k[h], v[h], fmt, (kv_quant.SINK_TOKENS, cache.qlen), lo)
         err = np.abs(out[h * rep : (h + 1) * rep].numpy() - want)
-        assert err.max() < 2e-3 and (err > 1e-5).mean() < 1 / 3, (err.max(), (err > 1e-5).mean())
+        if fmt == "int8":  # a flipped weight moves a whole row of codes up to 127: most outputs shift a little
+            assert err.max() < 1e-3, err.max()  # (seen: up to 4.1e-4; q rounded per 32 channels, not 4: 2.9e-3+)
+        else:
+            assert err.max() < 2e-3 and (err > 1e-5).mean() < 1 / 3, (err.max(), (err > 1e-5).mean())
 
 
 @pytest.mark.parametrize("fmt", ["int4", "k4v2"])

@@ -4,12 +4,16 @@ PyTorch has no CPU op that reads 2-, 4- or 8-bit K/V codes and attends in one pa
 a chunk with tensor ops writes and re-reads float32 copies (~8 passes over 4-byte values per 2-bit
 code), which at 160K tokens costs tens of seconds per token. This kernel reads each code once and
 keeps the online softmax (running max, sum and output per query, merged across blocks, threads and
-pages by log-sum-exp). Two ways in, one per kind of format:
+pages by log-sum-exp). Three ways in, one per kind of format:
 
-- Per-token formats (int8; and plain bf16/float32 rows: the cache's unquantized first tokens and
-  residual window): per block of 64 tokens, keys dequantized row by row and scored in float32 16-wide
-  GCC vectors (partial sums reduced 16 tokens at a time), then the value rows added into the query
-  heads' accumulators: 2 x n_rep x head_dim multiply-adds per position and KV head.
+- Plain bf16/float32 rows (the cache's unquantized first tokens and residual window; a bf16 cache in
+  the one-call decode step): per block of 64 tokens, keys scored in float32 16-wide GCC vectors
+  (partial sums reduced 16 tokens at a time), then the value rows added into the query heads'
+  accumulators: 2 x n_rep x head_dim multiply-adds per position and KV head.
+- int8 rows (one scale per row), in integers: the query rounded to int8 per 4 channels and dotted by
+  VNNI with each key row (the lanes summed 16 rows at a time); the values as below, 4 rows interleaved
+  in registers. Against float attention over the same codes this adds about half the error the int8
+  codes do (tests/test_kv_quant.py).
 - The KIVI formats (int4, k4v2, int2: per-channel keys, per-token values), in integers: per key group,
   each query times the group's channel scales is rounded to int8 (one scale per 32 channels) and dotted
   with the 4-/2-bit codes by VNNI (`vpdpbusd`: 4 byte products per 32-bit lane), 16 tokens per
@@ -423,6 +427,71 @@ INLINE void round_to_bytes(v16 x, void *out) {
 #endif
 }
 
+/* A block of VBLOCK positions' softmax step, shared by the integer paths: scores s[r][t] (-inf outside
+   the range) against the block max, joined to the running state (mr; per-lane sums lv of p and zacc of
+   p * min, reduced once at the end; acc, lv and zacc rescaled only when a query's max moves), and the
+   uint8 value weights w8[r][gi][t] = p * scale rounded against the block's largest scale of the value
+   group (scf, zeroed outside the range; p <= 1, so one bound serves every query), whose scale times
+   exp(block max - running max) goes to wscale[r][gi]. */
+INLINE void block_weights(const int nr, const int nc, const int ngv, const int has_zero, float s[][VBLOCK],
+                          float scf[][VBLOCK], float zrf[][VBLOCK], float *mr, v16 *lv, v16 acc[][NC],
+                          v16 zacc[][MAX_DIM / 16], uint8_t w8[][MAX_DIM / 16][VBLOCK], float wscale[][MAX_DIM / 16]) {
+    /* per value group, the block's largest scale: p <= 1, so p * scale / it * 255 fits a byte for
+       every query (one maximum per group, not one per query and group) */
+    float wsc[MAX_DIM / 16];
+    for (int gi = 0; gi < ngv; gi++) {
+        v16 mx = splat(0.0f), x[VBLOCK / 16];
+        for (int t = 0; t < VBLOCK / 16; t++) memcpy(&x[t], &scf[gi][16 * t], 64), mx = vmax(mx, x[t]);
+        const float smax = hmax(mx), inv = smax > 0.0f ? 255.0f / smax : 0.0f;
+        wsc[gi] = smax / 255.0f;
+        for (int t = 0; t < VBLOCK / 16; t++) x[t] *= inv, memcpy(&scf[gi][16 * t], &x[t], 64);
+    }
+    /* softmax weights against the block max, joined to the running state; uint8 value weights.
+       The running sums l and the values' min terms stay vectors (lanes: token partial sums),
+       reduced once at the end, and the state is rescaled only when a query's max moves. */
+    float mb[MAX_REP], f[MAX_REP];
+    for (int r = 0; r < nr; r++) mb[r] = max64(s[r], -__builtin_inff());
+    for (int r0 = 0; r0 < nr; r0 += 8) {  /* both corrections of 8 queries in one exponential */
+        v16 x = splat(0.0f);
+        const int n8 = nr - r0 < 8 ? nr - r0 : 8;
+        for (int i = 0; i < n8; i++) {
+            const float m_new = mr[r0 + i] > mb[r0 + i] ? mr[r0 + i] : mb[r0 + i];
+            x[i] = mb[r0 + i] - m_new, x[8 + i] = mr[r0 + i] - m_new;  /* corr: 0 while mr is -inf */
+            mr[r0 + i] = m_new;
+        }
+        x = exp16(x);
+        for (int i = 0; i < n8; i++) {
+            const float corr = x[8 + i];
+            f[r0 + i] = x[i];
+            if (corr != 1.0f) {
+                lv[r0 + i] *= corr;
+                for (int c = 0; c < nc; c++) acc[r0 + i][c] *= corr;
+                for (int gi = 0; gi < ngv; gi++) zacc[r0 + i][gi] *= corr;
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        v16 p[VBLOCK / 16];
+        const v16 fr = splat(f[r]);
+        for (int t = 0; t < VBLOCK / 16; t++) {
+            memcpy(&p[t], &s[r][16 * t], 64);
+            p[t] = exp16(p[t] - mb[r]);
+            lv[r] += fr * p[t];
+        }
+        for (int gi = 0; gi < ngv; gi++) {
+            v16 zs = splat(0.0f);
+            for (int t = 0; t < VBLOCK / 16; t++) {
+                v16 sc, zr;
+                memcpy(&sc, &scf[gi][16 * t], 64);
+                if (has_zero) memcpy(&zr, &zrf[gi][16 * t], 64), zs += p[t] * zr;
+                round_to_bytes(p[t] * sc, &w8[r][gi][16 * t]);
+            }
+            wscale[r][gi] = f[r] * wsc[gi];
+            if (has_zero) zacc[r][gi] += fr * zs;
+        }
+    }
+}
+
 INLINE void attend_int_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
                             int64_t t1, float *m, float *l, float *acc_out, const int dim, const int kbits,
                             const int kgroup, const int vbits, const int vgroup) {
@@ -519,61 +588,7 @@ UNROLL8
                 memcpy(&scf[gi][t], &scm, 64), memcpy(&zrf[gi][t], &zrm, 64);
             }
         }
-        /* per value group, the block's largest scale: p <= 1, so p * scale / it * 255 fits a byte for
-           every query (one maximum per group, not one per query and group) */
-        float wsc[MAX_DIM / 16];
-        for (int gi = 0; gi < ngv; gi++) {
-            v16 mx = splat(0.0f), x[VBLOCK / 16];
-            for (int t = 0; t < VBLOCK / 16; t++) memcpy(&x[t], &scf[gi][16 * t], 64), mx = vmax(mx, x[t]);
-            const float smax = hmax(mx), inv = smax > 0.0f ? 255.0f / smax : 0.0f;
-            wsc[gi] = smax / 255.0f;
-            for (int t = 0; t < VBLOCK / 16; t++) x[t] *= inv, memcpy(&scf[gi][16 * t], &x[t], 64);
-        }
-        /* softmax weights against the block max, joined to the running state; uint8 value weights.
-           The running sums l and the values' min terms stay vectors (lanes: token partial sums),
-           reduced once at the end, and the state is rescaled only when a query's max moves. */
-        float mb[MAX_REP], f[MAX_REP];
-        for (int r = 0; r < nr; r++) mb[r] = max64(s[r], -__builtin_inff());
-        for (int r0 = 0; r0 < nr; r0 += 8) {  /* both corrections of 8 queries in one exponential */
-            v16 x = splat(0.0f);
-            const int n8 = nr - r0 < 8 ? nr - r0 : 8;
-            for (int i = 0; i < n8; i++) {
-                const float m_new = mr[r0 + i] > mb[r0 + i] ? mr[r0 + i] : mb[r0 + i];
-                x[i] = mb[r0 + i] - m_new, x[8 + i] = mr[r0 + i] - m_new;  /* corr: 0 while mr is -inf */
-                mr[r0 + i] = m_new;
-            }
-            x = exp16(x);
-            for (int i = 0; i < n8; i++) {
-                const float corr = x[8 + i];
-                f[r0 + i] = x[i];
-                if (corr != 1.0f) {
-                    lv[r0 + i] *= corr;
-                    for (int c = 0; c < nc; c++) acc[r0 + i][c] *= corr;
-                    for (int gi = 0; gi < ngv; gi++) zacc[r0 + i][gi] *= corr;
-                }
-            }
-        }
-        for (int r = 0; r < nr; r++) {
-            v16 p[VBLOCK / 16];
-            const v16 fr = splat(f[r]);
-            for (int t = 0; t < VBLOCK / 16; t++) {
-                memcpy(&p[t], &s[r][16 * t], 64);
-                p[t] = exp16(p[t] - mb[r]);
-                lv[r] += fr * p[t];
-            }
-            for (int gi = 0; gi < ngv; gi++) {
-                v16 zs = splat(0.0f);
-                for (int t = 0; t < VBLOCK / 16; t++) {
-                    v16 sc, zr;
-                    memcpy(&sc, &scf[gi][16 * t], 64);
-                    memcpy(&zr, &zrf[gi][16 * t], 64);
-                    zs += p[t] * zr;
-                    round_to_bytes(p[t] * sc, &w8[r][gi][16 * t]);
-                }
-                wscale[r][gi] = f[r] * wsc[gi];
-                zacc[r][gi] += fr * zs;
-            }
-        }
+        block_weights(nr, nc, ngv, 1, s, scf, zrf, mr, lv, acc, zacc, w8, wscale);
         /* values: per chunk of 16 channels, the block's tiles of 4 tokens */
         const uint8_t *vb = vcodes + bs * (dim * vbits / 8);
         for (int o = 0; o < 16 * vtile; o += 64) __builtin_prefetch(vb + AHEAD * VBLOCK * (dim * vbits / 8) + o, 0, 2);
@@ -609,6 +624,163 @@ UNROLL8
     }
 }
 
+
+/* ---- Integer attention over int8 rows (the int8 format: symmetric per-token codes, one scale per row,
+   stored row by row).
+
+   Keys: each query rounded to int8 per 4 channels (one float scale per 32-bit lane: the dot products'
+   lanes are a row's channel quads), dotted by VNNI with the row's codes as unsigned bytes (code XOR 0x80
+   = code + 128; the sums start at -128 x the lane's query sum), the lanes scaled and summed 16 rows at a
+   time, times the row's scale. Values: as the KIVI formats' (block_weights), the 4 rows of a tile
+   interleaved in registers (byte, then 16-bit unpacks within 128-bit lanes) so that a lane holds one
+   channel of 4 rows; that leaves the channels of each 64-byte half permuted, undone once at the end.
+   kv_quant's PyTorch path (_row_key_scores, _merge_blocks) computes the same numbers. */
+
+static const uint8_t ZERO_ROW[MAX_DIM] __attribute__((aligned(64)));  /* stands in for rows past the range */
+
+INLINE vq vq_load(const void *p) {
+    vq x;
+    memcpy(&x, p, 64);
+    return x;
+}
+INLINE vq vq_xor80(vq x) { return (vq)((u8x64)x ^ (uint8_t)0x80); }
+/* 4 rows' 64 bytes -> 4 vectors whose lane 4L + i holds channel 16L + 4k + i of the rows (vector k) */
+INLINE void interleave4(vq r0, vq r1, vq r2, vq r3, vq *out) {
+    const u8x64 a = __builtin_shufflevector((u8x64)r0, (u8x64)r1, 0, 64, 1, 65, 2, 66, 3, 67, 4, 68, 5, 69, 6, 70, 7, 71, 16, 80, 17, 81, 18, 82, 19, 83, 20, 84, 21, 85, 22, 86, 23, 87, 32, 96, 33, 97, 34, 98, 35, 99, 36, 100, 37, 101, 38, 102, 39, 103, 48, 112, 49, 113, 50, 114, 51, 115, 52, 116, 53, 117, 54, 118, 55, 119);
+    const u8x64 b = __builtin_shufflevector((u8x64)r2, (u8x64)r3, 0, 64, 1, 65, 2, 66, 3, 67, 4, 68, 5, 69, 6, 70, 7, 71, 16, 80, 17, 81, 18, 82, 19, 83, 20, 84, 21, 85, 22, 86, 23, 87, 32, 96, 33, 97, 34, 98, 35, 99, 36, 100, 37, 101, 38, 102, 39, 103, 48, 112, 49, 113, 50, 114, 51, 115, 52, 116, 53, 117, 54, 118, 55, 119);
+    const u8x64 c = __builtin_shufflevector((u8x64)r0, (u8x64)r1, 8, 72, 9, 73, 10, 74, 11, 75, 12, 76, 13, 77, 14, 78, 15, 79, 24, 88, 25, 89, 26, 90, 27, 91, 28, 92, 29, 93, 30, 94, 31, 95, 40, 104, 41, 105, 42, 106, 43, 107, 44, 108, 45, 109, 46, 110, 47, 111, 56, 120, 57, 121, 58, 122, 59, 123, 60, 124, 61, 125, 62, 126, 63, 127);
+    const u8x64 d = __builtin_shufflevector((u8x64)r2, (u8x64)r3, 8, 72, 9, 73, 10, 74, 11, 75, 12, 76, 13, 77, 14, 78, 15, 79, 24, 88, 25, 89, 26, 90, 27, 91, 28, 92, 29, 93, 30, 94, 31, 95, 40, 104, 41, 105, 42, 106, 43, 107, 44, 108, 45, 109, 46, 110, 47, 111, 56, 120, 57, 121, 58, 122, 59, 123, 60, 124, 61, 125, 62, 126, 63, 127);
+    out[0] = (vq)__builtin_shufflevector(a, b, 0, 1, 64, 65, 2, 3, 66, 67, 4, 5, 68, 69, 6, 7, 70, 71, 16, 17, 80, 81, 18, 19, 82, 83, 20, 21, 84, 85, 22, 23, 86, 87, 32, 33, 96, 97, 34, 35, 98, 99, 36, 37, 100, 101, 38, 39, 102, 103, 48, 49, 112, 113, 50, 51, 114, 115, 52, 53, 116, 117, 54, 55, 118, 119);
+    out[1] = (vq)__builtin_shufflevector(a, b, 8, 9, 72, 73, 10, 11, 74, 75, 12, 13, 76, 77, 14, 15, 78, 79, 24, 25, 88, 89, 26, 27, 90, 91, 28, 29, 92, 93, 30, 31, 94, 95, 40, 41, 104, 105, 42, 43, 106, 107, 44, 45, 108, 109, 46, 47, 110, 111, 56, 57, 120, 121, 58, 59, 122, 123, 60, 61, 124, 125, 62, 63, 126, 127);
+    out[2] = (vq)__builtin_shufflevector(c, d, 0, 1, 64, 65, 2, 3, 66, 67, 4, 5, 68, 69, 6, 7, 70, 71, 16, 17, 80, 81, 18, 19, 82, 83, 20, 21, 84, 85, 22, 23, 86, 87, 32, 33, 96, 97, 34, 35, 98, 99, 36, 37, 100, 101, 38, 39, 102, 103, 48, 49, 112, 113, 50, 51, 114, 115, 52, 53, 116, 117, 54, 55, 118, 119);
+    out[3] = (vq)__builtin_shufflevector(c, d, 8, 9, 72, 73, 10, 11, 74, 75, 12, 13, 76, 77, 14, 15, 78, 79, 24, 25, 88, 89, 26, 27, 90, 91, 28, 29, 92, 93, 30, 31, 94, 95, 40, 41, 104, 105, 42, 43, 106, 107, 44, 45, 108, 109, 46, 47, 110, 111, 56, 57, 120, 121, 58, 59, 122, 123, 60, 61, 124, 125, 62, 63, 126, 127);
+}
+
+/* 16 scales from p (float16), 0 for positions outside [a, b) (nothing read there) */
+INLINE v16 load16h_in(const _Float16 *p, int64_t at, int64_t a, int64_t b) {
+    if (at >= a && at + 16 <= b) return load16h(p + at);
+    v16 x = splat(0.0f);
+    for (int i = 0; i < 16; i++)
+        if (at + i >= a && at + i < b) x[i] = (float)p[at + i];
+    return x;
+}
+
+INLINE void attend_i8_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
+                           int64_t t1, float *m, float *l, float *acc_out, const int dim) {
+    const int nc = dim / 16, nh = dim / 64, nr = (n_rep + 3) & ~3;
+    v16 acc[MAX_REP][NC], lv[MAX_REP], zacc[MAX_REP][MAX_DIM / 16], qsv[MAX_REP][MAX_DIM / 64];
+    v16 part[MAX_REP][16];  /* per query and row of a tile of 16: its score's lanes */
+    vq q8[MAX_REP][MAX_DIM / 64], qz[MAX_REP][MAX_DIM / 64];
+    float s[MAX_REP][VBLOCK] __attribute__((aligned(64))), scf[1][VBLOCK] __attribute__((aligned(64)));
+    float mr[MAX_REP], wscale[MAX_REP][MAX_DIM / 16];
+    uint8_t w8[MAX_REP][MAX_DIM / 16][VBLOCK] __attribute__((aligned(64)));
+    const uint8_t *kcodes = (const uint8_t *)k->codes + h * k->codes_head_stride;
+    const uint8_t *vcodes = (const uint8_t *)v->codes + h * v->codes_head_stride;
+    const _Float16 *ksc = k->scale + h * k->scale_head_stride, *vsc = v->scale + h * v->scale_head_stride;
+    for (int r = 0; r < nr; r++) {
+        mr[r] = -__builtin_inff(), lv[r] = splat(0.0f);
+        for (int c = 0; c < nc; c++) acc[r][c] = splat(0.0f), zacc[r][c] = splat(0.0f);
+        for (int hh = 0; hh < nh; hh++) {  /* the query: int8 per 4 channels */
+            int8_t b8[64] __attribute__((aligned(64)));
+            i32x16 z;
+            for (int lane = 0; lane < 16; lane++) {
+                const float *x = q + r * dim + 64 * hh + 4 * lane;
+                float amax = 0.0f;
+                for (int i = 0; i < 4 && r < n_rep; i++) amax = __builtin_fabsf(x[i]) > amax ? __builtin_fabsf(x[i]) : amax;
+                const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+                int32_t sum = 0;
+                for (int i = 0; i < 4; i++) {
+                    b8[4 * lane + i] = r < n_rep ? (int8_t)__builtin_rintf(x[i] * inv) : 0;
+                    sum += b8[4 * lane + i];
+                }
+                qsv[r][hh][lane] = amax / 127.0f;
+                z[lane] = -128 * sum;
+            }
+            memcpy(&q8[r][hh], b8, 64);
+            memcpy(&qz[r][hh], &z, 64);
+        }
+    }
+    for (int64_t bs = t0 / VBLOCK * VBLOCK; bs < t1; bs += VBLOCK) {
+        const int64_t lo = bs > t0 ? bs : t0, hi = bs + VBLOCK < t1 ? bs + VBLOCK : t1;
+        const int first = (int)(lo - bs), last = (int)(hi - bs);
+        /* keys: per tile of 16 rows, each row against every query, the lanes summed together */
+        for (int64_t ts = lo / 16 * 16; ts < hi; ts += 16) {
+            for (int i = 0; i < 16; i++) {
+                const int64_t t = ts + i;
+                if (t < lo || t >= hi) {
+                    for (int r = 0; r < nr; r++) part[r][i] = splat(0.0f);
+                    continue;
+                }
+                const uint8_t *row = kcodes + t * dim;
+                prefetch_row(row, dim);
+                vq x[MAX_DIM / 64];
+                for (int hh = 0; hh < nh; hh++) x[hh] = vq_xor80(vq_load(row + 64 * hh));
+                for (int r = 0; r < nr; r++) {
+                    v16 sum = vq_float(vq_dot(qz[r][0], x[0], q8[r][0])) * qsv[r][0];
+                    for (int hh = 1; hh < nh; hh++) sum += vq_float(vq_dot(qz[r][hh], x[hh], q8[r][hh])) * qsv[r][hh];
+                    part[r][i] = sum;
+                }
+            }
+            const v16 ks = load16h_in(ksc, ts, lo, hi);
+            for (int r = 0; r < nr; r++) {
+#ifdef __AVX512F__
+                const __m512 t16 = transpose_sum16((const __m512 *)part[r]);
+                v16 sc;
+                memcpy(&sc, &t16, 64);
+#else
+                v16 sc;
+                for (int i = 0; i < 16; i++) sc[i] = hsum(part[r][i]);
+#endif
+                sc *= ks;
+                memcpy(&s[r][ts - bs], &sc, 64);
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
+            for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
+        }
+        for (int t = 0; t < VBLOCK; t += 16) {
+            const v16 sc = load16h_in(vsc, bs + t, lo, hi);
+            memcpy(&scf[0][t], &sc, 64);
+        }
+        block_weights(nr, nc, 1, 0, s, scf, scf, mr, lv, acc, zacc, w8, wscale);
+        /* values: per 64-byte half, the block's tiles of 4 rows interleaved, against 4 queries */
+        for (int o = 0; o < VBLOCK * dim; o += 64) __builtin_prefetch(vcodes + (bs + AHEAD * VBLOCK) * dim + o, 0, 2);
+        const int q0 = first / 4, q1 = (last + 3) / 4;
+        for (int r0 = 0; r0 < nr; r0 += 4)
+            for (int hh = 0; hh < nh; hh++) {
+                const int32_t *w0 = (const int32_t *)w8[r0][0], *w1 = (const int32_t *)w8[r0 + 1][0];
+                const int32_t *w2 = (const int32_t *)w8[r0 + 2][0], *w3 = (const int32_t *)w8[r0 + 3][0];
+                vq a[4][4];
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) a[i][j] = vq_zero();
+                for (int qd = q0; qd < q1; qd++) {
+                    const int64_t t = bs + 4 * qd;
+                    vq x[4], rows[4];
+                    for (int i = 0; i < 4; i++)  /* rows before lo are inside the page (weight 0); past hi, zeros */
+                        rows[i] = vq_load((t + i < hi ? vcodes + (t + i) * dim : ZERO_ROW) + 64 * hh);
+                    interleave4(rows[0], rows[1], rows[2], rows[3], x);
+                    const vq u0 = vq_set1(w0[qd]), u1 = vq_set1(w1[qd]), u2 = vq_set1(w2[qd]), u3 = vq_set1(w3[qd]);
+                    for (int j = 0; j < 4; j++) {
+                        a[0][j] = vq_dot(a[0][j], u0, x[j]), a[1][j] = vq_dot(a[1][j], u1, x[j]);
+                        a[2][j] = vq_dot(a[2][j], u2, x[j]), a[3][j] = vq_dot(a[3][j], u3, x[j]);
+                    }
+                }
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) acc[r0 + i][4 * hh + j] += vq_float(a[i][j]) * wscale[r0 + i][0];
+            }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        m[r] = mr[r];
+        l[r] = hsum(lv[r]);
+        const float *pa = (const float *)acc[r];  /* vector 4 hh + j, lane 4 L + i: channel 64 hh + 16 L + 4 j + i */
+        for (int hh = 0; hh < nh; hh++)
+            for (int j = 0; j < 4; j++)
+                for (int L = 0; L < 4; L++)
+                    for (int i = 0; i < 4; i++) acc_out[r * dim + 64 * hh + 16 * L + 4 * j + i] = pa[16 * (4 * hh + j) + 4 * L + i];
+    }
+}
+
 /* One function per (head_dim, format) that zen-eco uses, the format a constant in each; anything
    else is refused (the caller then uses its PyTorch path). */
 typedef void (*range_fn)(int, const float *, const side_t *, const side_t *, int64_t, int64_t, int64_t, float *,
@@ -623,8 +795,13 @@ typedef void (*range_fn)(int, const float *, const side_t *, const side_t *, int
                      int64_t t1, float *m, float *l, float *acc) {                                             \
         attend_int_impl(n_rep, q, k, v, h, t0, t1, m, l, acc, D, KB, KG, VB, VG);                              \
     }
+#define SPECIAL_I8(NAME, D)                                                                                    \
+    static void NAME(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,       \
+                     int64_t t1, float *m, float *l, float *acc) {                                             \
+        attend_i8_impl(n_rep, q, k, v, h, t0, t1, m, l, acc, D);                                               \
+    }
 #define FORMATS(D)                                                                                             \
-    SPECIAL(int8_##D, D, 8, D, 0, 8, D, 0)                                                                     \
+    SPECIAL_I8(int8_##D, D)                                                                                    \
     SPECIAL_INT(int4_##D, D, 4, 128, 4, 32)                                                                    \
     SPECIAL_INT(int2_##D, D, 2, 32, 2, 32)                                                                     \
     SPECIAL_INT(k4v2_##D, D, 4, 128, 2, 32)                                                                    \

@@ -26,12 +26,13 @@ at 160K tokens peak memory is the cache plus one layer's page, not twice the cac
 Attention never holds a dequantized copy of the cache. A decode step (`attend`) runs the C kernel
 of `kv_kernel` (codes read once, online softmax; the unquantized sink and window rows too, so the
 softmax merges happen there rather than as per-layer tensor ops) or, where it is unavailable, works
-through `ATTEND_CHUNK` positions at a time and merges the chunks' softmaxes by log-sum-exp. For the
-KIVI formats both compute decode attention in integers: per key group the query times the channel
-scales rounded to int8 (`QUERY_BLOCK` channels per scale) against the key codes, and per block of
-`VALUE_BLOCK` positions the softmax weights times the value scales rounded to uint8 against the value
-codes (`_key_scores`, `_merge_blocks`; on SmolLM2 this moves the KL against the fp32 cache by under 5%,
-docs/benchmarks.md). For that the codes are stored interleaved (`Codec.store`) and the value scales
+through `ATTEND_CHUNK` positions at a time and merges the chunks' softmaxes by log-sum-exp. Both
+compute decode attention in integers: for the KIVI formats per key group the query times the channel
+scales rounded to int8 (`QUERY_BLOCK` channels per scale) against the key codes, for int8 the query
+rounded to int8 per 4 channels against each row (`_key_scores`, `_row_key_scores`); per block of
+`VALUE_BLOCK` positions the softmax weights times the value scales rounded to uint8 (against the
+block's largest value scale) against the value codes (`_merge_blocks`). What the rounding costs, per
+format and change (KL against the fp32 cache, SmolLM2 and Gemma-3): docs/benchmarks.md. For that the codes are stored interleaved (`Codec.store`) and the value scales
 group-major per `SCALE_TILE` tokens. A prefill (`update`) returns the valid range dequantized
 (transient, one layer) for SDPA. Every token, the new ones included, is attended through its stored
 codes, so a prefill equals the decode steps it replaces up to that rounding, and a reused prefix gives
@@ -239,6 +240,16 @@ def _key_scores(codec: Codec, qf: torch.Tensor, k: torch.Tensor, scale: torch.Te
     scores = (ints * s.squeeze(-1)[:, :, :, None, :]).sum(-1)  # (N, R, G, group)
     scores = scores + (qf[:, :, None, :] * zero.float()[:, None]).sum(-1)[..., None]
     return scores.flatten(2)
+
+
+def _row_key_scores(qf: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Scores of queries qf (N, R, D) against int8 rows k (N, T, D) (integer-valued floats) with their
+    per-row scales (N, T): q rounded to int8 per 4 channels (a scale each), dotted with the codes,
+    times the row's scale."""
+    N, R, D = qf.shape
+    q8, s = _round(qf.unflatten(-1, (D // 4, 4)), 127, -1)  # (N, R, D/4, 4), (N, R, D/4, 1)
+    ints = torch.einsum("nrlc,ntlc->nrtl", q8, k.unflatten(-1, (D // 4, 4)))
+    return (ints * s.squeeze(-1)[:, :, None, :]).sum(-1) * scale[:, None, :]
 
 
 def _merge_blocks(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor, v: torch.Tensor,
@@ -467,11 +478,8 @@ class QuantizedKVCache(KVCache):
         for p, a, b in self._segments(max(lo, S), q1, PAGE_TOKENS if native else ATTEND_CHUNK):
             if native:
                 kv_kernel.attend(qf, *self._side(p, layer), a, b, m, l, acc)
-            elif self.key_codec.tile > 1:
-                self._attend_codes(layer, qf, p, a, b, m, l, acc)
             else:
-                kf, vf = self._load(layer, p * PAGE_TOKENS + a, p * PAGE_TOKENS + b)
-                _merge(m, l, acc, qf @ kf.flatten(0, 1).transpose(1, 2), vf.flatten(0, 1))
+                self._attend_codes(layer, qf, p, a, b, m, l, acc)
         if self.res_k and end > max(lo, q1, S):  # the residual window, positions q1 ..
             self._attend_rows(layer, 1, qf, max(lo, q1, S) - q1, end - q1, m, l, acc)
         return (acc / l[..., None]).to(q.dtype).reshape(B, H * rep, D)
@@ -494,9 +502,14 @@ class QuantizedKVCache(KVCache):
     def _attend_codes(self, layer: int, qf: torch.Tensor, p: int, a: int, b: int, m: torch.Tensor,
                       l: torch.Tensor, acc: torch.Tensor) -> None:
         """The PyTorch path of the kernel's integer attention: page p's positions [a, b) (page-relative,
-        within one aligned ATTEND_CHUNK) of a KIVI format, computed as the kernel does."""
+        within one aligned ATTEND_CHUNK), computed as the kernel does."""
         kc, vc = self.key_codec, self.value_codec
         kcodes, kscale, kzero, vcodes, vscale, vzero = self.pages[p][layer]
+        if kc.bits == 8:  # int8 rows: one scale per row, symmetric
+            scores = _row_key_scores(qf, kcodes[:, :, a:b].flatten(0, 1).float(), kscale[:, :, a:b, 0].flatten(0, 1).float())
+            vs = vscale[:, :, a:b].flatten(0, 1).float()
+            _merge_blocks(m, l, acc, scores, vcodes[:, :, a:b].flatten(0, 1).float(), vs, torch.zeros_like(vs), a)
+            return
         lo, hi = a // kc.group * kc.group, -(-b // kc.group) * kc.group
         k = kc.load(kcodes[:, :, lo:hi].flatten(0, 1)).float()  # (N, hi - lo, D): rows are allocated in whole groups
         scores = _key_scores(kc, qf, k, kscale[:, :, lo // kc.group : hi // kc.group].flatten(0, 1),
