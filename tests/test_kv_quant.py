@@ -299,6 +299,31 @@ def test_kernel_attends_bfloat16_sinks_and_window_like_the_torch_path(fmt, monke
     torch.testing.assert_close(out, want, rtol=2**-8, atol=2**-8)
 
 
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_kernel_attends_bfloat16_rows_more_closely_than_bfloat16_sdpa(dim):
+    # A bf16 cache's rows (the one-call decode step attends a whole bf16 KVCache this way): with
+    # AVX512-BF16 the kernel dots bf16 rows with the query split into bf16 high and low parts, and the
+    # softmax weights rounded to bf16 with the value rows (elsewhere: float32 arithmetic). Against float32
+    # attention over the same rows it must stay closer than PyTorch's bf16 SDPA does (seen: 1.8e-4
+    # against 4.2e-4 at 4,000 rows). Rows outside the attended range hold NaN: never read into a sum.
+    if kv_kernel.library() is None:
+        pytest.skip("no C compiler: the kernel is not built")
+    heads, rep, n, t0, t1 = 2, 4, 900, 37, 871
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, heads, n, dim, generator=g).bfloat16() for _ in range(2))
+    k[:, :, :t0], v[:, :, :t0], k[:, :, t1:], v[:, :, t1:] = (float("nan"),) * 4
+    q = torch.randn(heads, rep, dim, generator=g) * dim**-0.5
+    m, l, acc = torch.full((heads, rep), -math.inf), torch.zeros(heads, rep), torch.zeros(heads, rep, dim)
+    kv_kernel.attend(q, kv_kernel.plain_side(k), kv_kernel.plain_side(v), t0, t1, m, l, acc)
+    out = acc / l[..., None]
+    kf, vf = k[0, :, t0:t1].float(), v[0, :, t0:t1].float()
+    want = torch.softmax(q @ kf.transpose(1, 2), -1) @ vf
+    sdpa = F.scaled_dot_product_attention(q.bfloat16()[:, :, None], kf.bfloat16()[:, None].expand(-1, rep, -1, -1),
+                                          vf.bfloat16()[:, None].expand(-1, rep, -1, -1), scale=1.0)[:, :, 0].float()
+    assert torch.isfinite(out).all()
+    assert (out - want).abs().max() < (sdpa - want).abs().max()
+
+
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_first_and_newest_tokens_stay_unquantized(fmt):
     cache = _filled(fmt, 1000)

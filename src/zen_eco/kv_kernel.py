@@ -9,7 +9,9 @@ pages by log-sum-exp). Three ways in, one per kind of format:
 - Plain bf16/float32 rows (the cache's unquantized first tokens and residual window; a bf16 cache in
   the one-call decode step): per block of 64 tokens, keys scored in float32 16-wide GCC vectors
   (partial sums reduced 16 tokens at a time), then the value rows added into the query heads'
-  accumulators: 2 x n_rep x head_dim multiply-adds per position and KV head.
+  accumulators: 2 x n_rep x head_dim multiply-adds per position and KV head. With AVX512-BF16, bf16
+  rows go through bf16 dot products instead (the query split into bf16 high and low parts, the softmax
+  weights rounded to bf16): closer to float32 attention than bf16 SDPA is (tests/test_kv_quant.py).
 - int8 rows (one scale per row), in integers: the query rounded to int8 per 4 channels and dotted by
   VNNI with each key row (the lanes summed 16 rows at a time); the values as below, 4 rows interleaved
   in registers. Against float attention over the same codes this adds about half the error the int8
@@ -636,7 +638,7 @@ UNROLL8
    channel of 4 rows; that leaves the channels of each 64-byte half permuted, undone once at the end.
    kv_quant's PyTorch path (_row_key_scores, _merge_blocks) computes the same numbers. */
 
-static const uint8_t ZERO_ROW[MAX_DIM] __attribute__((aligned(64)));  /* stands in for rows past the range */
+static const uint8_t ZERO_ROW[2 * MAX_DIM] __attribute__((aligned(64)));  /* stands in for rows out of the range */
 
 INLINE vq vq_load(const void *p) {
     vq x;
@@ -663,6 +665,22 @@ INLINE v16 load16h_in(const _Float16 *p, int64_t at, int64_t a, int64_t b) {
     for (int i = 0; i < 16; i++)
         if (at + i >= a && at + i < b) x[i] = (float)p[at + i];
     return x;
+}
+
+/* The running state out of a path whose value accumulators (acc: NC vectors a query) hold channels as
+   in-lane unpacks of `per`-way interleaved rows leave them: in each run of `per` vectors (16 * per
+   channels), lane 4 L + i of the run's vector j is channel 4 * per * L + 4 j + i. */
+INLINE void finish_permuted(int n_rep, int dim, const int per, const float *mr, const v16 *lv, const float *acc,
+                            float *m, float *l, float *acc_out) {
+    for (int r = 0; r < n_rep; r++) {
+        m[r] = mr[r];
+        l[r] = hsum(lv[r]);
+        const float *pa = acc + r * NC * 16;
+        for (int g = 0; g < dim / (16 * per); g++)
+            for (int j = 0; j < per; j++)
+                for (int L = 0; L < 4; L++)
+                    for (int i = 0; i < 4; i++) acc_out[r * dim + 16 * per * g + 4 * per * L + 4 * j + i] = pa[16 * (per * g + j) + 4 * L + i];
+    }
 }
 
 INLINE void attend_i8_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
@@ -770,16 +788,133 @@ INLINE void attend_i8_impl(int n_rep, const float *q, const side_t *k, const sid
                     for (int j = 0; j < 4; j++) acc[r0 + i][4 * hh + j] += vq_float(a[i][j]) * wscale[r0 + i][0];
             }
     }
-    for (int r = 0; r < n_rep; r++) {
-        m[r] = mr[r];
-        l[r] = hsum(lv[r]);
-        const float *pa = (const float *)acc[r];  /* vector 4 hh + j, lane 4 L + i: channel 64 hh + 16 L + 4 j + i */
-        for (int hh = 0; hh < nh; hh++)
-            for (int j = 0; j < 4; j++)
-                for (int L = 0; L < 4; L++)
-                    for (int i = 0; i < 4; i++) acc_out[r * dim + 64 * hh + 16 * L + 4 * j + i] = pa[16 * (4 * hh + j) + 4 * L + i];
-    }
+    finish_permuted(n_rep, dim, 4, mr, lv, (const float *)acc, m, l, acc_out);
 }
+
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* ---- Plain bfloat16 rows by AVX512-BF16 dot products (vdpbf16ps: two bfloat16 products per float
+   lane, exact products, float sums).
+
+   Keys: each query split into bfloat16 high and low parts (q = hi + lo to ~16 significant bits), both
+   dotted with a row (lanes: channel pairs), the lanes summed 16 rows at a time. Values: the block's
+   softmax weights (times exp(block max - running max)) rounded to bfloat16 in pairs of rows and dotted
+   with the 2 rows interleaved by 16-bit words (unpacks within 128-bit lanes: the channels come out
+   permuted, undone once at the end). The block's largest weight is exactly representable; the others
+   carry bfloat16's relative rounding (2^-9), as bfloat16 attention's probabilities do. */
+#define BF16_DIM_OK(D) ((D) % 64 == 0)
+
+INLINE void attend_bf16_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
+                             int64_t t1, float *m, float *l, float *acc_out, const int dim) {
+    const int nj = dim / 32, nr = (n_rep + 3) & ~3;  /* nj: 64-byte vectors (32 channels) a row */
+    __m512 acc[MAX_REP][NC], part[MAX_REP][16];
+    __m512bh qhi[MAX_REP][MAX_DIM / 32], qlo[MAX_REP][MAX_DIM / 32];
+    float s[MAX_REP][VBLOCK] __attribute__((aligned(64))), mr[MAX_REP];
+    uint16_t w16[MAX_REP][VBLOCK] __attribute__((aligned(64)));  /* bfloat16 weights */
+    v16 lv[MAX_REP];
+    const uint8_t *kcodes = (const uint8_t *)k->codes + h * k->codes_head_stride;
+    const uint8_t *vcodes = (const uint8_t *)v->codes + h * v->codes_head_stride;
+    const int row = 2 * dim;
+    for (int r = 0; r < nr; r++) {
+        mr[r] = -__builtin_inff(), lv[r] = splat(0.0f);
+        for (int c = 0; c < dim / 16; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int j = 0; j < nj; j++) {
+            __m512 a = _mm512_setzero_ps(), b = a;
+            if (r < n_rep) a = _mm512_loadu_ps(q + r * dim + 32 * j), b = _mm512_loadu_ps(q + r * dim + 32 * j + 16);
+            qhi[r][j] = _mm512_cvtne2ps_pbh(b, a);
+            const __m512 ra = _mm512_sub_ps(a, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)qhi[r][j])));
+            const __m512 rb = _mm512_sub_ps(b, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)qhi[r][j], 1)));
+            qlo[r][j] = _mm512_cvtne2ps_pbh(rb, ra);
+        }
+    }
+    for (int64_t bs = t0 / VBLOCK * VBLOCK; bs < t1; bs += VBLOCK) {
+        const int64_t lo = bs > t0 ? bs : t0, hi = bs + VBLOCK < t1 ? bs + VBLOCK : t1;
+        const int first = (int)(lo - bs), last = (int)(hi - bs);
+        for (int64_t ts = lo / 16 * 16; ts < hi; ts += 16) {
+            for (int i = 0; i < 16; i++) {
+                const int64_t t = ts + i;
+                if (t < lo || t >= hi) {
+                    for (int r = 0; r < nr; r++) part[r][i] = _mm512_setzero_ps();
+                    continue;
+                }
+                const uint8_t *kr = kcodes + t * row;
+                prefetch_row(kr, row);
+                __m512bh x[MAX_DIM / 32];
+                for (int j = 0; j < nj; j++) x[j] = (__m512bh)_mm512_loadu_si512(kr + 64 * j);
+                for (int r = 0; r < nr; r++) {
+                    __m512 a = _mm512_setzero_ps(), b = a;
+                    for (int j = 0; j < nj; j++) a = _mm512_dpbf16_ps(a, qhi[r][j], x[j]), b = _mm512_dpbf16_ps(b, qlo[r][j], x[j]);
+                    part[r][i] = _mm512_add_ps(a, b);
+                }
+            }
+            for (int r = 0; r < nr; r++) _mm512_storeu_ps(&s[r][ts - bs], transpose_sum16(part[r]));
+        }
+        for (int r = 0; r < nr; r++) {
+            for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
+            for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
+        }
+        /* the block's softmax step: weights p * exp(block max - running max), so the block adds straight in */
+        for (int r = 0; r < nr; r++) {
+            const float mb = max64(s[r], -__builtin_inff());
+            const float m_new = mr[r] > mb ? mr[r] : mb;
+            v16 x = splat(0.0f);
+            x[0] = mb - m_new, x[1] = mr[r] - m_new;  /* corr: 0 while mr is -inf */
+            x = exp16(x);
+            const float f = x[0], corr = x[1];
+            mr[r] = m_new;
+            if (corr != 1.0f) {
+                lv[r] *= corr;
+                for (int c = 0; c < dim / 16; c++) acc[r][c] = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(corr));
+            }
+            for (int t = 0; t < VBLOCK; t += 32) {
+                v16 a, b;
+                memcpy(&a, &s[r][t], 64), memcpy(&b, &s[r][t + 16], 64);
+                a = exp16(a - mb) * f, b = exp16(b - mb) * f;
+                lv[r] += a + b;
+                __m512 fa, fb;
+                memcpy(&fa, &a, 64), memcpy(&fb, &b, 64);
+                _mm512_storeu_si512(&w16[r][t], (__m512i)_mm512_cvtne2ps_pbh(fb, fa));
+            }
+        }
+        /* values: pairs of rows (zero rows outside the range: never 0 x garbage), 32 channels at a time */
+        const int q0 = first / 2, q1 = (last + 1) / 2;
+        for (int r0 = 0; r0 < nr; r0 += 4)
+            for (int j0 = 0; j0 < nj; j0 += 2) {
+                const int32_t *w0 = (const int32_t *)w16[r0], *w1 = (const int32_t *)w16[r0 + 1];
+                const int32_t *w2 = (const int32_t *)w16[r0 + 2], *w3 = (const int32_t *)w16[r0 + 3];
+                __m512 a[4][4];
+                for (int i = 0; i < 4; i++)
+                    for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
+                for (int qd = q0; qd < q1; qd++) {
+                    const int64_t t = bs + 2 * qd;
+                    const uint8_t *ra = t >= lo && t < hi ? vcodes + t * row : ZERO_ROW;
+                    const uint8_t *rb = t + 1 >= lo && t + 1 < hi ? vcodes + (t + 1) * row : ZERO_ROW;
+                    __m512bh x[4];
+                    for (int jj = 0; jj < 2; jj++) {
+                        const __m512i A = _mm512_loadu_si512(ra + 64 * (j0 + jj)), B = _mm512_loadu_si512(rb + 64 * (j0 + jj));
+                        x[2 * jj] = (__m512bh)_mm512_unpacklo_epi16(A, B), x[2 * jj + 1] = (__m512bh)_mm512_unpackhi_epi16(A, B);
+                    }
+                    const __m512bh u0 = (__m512bh)_mm512_set1_epi32(w0[qd]), u1 = (__m512bh)_mm512_set1_epi32(w1[qd]);
+                    const __m512bh u2 = (__m512bh)_mm512_set1_epi32(w2[qd]), u3 = (__m512bh)_mm512_set1_epi32(w3[qd]);
+                    for (int c = 0; c < 4; c++) {
+                        a[0][c] = _mm512_dpbf16_ps(a[0][c], u0, x[c]), a[1][c] = _mm512_dpbf16_ps(a[1][c], u1, x[c]);
+                        a[2][c] = _mm512_dpbf16_ps(a[2][c], u2, x[c]), a[3][c] = _mm512_dpbf16_ps(a[3][c], u3, x[c]);
+                    }
+                }
+                for (int i = 0; i < 4; i++)
+                    for (int c = 0; c < 4; c++) acc[r0 + i][2 * j0 + c] = _mm512_add_ps(acc[r0 + i][2 * j0 + c], a[i][c]);
+            }
+    }
+    finish_permuted(n_rep, dim, 2, mr, lv, (const float *)acc, m, l, acc_out);
+}
+#define SPECIAL_BF16(NAME, D)                                                                                  \
+    static void NAME(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,       \
+                     int64_t t1, float *m, float *l, float *acc) {                                             \
+        attend_bf16_impl(n_rep, q, k, v, h, t0, t1, m, l, acc, D);                                             \
+    }
+#else
+#define SPECIAL_BF16(NAME, D) SPECIAL(NAME, D, 16, D, 0, 16, D, 0)
+#endif
 
 /* One function per (head_dim, format) that zen-eco uses, the format a constant in each; anything
    else is refused (the caller then uses its PyTorch path). */
@@ -805,7 +940,7 @@ typedef void (*range_fn)(int, const float *, const side_t *, const side_t *, int
     SPECIAL_INT(int4_##D, D, 4, 128, 4, 32)                                                                    \
     SPECIAL_INT(int2_##D, D, 2, 32, 2, 32)                                                                     \
     SPECIAL_INT(k4v2_##D, D, 4, 128, 2, 32)                                                                    \
-    SPECIAL(bf16_##D, D, 16, D, 0, 16, D, 0)                                                                   \
+    SPECIAL_BF16(bf16_##D, D)                                                                                  \
     SPECIAL(f32_##D, D, 32, D, 0, 32, D, 0)
 FORMATS(64)
 FORMATS(128)
