@@ -232,10 +232,10 @@ def _numpy_integer_attention(q, k, v, fmt, quantized, lo):
         sc, zr = np.stack([m[1][1] for m in members]), np.stack([m[1][2] for m in members])  # (n, G)
         G = sc.shape[1]
         out = np.zeros((R, D))
-        W = sc.max(0)  # (G,): the block's largest value scale per group; p <= 1
-        scaled = (sc * np.where(W > 0, np.float32(255) / np.where(W > 0, W, 1), 0)).astype(np.float32)
         for r in range(R):
-            w8 = np.round(p[r][:, None].astype(np.float32) * scaled)
+            w = (p[r][:, None] * sc).astype(np.float32)  # (n, G)
+            W = w.max(0)
+            w8 = np.round(w * np.where(W > 0, np.float32(255) / np.where(W > 0, W, 1), 0).astype(np.float32))
             for gi in range(G):
                 cols = slice(gi * D // G, (gi + 1) * D // G)
                 out[r, cols] = W[gi] / 255 * (w8[:, gi] @ codes[:, cols]) + p[r] @ zr[:, gi]

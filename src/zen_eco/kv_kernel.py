@@ -429,28 +429,31 @@ INLINE void round_to_bytes(v16 x, void *out) {
 #endif
 }
 
+/* Lane i: the largest of the 16 lanes of v[i] (as transpose_sum16, with maxima). */
+INLINE v16 transpose_max16(const v16 *v) {
+    v16 w[8], y[4], z[2];
+    for (int i = 0; i < 8; i++)  /* lanes 0-7: v[2i]'s halves' maxima; 8-15: v[2i + 1]'s */
+        w[i] = vmax(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                    __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+    for (int i = 0; i < 4; i++)  /* quarters: v[4i], v[4i + 1], v[4i + 2], v[4i + 3] */
+        y[i] = vmax(__builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                    __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
+    for (int i = 0; i < 2; i++)  /* pairs of lanes: v[8i] .. v[8i + 7] */
+        z[i] = vmax(__builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                    __builtin_shufflevector(y[2 * i], y[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+    return vmax(__builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+
 /* A block of VBLOCK positions' softmax step, shared by the integer paths: scores s[r][t] (-inf outside
    the range) against the block max, joined to the running state (mr; per-lane sums lv of p and zacc of
    p * min, reduced once at the end; acc, lv and zacc rescaled only when a query's max moves), and the
-   uint8 value weights w8[r][gi][t] = p * scale rounded against the block's largest scale of the value
-   group (scf, zeroed outside the range; p <= 1, so one bound serves every query), whose scale times
-   exp(block max - running max) goes to wscale[r][gi]. */
+   uint8 value weights w8[r][gi][t] = p * scale rounded against their largest (per query and value group;
+   scf zeroed outside the range), whose scale times exp(block max - running max) goes to wscale[r][gi].
+   The maxima of up to 16 (query, group) pairs come out of one transposed reduction. */
 INLINE void block_weights(const int nr, const int nc, const int ngv, const int has_zero, float s[][VBLOCK],
                           float scf[][VBLOCK], float zrf[][VBLOCK], float *mr, v16 *lv, v16 acc[][NC],
                           v16 zacc[][MAX_DIM / 16], uint8_t w8[][MAX_DIM / 16][VBLOCK], float wscale[][MAX_DIM / 16]) {
-    /* per value group, the block's largest scale: p <= 1, so p * scale / it * 255 fits a byte for
-       every query (one maximum per group, not one per query and group) */
-    float wsc[MAX_DIM / 16];
-    for (int gi = 0; gi < ngv; gi++) {
-        v16 mx = splat(0.0f), x[VBLOCK / 16];
-        for (int t = 0; t < VBLOCK / 16; t++) memcpy(&x[t], &scf[gi][16 * t], 64), mx = vmax(mx, x[t]);
-        const float smax = hmax(mx), inv = smax > 0.0f ? 255.0f / smax : 0.0f;
-        wsc[gi] = smax / 255.0f;
-        for (int t = 0; t < VBLOCK / 16; t++) x[t] *= inv, memcpy(&scf[gi][16 * t], &x[t], 64);
-    }
-    /* softmax weights against the block max, joined to the running state; uint8 value weights.
-       The running sums l and the values' min terms stay vectors (lanes: token partial sums),
-       reduced once at the end, and the state is rescaled only when a query's max moves. */
     float mb[MAX_REP], f[MAX_REP];
     for (int r = 0; r < nr; r++) mb[r] = max64(s[r], -__builtin_inff());
     for (int r0 = 0; r0 < nr; r0 += 8) {  /* both corrections of 8 queries in one exponential */
@@ -472,24 +475,43 @@ INLINE void block_weights(const int nr, const int nc, const int ngv, const int h
             }
         }
     }
+    /* p, the running sums, and each (query, group)'s largest p * scale (lanes) */
+    v16 p[MAX_REP][VBLOCK / 16], wmax[MAX_REP * MAX_DIM / 16];
     for (int r = 0; r < nr; r++) {
-        v16 p[VBLOCK / 16];
         const v16 fr = splat(f[r]);
         for (int t = 0; t < VBLOCK / 16; t++) {
-            memcpy(&p[t], &s[r][16 * t], 64);
-            p[t] = exp16(p[t] - mb[r]);
-            lv[r] += fr * p[t];
+            memcpy(&p[r][t], &s[r][16 * t], 64);
+            p[r][t] = exp16(p[r][t] - mb[r]);
+            lv[r] += fr * p[r][t];
         }
         for (int gi = 0; gi < ngv; gi++) {
-            v16 zs = splat(0.0f);
+            v16 zs = splat(0.0f), mx = splat(0.0f);
             for (int t = 0; t < VBLOCK / 16; t++) {
                 v16 sc, zr;
                 memcpy(&sc, &scf[gi][16 * t], 64);
-                if (has_zero) memcpy(&zr, &zrf[gi][16 * t], 64), zs += p[t] * zr;
-                round_to_bytes(p[t] * sc, &w8[r][gi][16 * t]);
+                if (has_zero) memcpy(&zr, &zrf[gi][16 * t], 64), zs += p[r][t] * zr;
+                mx = vmax(mx, p[r][t] * sc);
             }
-            wscale[r][gi] = f[r] * wsc[gi];
+            wmax[r * ngv + gi] = mx;
             if (has_zero) zacc[r][gi] += fr * zs;
+        }
+    }
+    const int pairs = nr * ngv;
+    for (int i0 = 0; i0 < pairs; i0 += 16) {
+        v16 m16;
+        if (pairs - i0 >= 16) m16 = transpose_max16(wmax + i0);
+        else for (int i = 0; i < 16; i++) m16[i] = i0 + i < pairs ? hmax(wmax[i0 + i]) : 0.0f;
+        const i32x16 pos = m16 > 0.0f;
+        const v16 inv = (v16)((i32x16)(255.0f / m16) & pos);
+        for (int i = 0; i < 16 && i0 + i < pairs; i++) {
+            const int r = (i0 + i) / ngv, gi = (i0 + i) % ngv;
+            wscale[r][gi] = f[r] * (m16[i] / 255.0f);
+            const v16 k = splat(inv[i]);
+            for (int t = 0; t < VBLOCK / 16; t++) {
+                v16 sc;
+                memcpy(&sc, &scf[gi][16 * t], 64);
+                round_to_bytes(p[r][t] * sc * k, &w8[r][gi][16 * t]);
+            }
         }
     }
 }

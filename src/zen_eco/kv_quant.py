@@ -30,8 +30,8 @@ through `ATTEND_CHUNK` positions at a time and merges the chunks' softmaxes by l
 compute decode attention in integers: for the KIVI formats per key group the query times the channel
 scales rounded to int8 (`QUERY_BLOCK` channels per scale) against the key codes, for int8 the query
 rounded to int8 per 4 channels against each row (`_key_scores`, `_row_key_scores`); per block of
-`VALUE_BLOCK` positions the softmax weights times the value scales rounded to uint8 (against the
-block's largest value scale) against the value codes (`_merge_blocks`). What the rounding costs, per
+`VALUE_BLOCK` positions the softmax weights times the value scales rounded to uint8 (per query and
+value group) against the value codes (`_merge_blocks`). What the rounding costs, per
 format and change (KL against the fp32 cache, SmolLM2 and Gemma-3): docs/benchmarks.md. For that the codes are stored interleaved (`Codec.store`) and the value scales
 group-major per `SCALE_TILE` tokens. A prefill (`update`) returns the valid range dequantized
 (transient, one layer) for SDPA. Every token, the new ones included, is attended through its stored
@@ -256,8 +256,8 @@ def _merge_blocks(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: t
                   scale: torch.Tensor, zero: torch.Tensor, start: int) -> None:
     """Fold positions [start, start + n) into the running softmax state (as `_merge`), values as codes
     v (N, n, D) with per-token (scale, min) (N, n, D / g): per block of VALUE_BLOCK positions (aligned to
-    multiples of it), exp(score - block max) * scale rounded to uint8 against the block's largest scale
-    per value group (the same for every query), dotted with the codes; plus exp(score - block max) * min."""
+    multiples of it), exp(score - block max) * scale rounded to uint8 per (query, block, value group),
+    dotted with the codes; plus exp(score - block max) * min."""
     N, R, n = scores.shape
     B, G = VALUE_BLOCK, scale.shape[-1]
     left = start % B
@@ -268,9 +268,7 @@ def _merge_blocks(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: t
     p = torch.exp(x - mb[..., None])
     sc = pad(scale.float(), (0, 0, left, right)).unflatten(1, (-1, B))  # (N, nb, B, G)
     zr = pad(zero.float(), (0, 0, left, right)).unflatten(1, (-1, B))
-    smax = sc.amax(-2, keepdim=True)  # (N, nb, 1, G): p <= 1, so p * scale / smax fits 255 for every query
-    w8 = torch.round(p[..., None] * (sc * torch.where(smax > 0, 255 / smax, 0.0))[:, None])  # (N, R, nb, B, G)
-    ws = (smax / 255)[:, None]  # (N, 1, nb, 1, G)
+    w8, ws = _round(p[..., None] * sc[:, None], 255, -2)  # (N, R, nb, B, G), (N, R, nb, 1, G)
     codes = pad(v, (0, 0, left, right)).unflatten(1, (-1, B)).unflatten(-1, (G, -1))  # (N, nb, B, G, D/G)
     out = torch.einsum("nrbtg,nbtgc->nrbgc", w8, codes) * ws.squeeze(-2)[..., None]
     out = (out + torch.einsum("nrbt,nbtg->nrbg", p, zr)[..., None]).flatten(-2)  # (N, R, nb, D)
