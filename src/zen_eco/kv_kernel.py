@@ -20,9 +20,8 @@ pages by log-sum-exp). Three ways in, one per kind of format:
   each query times the group's channel scales is rounded to int8 (one scale per 32 channels) and dotted
   with the 4-/2-bit codes by VNNI (`vpdpbusd`: 4 byte products per 32-bit lane), 16 tokens per
   instruction; per block of 64 positions (aligned, so that the threads' split does not change the
-  result), exp(score - block max) times each token's value scale is rounded to uint8 against the block's
-  largest scale in the value group (exp <= 1, so one bound serves every query) and dotted with the value
-  codes, 4 tokens per lane. The codes are stored interleaved for this
+  result), exp(score - block max) times each token's value scale is rounded to uint8 per (query, value
+  group) and dotted with the value codes, 4 tokens per lane. The codes are stored interleaved for this
   (kv_quant.Codec.store), the value scales group-major per 32 tokens. The rounding adds little error
   next to the codes' own (docs/benchmarks.md, "Integer attention over quantized KV"); kv_quant's
   PyTorch path computes the same numbers. Without AVX512-VNNI the same integer arithmetic runs on
@@ -346,8 +345,8 @@ INLINE void attend_impl(int n_rep, const float *q, const side_t *k, const side_t
    query, 4 products per lane) advances 16 tokens' scores by 4 channels. score = sum over blocks of
    scale * int32 sum, plus q . min.
    Values, blocks of 64 positions aligned to multiples of 64: p = exp(score - block max); per query and
-   group of value channels, p * scale rounded to uint8 against the block's largest scale of the group
-   (weight scale: that / 255; p <= 1); a value tile's codes hold 4 tokens' codes of one channel per lane,
+   group of value channels, p * scale rounded to uint8 (scale max / 255; the 16 maxima of 4 queries x 4
+   groups from one transposed reduction); a value tile's codes hold 4 tokens' codes of one channel per lane,
    dotted with those 4 tokens' weights. The block's output (int32 * weight scale) joins the running
    softmax by log-sum-exp; the sums of p and of p * min stay per-lane vectors until the end.
    kv_quant's PyTorch path (_key_scores, _merge_blocks) computes the same numbers. */
