@@ -444,17 +444,17 @@ INLINE v16 transpose_max16(const v16 *v) {
                 __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
 }
 
-/* A block of VBLOCK positions' softmax step, shared by the integer paths: scores s[r][t] (-inf outside
-   the range) against the block max, joined to the running state (mr; per-lane sums lv of p and zacc of
-   p * min, reduced once at the end; acc, lv and zacc rescaled only when a query's max moves), and the
-   uint8 value weights w8[r][gi][t] = p * scale rounded against their largest (per query and value group;
-   scf zeroed outside the range), whose scale times exp(block max - running max) goes to wscale[r][gi].
-   The maxima of up to 16 (query, group) pairs come out of one transposed reduction. */
-INLINE void block_weights(const int nr, const int nc, const int ngv, const int has_zero, float s[][VBLOCK],
-                          float scf[][VBLOCK], float zrf[][VBLOCK], float *mr, v16 *lv, v16 acc[][NC],
-                          v16 zacc[][MAX_DIM / 16], uint8_t w8[][MAX_DIM / 16][VBLOCK], float wscale[][MAX_DIM / 16]) {
-    float mb[MAX_REP], f[MAX_REP];
-    for (int r = 0; r < nr; r++) mb[r] = max64(s[r], -__builtin_inff());
+/* A block of VBLOCK scores s[r][t] (positions outside [first, last) set to -inf here) joined to the running
+   online-softmax state of nr queries: mb[r] the block max, f[r] = exp(mb - new running max); the running
+   max mr and, when it moves, the per-lane sums lv, the outputs acc (nc vectors) and the min terms zacc (ngv
+   vectors) rescaled. Both corrections of up to 8 queries come from one exponential. */
+INLINE void block_join(const int nr, const int nc, const int ngv, const int first, const int last, float s[][VBLOCK],
+                       float *mr, v16 *lv, v16 acc[][NC], v16 zacc[][MAX_DIM / 16], float *mb, float *f) {
+    for (int r = 0; r < nr; r++) {
+        for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
+        for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
+        mb[r] = max64(s[r], -__builtin_inff());
+    }
     for (int r0 = 0; r0 < nr; r0 += 8) {  /* both corrections of 8 queries in one exponential */
         v16 x = splat(0.0f);
         const int n8 = nr - r0 < 8 ? nr - r0 : 8;
@@ -474,6 +474,20 @@ INLINE void block_weights(const int nr, const int nc, const int ngv, const int h
             }
         }
     }
+}
+
+/* A block of VBLOCK positions' softmax step, shared by the integer paths: scores s[r][t] of positions
+   [first, last) against the block max, joined to the running state (block_join; per-lane sums lv of p
+   and zacc of p * min, reduced once at the end), and the
+   uint8 value weights w8[r][gi][t] = p * scale rounded against their largest (per query and value group;
+   scf zeroed outside the range), whose scale times exp(block max - running max) goes to wscale[r][gi].
+   The maxima of up to 16 (query, group) pairs come out of one transposed reduction. */
+INLINE void block_weights(const int nr, const int nc, const int ngv, const int has_zero, const int first,
+                          const int last, float s[][VBLOCK], float scf[][VBLOCK], float zrf[][VBLOCK], float *mr,
+                          v16 *lv, v16 acc[][NC], v16 zacc[][MAX_DIM / 16], uint8_t w8[][MAX_DIM / 16][VBLOCK],
+                          float wscale[][MAX_DIM / 16]) {
+    float mb[MAX_REP], f[MAX_REP];
+    block_join(nr, nc, ngv, first, last, s, mr, lv, acc, zacc, mb, f);
     /* p, the running sums, and each (query, group)'s largest p * scale (lanes) */
     v16 p[MAX_REP][VBLOCK / 16], wmax[MAX_REP * MAX_DIM / 16];
     for (int r = 0; r < nr; r++) {
@@ -595,10 +609,6 @@ UNROLL8
                 memcpy(&s[r0 + 2][off], &s2, 64), memcpy(&s[r0 + 3][off], &s3, 64);
             }
         }
-        for (int r = 0; r < nr; r++) {
-            for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
-            for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
-        }
         /* the block's value scales and minimums by group (stored group-major per STILE tokens; zero
            outside [lo, hi)) */
         for (int t = 0; t < VBLOCK; t += 16) {
@@ -611,7 +621,7 @@ UNROLL8
                 memcpy(&scf[gi][t], &scm, 64), memcpy(&zrf[gi][t], &zrm, 64);
             }
         }
-        block_weights(nr, nc, ngv, 1, s, scf, zrf, mr, lv, acc, zacc, w8, wscale);
+        block_weights(nr, nc, ngv, 1, first, last, s, scf, zrf, mr, lv, acc, zacc, w8, wscale);
         /* values: per chunk of 16 channels, the block's tiles of 4 tokens */
         const uint8_t *vb = vcodes + bs * (dim * vbits / 8);
         for (int o = 0; o < 16 * vtile; o += 64) __builtin_prefetch(vb + AHEAD * VBLOCK * (dim * vbits / 8) + o, 0, 2);
@@ -774,15 +784,11 @@ INLINE void attend_i8_impl(int n_rep, const float *q, const side_t *k, const sid
                 memcpy(&s[r][ts - bs], &sc, 64);
             }
         }
-        for (int r = 0; r < nr; r++) {
-            for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
-            for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
-        }
         for (int t = 0; t < VBLOCK; t += 16) {
             const v16 sc = load16h_in(vsc, bs + t, lo, hi);
             memcpy(&scf[0][t], &sc, 64);
         }
-        block_weights(nr, nc, 1, 0, s, scf, scf, mr, lv, acc, zacc, w8, wscale);
+        block_weights(nr, nc, 1, 0, first, last, s, scf, scf, mr, lv, acc, zacc, w8, wscale);
         /* values: per 64-byte half, the block's tiles of 4 rows interleaved, against 4 queries */
         for (int o = 0; o < VBLOCK * dim; o += 64) __builtin_prefetch(vcodes + (bs + AHEAD * VBLOCK) * dim + o, 0, 2);
         const int q0 = first / 4, q1 = (last + 3) / 4;
@@ -828,7 +834,8 @@ INLINE void attend_i8_impl(int n_rep, const float *q, const side_t *k, const sid
 INLINE void attend_bf16_impl(int n_rep, const float *q, const side_t *k, const side_t *v, int64_t h, int64_t t0,
                              int64_t t1, float *m, float *l, float *acc_out, const int dim) {
     const int nj = dim / 32, nr = (n_rep + 3) & ~3;  /* nj: 64-byte vectors (32 channels) a row */
-    __m512 acc[MAX_REP][NC], part[MAX_REP][16];
+    v16 acc[MAX_REP][NC];
+    __m512 part[MAX_REP][16];
     __m512bh qhi[MAX_REP][MAX_DIM / 32], qlo[MAX_REP][MAX_DIM / 32];
     float s[MAX_REP][VBLOCK] __attribute__((aligned(64))), mr[MAX_REP];
     uint16_t w16[MAX_REP][VBLOCK] __attribute__((aligned(64)));  /* bfloat16 weights */
@@ -838,7 +845,7 @@ INLINE void attend_bf16_impl(int n_rep, const float *q, const side_t *k, const s
     const int row = 2 * dim;
     for (int r = 0; r < nr; r++) {
         mr[r] = -__builtin_inff(), lv[r] = splat(0.0f);
-        for (int c = 0; c < dim / 16; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < dim / 16; c++) acc[r][c] = splat(0.0f);
         for (int j = 0; j < nj; j++) {
             __m512 a = _mm512_setzero_ps(), b = a;
             if (r < n_rep) a = _mm512_loadu_ps(q + r * dim + 32 * j), b = _mm512_loadu_ps(q + r * dim + 32 * j + 16);
@@ -870,27 +877,14 @@ INLINE void attend_bf16_impl(int n_rep, const float *q, const side_t *k, const s
             }
             for (int r = 0; r < nr; r++) _mm512_storeu_ps(&s[r][ts - bs], transpose_sum16(part[r]));
         }
-        for (int r = 0; r < nr; r++) {
-            for (int t = 0; t < first; t++) s[r][t] = -__builtin_inff();
-            for (int t = last; t < VBLOCK; t++) s[r][t] = -__builtin_inff();
-        }
         /* the block's softmax step: weights p * exp(block max - running max), so the block adds straight in */
+        float mb[MAX_REP], f[MAX_REP];
+        block_join(nr, dim / 16, 0, first, last, s, mr, lv, acc, 0, mb, f);
         for (int r = 0; r < nr; r++) {
-            const float mb = max64(s[r], -__builtin_inff());
-            const float m_new = mr[r] > mb ? mr[r] : mb;
-            v16 x = splat(0.0f);
-            x[0] = mb - m_new, x[1] = mr[r] - m_new;  /* corr: 0 while mr is -inf */
-            x = exp16(x);
-            const float f = x[0], corr = x[1];
-            mr[r] = m_new;
-            if (corr != 1.0f) {
-                lv[r] *= corr;
-                for (int c = 0; c < dim / 16; c++) acc[r][c] = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(corr));
-            }
             for (int t = 0; t < VBLOCK; t += 32) {
                 v16 a, b;
                 memcpy(&a, &s[r][t], 64), memcpy(&b, &s[r][t + 16], 64);
-                a = exp16(a - mb) * f, b = exp16(b - mb) * f;
+                a = exp16(a - mb[r]) * f[r], b = exp16(b - mb[r]) * f[r];
                 lv[r] += a + b;
                 __m512 fa, fb;
                 memcpy(&fa, &a, 64), memcpy(&fb, &b, 64);
@@ -923,7 +917,7 @@ INLINE void attend_bf16_impl(int n_rep, const float *q, const side_t *k, const s
                     }
                 }
                 for (int i = 0; i < 4; i++)
-                    for (int c = 0; c < 4; c++) acc[r0 + i][2 * j0 + c] = _mm512_add_ps(acc[r0 + i][2 * j0 + c], a[i][c]);
+                    for (int c = 0; c < 4; c++) acc[r0 + i][2 * j0 + c] += (v16)a[i][c];
             }
     }
     finish_permuted(n_rep, dim, 2, mr, lv, (const float *)acc, m, l, acc_out);
