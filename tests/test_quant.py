@@ -7,10 +7,16 @@ activations and hold scales in bf16 (2^-9 relative rounding), so outputs match t
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from zen_eco import q4_kernel
 from zen_eco.checkpoint import load_weights, open_checkpoint
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.checkpoint.gguf_quants import q4_codes
@@ -101,6 +107,44 @@ def test_packed_default_model_tracks_fp32(smollm2_gguf_path):
         a, b = packed(ids), exact(ids)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
     assert _rel(a, b) < 0.05
+
+
+@needs_int4
+def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(smollm2_gguf_path):
+    """On a CPU without native bf16 (most AVX2 machines) dtype 'auto' is float32; quant='auto' still keeps
+    the file's blocks packed there (packed_float32), while an explicit float32 stays the dense reference.
+
+    Bound: the packed model with float32 activations (x rounded to 15-16 bits per block of 32 on our
+    kernel: relative error ~5e-5 per matmul) against the dense float32 model on the same codes: logits
+    within 1e-3 relative and the same next token at every position."""
+    if not q4_kernel.available():
+        pytest.skip("no C compiler here")
+    ckpt = open_checkpoint(smollm2_gguf_path)
+    packed = load_weights(ckpt, torch.float32, quant="auto", packed_float32=True)
+    dense = load_weights(ckpt, torch.float32, quant="auto")
+    assert isinstance(packed.layers[0].mlp.w_down, Int4Linear) and isinstance(packed.lm_head, Int8BlockLinear)
+    assert not any(isinstance(m, (Int4Linear, Int8BlockLinear)) for m in dense.modules())
+    assert packed.dtype == torch.float32
+    ids = torch.tensor([ckpt.tokenizer().encode("The quick brown fox jumps over the lazy dog. Paris is the capital of")])
+    with torch.no_grad():
+        a, b = packed(ids), dense(ids)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert _rel(a, b) < 1e-3
+
+
+@needs_int4
+def test_auto_dtype_without_native_bf16_loads_float32_with_packed_weights(smollm2_gguf_path):
+    """The real detection: oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) reports no native bf16, so
+    zen_eco.load's dtype 'auto' picks float32, and the weights stay packed."""
+    if not q4_kernel.available() or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("no C compiler here, or not x86 (ONEDNN_MAX_CPU_ISA)")
+    code = ("import zen_eco; from zen_eco.quant import Int4Linear; "
+            f"m = zen_eco.load({str(smollm2_gguf_path)!r}, threads=1).model; "
+            "print(m.dtype, sum(isinstance(x, Int4Linear) for x in m.modules()))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch.float32", "120"]
 
 
 def test_which_weights_quantize_under_a_spec():

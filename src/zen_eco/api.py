@@ -241,7 +241,8 @@ def load(
     cache made for it (the API's, a server's) uses it.
 
     quant="auto" keeps a GGUF file's Q4_0/Q4_1/Q4_K matrices packed 4-bit, its Q5 ones 5-bit and its
-    Q8_0/Q6_K/Q3_K ones (and a tied table) 8-bit where our kernels run (CPU with bf16), and a `zen-eco quantize`
+    Q8_0/Q6_K/Q3_K ones (and a tied table) 8-bit where our kernels run (the CPU, with the dtype "auto" or bf16: an explicit float32 stays the
+    dense reference), and a `zen-eco quantize`
     checkpoint as stored; quant="none" dequantizes every weight to `dtype`; "int8", "int4" (group 32),
     "int4-g64", "int4-g128" quantize the layers' matrices while loading (see `checkpoint.load_weights`).
 
@@ -256,7 +257,8 @@ def load(
     dev = pick_device(device)
     ckpt = open_checkpoint(ref)
     tokenizer = ckpt.tokenizer()
-    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress, quant=quant)
+    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress, quant=quant,
+                         packed_float32=dtype in (None, "auto"))
     if context is not None and context < 1:
         raise ZenError(f"context must be >= 1, got {context}")
     model.kv_format = kv_cache

@@ -192,7 +192,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
     dev = pick_device(device)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_ref)
-    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, quant=quant)
+    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, quant=quant, packed_float32=dtype in (None, "auto"))
     load_s = time.perf_counter() - t0
     model.kv_format = kv_cache
     model.cuda_graphs = cuda_graphs

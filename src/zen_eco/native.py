@@ -7,8 +7,10 @@ gives None and the callers use PyTorch ops instead (the same numbers within roun
 
 The flags: -O3, OpenMP (the threads follow torch.get_num_threads(); the process shares PyTorch's
 libgomp, loaded first under the same soname), and on x86-64 `-march=native` without AMX and
-AVX512-FP16 (virtual machines may advertise instructions they fault on). Reassociation lets dot
-products vectorize; infinities and NaNs keep their meaning (no -ffinite-math-only).
+AVX512-FP16 (virtual machines may advertise instructions they fault on), or `-march=$ZEN_ECO_MARCH`
+where that is set (e.g. `x86-64-v3` for an AVX2 build: kernels for another machine, or this machine's
+speed without AVX-512). Reassociation lets dot products vectorize; infinities and NaNs keep their
+meaning (no -ffinite-math-only).
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ INLINE __m512 transpose_sum16(const __m512 *v) {
 def flags() -> list[str]:
     out = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
            "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64"):
+    march = os.environ.get("ZEN_ECO_MARCH")
+    if march:
+        out.append(f"-march={march}")
+    elif platform.machine() in ("x86_64", "AMD64"):
         out += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512fp16"]
     return out
 

@@ -323,11 +323,18 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
 
 
-def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether quant="auto" keeps a GGUF's 4-bit weights packed: on the CPU with bf16 activations, where
-    a fast kernel (ours, else PyTorch's) exists. A float32 model stays dense float32 — the exact
-    reference that parity tests and `--dtype float32` users expect."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
+def int4_supported(device: torch.device, dtype: torch.dtype, float32: bool = False) -> bool:
+    """Whether quant="auto" keeps a GGUF's quantized weights packed: on the CPU with bf16 activations, where
+    a fast kernel (ours, else PyTorch's) exists; with float32 activations where `float32` says so (the
+    dtype was picked automatically, on a CPU without native bf16: most AVX2 machines) and our kernel runs
+    (PyTorch's packed kernel is ~30x slower with float32 input). A model asked for in float32 stays dense
+    float32 — the exact reference that parity tests and `--dtype float32` users expect."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return False
+    if dtype == torch.float32 and float32:
+        return q4_kernel.available()
+    if dtype != torch.bfloat16:
         return False
     return q4_kernel.available() or hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 

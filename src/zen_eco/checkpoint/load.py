@@ -101,6 +101,7 @@ def load_weights(
     device: str | torch.device = "cpu",
     progress: bool = False,
     quant: str = "auto",
+    packed_float32: bool = False,
 ) -> Transformer:
     """Build the model from `ckpt`.
 
@@ -108,7 +109,7 @@ def load_weights(
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
               stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q8_0/Q3_K/Q2_K layer matrices (and
               Q6_K) and tied table int8 with their block scales (`Int8BlockLinear`), where our kernels run
-              (CPU, bf16 activations); where the CPU has AVX-512 VNNI, Q4_K, Q5_K and Q6_K matrices (and a
+              (CPU, bf16 activations; float32 ones too with `packed_float32`, see quant.int4_supported); where the CPU has AVX-512 VNNI, Q4_K, Q5_K and Q6_K matrices (and a
               Q6_K table) as stored instead (`KQuantLinear`); a fused matrix whose parts' types share no
               layout (q, k Q4_K and v Q6_K) is a `StackedLinear` of each run of parts; everything else is
               `dtype`.
@@ -134,7 +135,7 @@ def load_weights(
     available = ckpt.source.names()
     table = dict(_internal_tensors(config))
     items = [(name, table[name]) for name in expected]  # KeyError = the name table misses a module: our bug
-    gguf_packed = mode == "auto" and hasattr(ckpt.source, "get_packed") and int4_supported(device, dtype)
+    gguf_packed = mode == "auto" and hasattr(ckpt.source, "get_packed") and int4_supported(device, dtype, packed_float32)
     use_stored = stored is not None and mode != "none"
     on_the_fly = mode if isinstance(mode, QuantSpec) and stored is None else None
     state: dict[str, torch.Tensor] = {}
