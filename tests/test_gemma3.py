@@ -342,6 +342,41 @@ def test_real_file_packed_codes_equal_gguf_py(gemma3_gguf_path):
     assert counts["Q4_K"] == 27 and counts["Q6_K"] == 9 and counts["Q5_0"] > 0 and counts["Q8_0"] > 0
 
 
+def test_real_file_kquants_load_as_stored_bit_identical_to_gguf_py(gemma3_gguf_path, monkeypatch):
+    """What `--quant auto` keeps as stored where the K-quant kernel runs: every Q4_K and Q6_K matrix read
+    straight from its blocks into the kernel's buffers (GGUFSource.get_kquant) dequantizes to gguf-py's
+    values bit for bit; with a row order (as llama's q / k take; here put on the down matrices), rows in that
+    order."""
+    gguf = pytest.importorskip("gguf")
+
+    from zen_eco import kquant_kernel
+    from zen_eco.checkpoint.gguf_file import GGUFFile
+    from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES
+
+    if not kquant_kernel.available():
+        pytest.skip("no K-quant kernel here")
+    source = open_checkpoint(gemma3_gguf_path).source
+    flip = lambda gname, rows: torch.arange(rows - 1, -1, -1) if ".ffn_down." in gname else None  # noqa: E731
+    monkeypatch.setattr(source, "_row_order", flip)
+    seen = flipped = 0
+    with GGUFFile(gemma3_gguf_path) as f:
+        for hf_name in source.names():
+            kind = next((k for k in KQUANT_TYPES if source.stores_as(k, hf_name)), None)
+            if kind is None:
+                continue
+            gname = source._lookup(hf_name)[0]
+            info = f.tensors[gname]
+            want = gguf.quants.dequantize(f.tensor_bytes(gname).reshape(info.shape[0], -1),
+                                          gguf.GGMLQuantizationType(info.ggml_type)).astype(np.float32)
+            if ".ffn_down." in gname:
+                want = want[::-1]
+                flipped += 1
+            got = source.get_kquant(kind, hf_name).dequantize().numpy()
+            assert np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32)), gname
+            seen += 1
+    assert seen == 27 + 9 and flipped > 0
+
+
 def test_real_file_generates_sensible_text(gemma3):
     """Independent of transformers: the base model continues a counting sequence."""
     ckpt, model = gemma3

@@ -87,6 +87,32 @@ def test_codes_decode_into_a_given_array_and_rows_cat(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_blocks_pack_straight_into_the_same_buffers(kind):
+    """pack_blocks (loading: the file's blocks into our layout in one C pass) gives, byte for byte, what
+    pack gives from the decoded codes: K of 1 super-block (a panel of 8 blocks), 3 (16 + 8) and 10; also
+    written into row slices of a fused matrix's buffers. A wrong byte count is refused."""
+    parts = []
+    for n, k in [(37, 256), (40, 768), (9, 2560)]:
+        blocks = _random_blocks(kind, n * k // 256, seed=n + k)
+        w, _ = _weight(kind, n, k, seed=n + k)
+        got = kquant_kernel.pack_blocks(kind, blocks, n, k)
+        assert all(torch.equal(a, b) for a, b in zip(got, _bufs(w)))
+        if k == 768:
+            parts.append((blocks, n, w))
+    extra = _random_blocks(kind, 5 * 3, seed=99)
+    parts.append((extra, 5, KQuantWeight(kind, *(None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+                                                    for a in kquant_codes(extra.reshape(-1), KQUANT_TYPES[kind], (5, 768))))))
+    fused, at = kquant_kernel.empty_buffers(kind, sum(n for _, n, _ in parts), 768), 0
+    for blocks, n, _ in parts:
+        kquant_kernel.pack_blocks(kind, blocks, n, 768, tuple(b[at : at + n] for b in fused))
+        at += n
+    joined = KQuantWeight.cat([w for _, _, w in parts])
+    assert all(torch.equal(a, b) for a, b in zip(fused, _bufs(joined)))
+    with pytest.raises(ValueError, match="blocks"):
+        kquant_kernel.pack_blocks(kind, extra[:-1], 5, 768)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,k", [(37, 256), (40, 768), (9, 2560)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 9])
 def test_kernel_matches_float64(kind, n, k, m):

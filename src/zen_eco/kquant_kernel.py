@@ -28,6 +28,7 @@ GEMM_MIN_ROWS rows the prompt GEMM (`prompt_gemm`, its K-quant panels); `dequant
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import q4_kernel
@@ -35,7 +36,50 @@ from . import q4_kernel
 KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the C side's KQ_*: also the number of bit planes above the nibbles
 SUPER = 256  # columns per d (a K-quant block)
 
-C_SOURCE = r"""
+# The codes and sub-scales of one GGUF Q6_K / Q4_K / Q5_K block (ggml's layouts), in C: pasted into this
+# kernel's source (pack_blocks: a file's blocks straight into our layout) and into checkpoint.gguf_native's.
+GGUF_BLOCKS_C = r"""
+/* Q6_K: ql: 128 bytes | qh: 64 | scales: 16 int8 | d: f16. Per half of 128 values, group g of 32: the low
+   nibbles of ql 0..31 (g 0), of 32..63 (g 1), their high nibbles (g 2, 3); bits 2g, 2g + 1 of the half's
+   qh bytes on top. q: the 256 codes in [0, 63] (the value + 32). */
+static inline void gguf_q6_k_block(const uint8_t *x, uint8_t *q) {
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *ql = x + 64 * h, *qh = x + 128 + 32 * h;
+        uint8_t *o = q + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            o[l] = (uint8_t)((ql[l] & 15) | ((qh[l] & 3) << 4));
+            o[l + 32] = (uint8_t)((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4));
+            o[l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+            o[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+        }
+    }
+}
+
+/* Q4_K (five 0): d, dmin: f16 | scales: 12 | qs: 128. Q5_K (five 1): d, dmin | scales: 12 | qh: 32 | qs: 128.
+   Sub-blocks 0..3 keep scale and min in the low 6 bits of scale bytes 0..3 / 4..7; 4..7 take their low 4
+   bits from the nibbles of bytes 8..11 and their top 2 from the top of bytes 0..3 / 4..7. Chunk c of 32
+   code bytes: low nibbles are sub-block 2c, high ones 2c + 1; Q5_K's sub-block s takes bit s of qh[l].
+   q: the 256 codes; sc, mn: the 8 sub-blocks' 6-bit scales and minimums. */
+static inline void gguf_kquant_block(const uint8_t *x, int five, uint8_t *q, uint8_t *sc, uint8_t *mn) {
+    const uint8_t *p = x + 4, *qs = x + (five ? 48 : 16), *qh = x + 16;
+    for (int j = 0; j < 4; j++) {  /* sub-blocks j and 4 + j */
+        sc[j] = p[j] & 63, sc[4 + j] = (p[8 + j] & 15) | ((p[j] >> 6) << 4);
+        mn[j] = p[4 + j] & 63, mn[4 + j] = (p[8 + j] >> 4) | ((p[4 + j] >> 6) << 4);
+    }
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t v = qs[32 * c + l];
+            uint8_t lo = v & 15, hi = v >> 4;
+            if (five) {
+                lo |= ((qh[l] >> (2 * c)) & 1) << 4;
+                hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+            }
+            q[64 * c + l] = lo, q[64 * c + 32 + l] = hi;
+        }
+}
+"""
+
+C_SOURCE = GGUF_BLOCKS_C + r"""
 /* ---- GGUF K-quants as stored (kquant_kernel.py) ---- */
 enum { KQ_Q4K = 0, KQ_Q5K = 1, KQ_Q6K = 2 };  /* also the number of bit planes above the low nibbles */
 
@@ -206,6 +250,35 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
     else kq_tile(KQ_Q6K, RW_, RX_, K, ROWS_, W_, X_, OUT_); } while (0)
 #endif
 
+/* Block b's 32 codes c (of `planes` bits above four) into a row's packed codes o and its (zeroed) bit planes h. */
+INLINE void kq_pack_block(int K, int planes, int b, const uint8_t *c, uint8_t *o, uint8_t *h) {
+    const int hs = high_stride(K);
+    uint8_t bytes[16];
+    uint16_t bits[2][2] = {{0, 0}, {0, 0}};  /* per plane, half: bit j = that bit of column (16 half +) j */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __m128i lo = _mm_loadu_si128((const __m128i *)c), hi = _mm_loadu_si128((const __m128i *)(c + 16));
+    _mm_storeu_si128((__m128i *)bytes, _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi8(15)),
+                                                    _mm_slli_epi16(_mm_and_si128(hi, _mm_set1_epi8(15)), 4)));
+    for (int i = 0; i < planes; i++)
+        bits[i][0] = _mm_test_epi8_mask(lo, _mm_set1_epi8((char)(16 << i))),
+        bits[i][1] = _mm_test_epi8_mask(hi, _mm_set1_epi8((char)(16 << i)));
+#else
+    for (int j = 0; j < 16; j++) {
+        const uint8_t lo = c[j], hi = c[16 + j];
+        bytes[j] = (uint8_t)((lo & 15) | (hi << 4));
+        for (int i = 0; i < planes; i++)
+            bits[i][0] |= (uint16_t)(((lo >> (4 + i)) & 1) << j), bits[i][1] |= (uint16_t)(((hi >> (4 + i)) & 1) << j);
+    }
+#endif
+    for (int w = 0; w < 4; w++) {  /* a word of 4 bytes stays together: 4 bits of each mask */
+        const int64_t pos = code_pos(1, K, b, 4 * w);
+        __builtin_memcpy(o + pos, bytes + 4 * w, 4);
+        for (int i = 0; i < planes; i++)
+            for (int half = 0; half < 2; half++)
+                h[i * hs + pos / 64 * 16 + half * 8 + pos % 64 / 8] |= (uint8_t)((bits[i][half] >> (4 * w) & 15) << (pos % 8));
+    }
+}
+
 /* codes (N, K) of `planes` bits above four -> packed (N, K / 2), each block's byte j (column j | column 16 + j)
    at code_pos(1, K, b, j), and the bit planes (N, planes, high_stride(K)): bit 4 + i of the code in the bit
    of plane i's masks that its byte's position has (the low nibble's 64-bit mask, then the high's). */
@@ -213,34 +286,36 @@ void zen_kq_pack(int64_t N, int K, int planes, const uint8_t *codes, uint8_t *pa
     const int hs = high_stride(K);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < N; r++) {
-        const uint8_t *c = codes + r * K;
-        uint8_t *o = packed + r * (K / 2), *h = high + r * planes * hs;
+        uint8_t *h = high + r * planes * hs;
         if (planes) __builtin_memset(h, 0, (size_t)planes * hs);
-        for (int b = 0; b < K / 32; b++) {
-            uint8_t bytes[16];
-            uint16_t bits[2][2] = {{0, 0}, {0, 0}};  /* per plane, half: bit j = that bit of column (16 half +) j */
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-            const __m128i lo = _mm_loadu_si128((const __m128i *)(c + b * 32)), hi = _mm_loadu_si128((const __m128i *)(c + b * 32 + 16));
-            _mm_storeu_si128((__m128i *)bytes, _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi8(15)),
-                                                            _mm_slli_epi16(_mm_and_si128(hi, _mm_set1_epi8(15)), 4)));
-            for (int i = 0; i < planes; i++)
-                bits[i][0] = _mm_test_epi8_mask(lo, _mm_set1_epi8((char)(16 << i))),
-                bits[i][1] = _mm_test_epi8_mask(hi, _mm_set1_epi8((char)(16 << i)));
-#else
-            for (int j = 0; j < 16; j++) {
-                const uint8_t lo = c[b * 32 + j], hi = c[b * 32 + 16 + j];
-                bytes[j] = (uint8_t)((lo & 15) | (hi << 4));
-                for (int i = 0; i < planes; i++)
-                    bits[i][0] |= (uint16_t)(((lo >> (4 + i)) & 1) << j), bits[i][1] |= (uint16_t)(((hi >> (4 + i)) & 1) << j);
+        for (int b = 0; b < K / 32; b++) kq_pack_block(K, planes, b, codes + r * K + b * 32, packed + r * (K / 2), h);
+    }
+}
+
+/* N rows of a GGUF K-quant matrix (`kind`: its blocks, row after row, K / 256 per row) straight into the
+   buffers `pack` makes from its codes (the same bytes): no (N, K) codes in between. d: the blocks' float16
+   bits as stored. */
+void zen_kq_pack_blocks(int kind, int64_t N, int K, const uint8_t *blocks, uint8_t *packed, uint8_t *high,
+                        uint8_t *sc, uint16_t *d, int n_threads) {
+    const int size = kind == KQ_Q6K ? 210 : kind == KQ_Q5K ? 176 : 144, nsb = K / 256, hs = high_stride(K);
+    const int nbp = kq_nbp(K);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < N; r++) {
+        uint8_t *h = high + r * kind * hs, *s = sc + r * 2 * nbp;
+        if (kind) __builtin_memset(h, 0, (size_t)kind * hs);
+        __builtin_memset(s, 0, (size_t)2 * nbp);  /* the planes' padding to 16 blocks */
+        for (int u = 0; u < nsb; u++) {
+            const uint8_t *x = blocks + (r * nsb + u) * size;
+            uint8_t q[256];
+            if (kind == KQ_Q6K) {  /* sub-scales per 16 columns: each block's first half, then its last */
+                gguf_q6_k_block(x, q);
+                for (int i = 0; i < 8; i++) s[8 * u + i] = x[192 + 2 * i], s[nbp + 8 * u + i] = x[193 + 2 * i];
+                __builtin_memcpy(d + r * nsb + u, x + 208, 2);
+            } else {
+                gguf_kquant_block(x, kind == KQ_Q5K, q, s + 8 * u, s + nbp + 8 * u);
+                __builtin_memcpy(d + (r * nsb + u) * 2, x, 4);  /* d, dmin */
             }
-#endif
-            for (int w = 0; w < 4; w++) {  /* a word of 4 bytes stays together: 4 bits of each mask */
-                const int64_t pos = code_pos(1, K, b, 4 * w);
-                __builtin_memcpy(o + pos, bytes + 4 * w, 4);
-                for (int i = 0; i < planes; i++)
-                    for (int half = 0; half < 2; half++)
-                        h[i * hs + pos / 64 * 16 + half * 8 + pos % 64 / 8] |= (uint8_t)((bits[i][half] >> (4 * w) & 15) << (pos % 8));
-            }
+            for (int i = 0; i < 8; i++) kq_pack_block(K, kind, 8 * u + i, q + 32 * i, packed + r * (K / 2), h);
         }
     }
 }
@@ -393,6 +468,34 @@ def pack(kind: str, codes: torch.Tensor, sub_scale: torch.Tensor, d: torch.Tenso
         ds = torch.stack([d, dmin], -1)
     sc = torch.nn.functional.pad(sc, (0, -(k // 32) % 16)).contiguous()
     return packed, high.contiguous(), sc, ds.to(torch.float16).contiguous()
+
+
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # one GGUF block of 256 weights
+
+
+def empty_buffers(kind: str, n: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Uninitialised buffers of `pack`'s shapes for an (n, k) weight of `kind`."""
+    if k % SUPER:
+        raise ValueError(f"K-quant rows are whole blocks of {SUPER} columns, not {k}")
+    return (torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, KINDS[kind], (k // 32 + 3) // 4 * 16, dtype=torch.uint8),
+            torch.empty(n, 2, (k // 32 + 15) // 16 * 16, dtype=torch.uint8),
+            torch.empty(n, k // SUPER, 1 if kind == "q6_k" else 2, dtype=torch.float16))
+
+
+def pack_blocks(kind: str, blocks: np.ndarray, n: int, k: int,
+                out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """A GGUF `kind` matrix's (n, k) blocks (bytes, row after row: a file's mapping) straight into `pack`'s
+    buffers (the same bytes `pack` gives from the decoded codes), in one C pass: no (n, k) codes in between.
+    out: buffers of `empty_buffers`' shapes to fill (rows of a fused matrix: row slices of larger ones)."""
+    data = np.ascontiguousarray(blocks).view(np.uint8)  # a view of a contiguous mapping, never a copy
+    if data.nbytes != n * k // SUPER * BLOCK_BYTES[kind]:
+        raise ValueError(f"{data.nbytes} bytes are not the blocks of a {kind} ({n}, {k}) matrix")
+    out = empty_buffers(kind, n, k) if out is None else out
+    if not all(t.is_contiguous() for t in out):
+        raise ValueError("pack_blocks writes into contiguous buffers only")
+    q4_kernel.library().zen_kq_pack_blocks(KINDS[kind], n, k, data.ctypes.data, *(t.data_ptr() for t in out),
+                                           torch.get_num_threads())
+    return out
 
 
 def dequantize(kind: str, packed: torch.Tensor, high: torch.Tensor, sc: torch.Tensor, d: torch.Tensor,

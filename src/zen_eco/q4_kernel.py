@@ -906,6 +906,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_kq_gemm.argtypes = lib.zen_kq_linear.argtypes
     lib.zen_kq_pack.restype = None
     lib.zen_kq_pack.argtypes = [ctypes.c_int64, i, i, p, p, p, i]
+    lib.zen_kq_pack_blocks.restype = None
+    lib.zen_kq_pack_blocks.argtypes = [i, ctypes.c_int64, i, p, p, p, p, p, i]
     lib.zen_kq_dequant.restype = None
     lib.zen_kq_dequant.argtypes = [i, i, i, p, p, p, p, p, p, i, i]
     return lib

@@ -196,6 +196,27 @@ class KQuantWeight:
         return KQuantWeight(parts[0].kind, join("codes") if codes is None else codes, join("sub_scale"), join("d"),
                             join("sub_min"), join("dmin"))
 
+    def packed(self) -> "KQuantPacked":
+        return KQuantPacked(self.kind, kquant_kernel.pack(self.kind, self.codes, self.sub_scale, self.d, self.sub_min,
+                                                          self.dmin))
+
+
+@dataclass
+class KQuantPacked:
+    """A K-quant weight in our kernel's buffers (`kquant_kernel.pack`: packed, high, sub_scales, d), as
+    `KQuantWeight.packed()` gives it or straight from a GGUF file's blocks (`kquant_kernel.pack_blocks`,
+    what loading does: no (N, K) codes in between)."""
+
+    kind: str
+    buffers: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.buffers[0].shape[0], self.buffers[0].shape[1] * 2
+
+    def dequantize(self) -> torch.Tensor:
+        return kquant_kernel.dequantize(self.kind, *self.buffers, torch.float32)
+
 
 def _stored(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to the stored scale precision, back in float32."""
@@ -306,10 +327,11 @@ def quantized_linear(weight: "Q4Weight | Q8Weight | Q8BlockWeight | list", bias:
     """The layer for `weight`; a list of weights (consecutive row ranges of one matrix) makes a
     `StackedLinear` of one layer each, the bias split to match."""
     if isinstance(weight, list):
-        biases = bias.split([w.codes.shape[0] for w in weight]) if bias is not None else [None] * len(weight)
+        rows = [w.shape[0] if isinstance(w, KQuantPacked) else w.codes.shape[0] for w in weight]
+        biases = bias.split(rows) if bias is not None else [None] * len(weight)
         return StackedLinear([quantized_linear(w, b, dtype, device, kernel) for w, b in zip(weight, biases)])
     cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear,
-           KQuantWeight: KQuantLinear}[type(weight)]
+           KQuantWeight: KQuantLinear, KQuantPacked: KQuantLinear}[type(weight)]
     return cls(weight, bias, dtype, device, kernel)
 
 
@@ -585,17 +607,17 @@ class KQuantLinear(_QuantizedLinear):
     call (`kquant_kernel.dequantize`) and the dense GEMM. Loaders make one only where
     `kquant_kernel.available()`."""
 
-    def __init__(self, weight: KQuantWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+    def __init__(self, weight: "KQuantWeight | KQuantPacked", bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         if not (kernel is True and torch.device(device).type == "cpu" and kquant_kernel.available()):
             raise ValueError("K-quant weights as stored run on our CPU kernel only (AVX-512 VNNI)")
-        self.out_features, self.in_features = weight.codes.shape
+        weight = weight if isinstance(weight, KQuantPacked) else weight.packed()
+        self.out_features, self.in_features = weight.shape
         self.kind, self.dtype, self.backend = weight.kind, dtype, "native"
         # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner)
         self.native_rows = native_max_rows() if q4_kernel.gemm_available() else min(native_max_rows(), KQUANT_DENSE_ROWS)
-        bufs = kquant_kernel.pack(weight.kind, weight.codes, weight.sub_scale, weight.d, weight.sub_min, weight.dmin)
-        for name, t in zip(("packed", "high", "sub_scales", "d"), bufs):
+        for name, t in zip(("packed", "high", "sub_scales", "d"), weight.buffers):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
 

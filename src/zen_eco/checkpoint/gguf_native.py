@@ -30,12 +30,14 @@ import numpy as np
 import torch
 
 from .. import native
+from ..kquant_kernel import GGUF_BLOCKS_C
 
 C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
 static inline float f16(const uint8_t *p) { _Float16 h; memcpy(&h, p, 2); return (float)h; }
+""" + GGUF_BLOCKS_C + r"""
 
 void zen_gguf_q8_0(const uint8_t *blocks, int64_t n, int8_t *codes, float *d, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
@@ -46,26 +48,16 @@ void zen_gguf_q8_0(const uint8_t *blocks, int64_t n, int8_t *codes, float *d, in
     }
 }
 
-/* ql: 128 bytes | qh: 64 | scales: 16 int8 | d: f16. Per half of 128 values, group g of 32: the low
-   nibbles of ql 0..31 (g 0), of 32..63 (g 1), their high nibbles (g 2, 3); bits 2g, 2g + 1 of the half's
-   qh bytes on top; minus 32. */
+/* Q6_K (gguf_q6_k_block): the values (code - 32) and d * sc per 16. */
 void zen_gguf_q6_k(const uint8_t *blocks, int64_t n, int8_t *q, float *d16, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < n; b++) {
         const uint8_t *x = blocks + b * 210;
-        int8_t *out = q + b * 256;
         const float d = f16(x + 208);
         for (int s = 0; s < 16; s++) d16[b * 16 + s] = d * (float)(int8_t)x[192 + s];
-        for (int h = 0; h < 2; h++) {
-            const uint8_t *ql = x + 64 * h, *qh = x + 128 + 32 * h;
-            int8_t *o = out + 128 * h;
-            for (int l = 0; l < 32; l++) {
-                o[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
-                o[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-        }
+        uint8_t codes[256];
+        gguf_q6_k_block(x, codes);
+        for (int i = 0; i < 256; i++) q[b * 256 + i] = (int8_t)(codes[i] - 32);
     }
 }
 
@@ -106,38 +98,21 @@ void zen_gguf_q3_k(const uint8_t *blocks, int64_t n, int8_t *q, float *d16, int 
     }
 }
 
-/* Q4_K (five 0): d, dmin: f16 | scales: 12 | qs: 128. Q5_K (five 1): d, dmin | scales: 12 | qh: 32 | qs: 128.
-   Sub-blocks 0..3 keep scale and min in the low 6 bits of scale bytes 0..3 / 4..7; 4..7 take their low 4
-   bits from the nibbles of bytes 8..11 and their top 2 from the top of bytes 0..3 / 4..7. Chunk c of 32
-   code bytes: low nibbles are sub-block 2c, high ones 2c + 1; Q5_K's sub-block s takes bit s of qh[l].
-   Outputs per sub-block (each pair optional, NULL): d1, m1 the float products d * sc, dmin * m; sc, mn the
-   6-bit values themselves. */
+/* Q4_K / Q5_K (gguf_kquant_block). Outputs per sub-block (each pair optional, NULL): d1, m1 the float
+   products d * sc, dmin * m; sc, mn the 6-bit values themselves. */
 void zen_gguf_kquant(const uint8_t *blocks, int64_t n, int five, uint8_t *codes, float *d1, float *m1, uint8_t *sc,
                      uint8_t *mn, int nt) {
-    const int size = five ? 176 : 144, at = five ? 48 : 16;
+    const int size = five ? 176 : 144;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < n; b++) {
-        const uint8_t *x = blocks + b * size, *p = x + 4, *qs = x + at, *qh = x + 16;
+        const uint8_t *x = blocks + b * size;
         const float d = f16(x), dmin = f16(x + 2);
-        for (int j = 0; j < 4; j++) {
-            const uint8_t s[2] = {p[j] & 63, (p[8 + j] & 15) | ((p[j] >> 6) << 4)};
-            const uint8_t m[2] = {p[4 + j] & 63, (p[8 + j] >> 4) | ((p[4 + j] >> 6) << 4)};
-            for (int h = 0; h < 2; h++) {  /* sub-blocks j and 4 + j */
-                if (d1) d1[b * 8 + 4 * h + j] = d * (float)s[h], m1[b * 8 + 4 * h + j] = dmin * (float)m[h];
-                if (sc) sc[b * 8 + 4 * h + j] = s[h], mn[b * 8 + 4 * h + j] = m[h];
-            }
+        uint8_t s[8], m[8];
+        gguf_kquant_block(x, five, codes + b * 256, s, m);
+        for (int j = 0; j < 8; j++) {
+            if (d1) d1[b * 8 + j] = d * (float)s[j], m1[b * 8 + j] = dmin * (float)m[j];
+            if (sc) sc[b * 8 + j] = s[j], mn[b * 8 + j] = m[j];
         }
-        uint8_t *o = codes + b * 256;
-        for (int c = 0; c < 4; c++)
-            for (int l = 0; l < 32; l++) {
-                const uint8_t v = qs[32 * c + l];
-                uint8_t lo = v & 15, hi = v >> 4;
-                if (five) {
-                    lo |= ((qh[l] >> (2 * c)) & 1) << 4;
-                    hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
-                }
-                o[64 * c + l] = lo, o[64 * c + 32 + l] = hi;
-            }
     }
 }
 

@@ -21,9 +21,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..quant import KQuantWeight, Q4Weight, Q8BlockWeight
+from .. import kquant_kernel
+from ..quant import KQuantPacked, Q4Weight, Q8BlockWeight
 from .gguf_file import GGUFFile
-from .gguf_quants import (KQUANT_TYPES, Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, dequantize, kquant_codes, q4_codes, q5_codes,
+from .gguf_quants import (KQUANT_TYPES, Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q5_codes,
                           q8_block_codes)
 from .names import gguf_to_hf, hf_to_gguf
 
@@ -32,7 +33,8 @@ PACKED = {
     "int4": (Q4_TYPES, q4_codes, Q4Weight),
     "int5": (Q5_TYPES + Q4_TYPES, q5_codes, partial(Q4Weight, bits=5)),
     "int8 blocks": (Q8_BLOCK_TYPES, q8_block_codes, Q8BlockWeight),
-    **{kind: ((t,), kquant_codes, partial(KQuantWeight, kind)) for kind, t in KQUANT_TYPES.items()},  # as stored
+    # the K-quants as stored: read by get_kquant, straight into the kernel's buffers
+    **{kind: ((t,), None, None) for kind, t in KQUANT_TYPES.items()},
 }
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
@@ -177,14 +179,16 @@ class GGUFSource:
         return tuple(int(d) for d in self._lookup(name)[1].shape)
 
     def get_packed(self, layout: str, name: str,
-                   codes_out: torch.Tensor | None = None) -> Q4Weight | KQuantWeight | Q8BlockWeight | None:
+                   codes_out: torch.Tensor | None = None) -> Q4Weight | Q8BlockWeight | None:
         """The tensor in `layout` (PACKED: "int4" Q4_0/Q4_1/Q4_K codes; "int5" those and the Q5 types as
-        5-bit codes; "int8 blocks" `q8_block_codes`' types as int8 with block scales; "q4_k", "q5_k",
-        "q6_k" those K-quants as stored), or None where its
+        5-bit codes; "int8 blocks" `q8_block_codes`' types as int8 with block scales; the K-quants as
+        stored: `get_kquant`), or None where its
         type does not map onto it. codes_out: a contiguous CPU tensor of the layout's code dtype and the
         matrix's shape (rows of a fused matrix) that the codes are decoded into, and that the weight holds."""
         if not self.stores_as(layout, name):
             return None
+        if layout in KQUANT_TYPES:
+            raise ValueError(f"{layout} matrices load through get_kquant")
         gname, info = self._lookup(name)
         _, decode, weight = PACKED[layout]
         order = self._row_order(gname, info.shape[0])
@@ -201,6 +205,25 @@ class GGUFSource:
             codes_out.copy_(q.codes)
             q = replace(q, codes=codes_out)
         return q
+
+    def get_kquant(self, kind: str, name: str, out: tuple[torch.Tensor, ...] | None = None) -> KQuantPacked | None:
+        """The tensor as stored in our K-quant kernel's buffers (`kquant_kernel.pack_blocks`, one C pass over
+        the file's blocks), or None where it is not a `kind` ("q4_k", "q5_k", "q6_k") matrix. out: buffers
+        to fill (a fused matrix's rows; see kquant_kernel.empty_buffers)."""
+        if not self.stores_as(kind, name):
+            return None
+        gname, info = self._lookup(name)
+        n, k = (int(d) for d in info.shape)
+        order = self._row_order(gname, n)
+        bufs = kquant_kernel.pack_blocks(kind, self.file.tensor_bytes(gname), n, k, out if order is None else None)
+        self.file.drop_pages(gname)
+        if order is not None:  # a row permutation: every buffer is one row per weight row
+            bufs = tuple(b[order] for b in bufs)
+            if out is not None:
+                for o, b in zip(out, bufs):
+                    o.copy_(b)
+                bufs = out
+        return KQuantPacked(kind, bufs)
 
     def close(self) -> None:
         self.file.close()

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import (Int8Embedding, KQuantWeight, Q4Weight, Q8BlockWeight, Q8Weight, QuantSpec, int4_supported,
+from ..quant import (Int8Embedding, KQuantPacked, Q4Weight, Q8BlockWeight, Q8Weight, QuantSpec, int4_supported,
                      parse_quant, quantized_linear)
 from .. import kquant_kernel, q4_kernel
 from .gguf_file import GGUF_MAGIC
@@ -342,13 +342,23 @@ def _packed_stacked(source, hf_names, shape, available) -> list | None:
     return weights
 
 
-def _packed_kquant(source, hf_names, shape, available) -> KQuantWeight | None:
+def _packed_kquant(source, hf_names, shape, available) -> KQuantPacked | None:
     """The fused weight as stored if every part is one K-quant type (Q4_K, Q5_K or Q6_K) and our kernel for
-    them is built (AVX-512 VNNI; elsewhere Q4_K goes to int4, Q5_K to 5-bit codes, Q6_K to int8 blocks)."""
+    them is built (AVX-512 VNNI; elsewhere Q4_K goes to int4, Q5_K to 5-bit codes, Q6_K to int8 blocks): each
+    part's blocks packed straight into its rows of the fused buffers."""
     if not kquant_kernel.available() or any(h not in available for h in hf_names):
         return None
     kind = next((k for k in KQUANT_TYPES if source.stores_as(k, hf_names[0])), None)
-    return None if kind is None else _packed(source, kind, KQuantWeight.cat, hf_names, shape, available)
+    if kind is None or not all(source.stores_as(kind, h) for h in hf_names):
+        return None
+    shapes = [source.matrix_shape(h) for h in hf_names]
+    if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes) or shape[1] % 256:
+        return None
+    bufs, at = kquant_kernel.empty_buffers(kind, *shape), 0
+    for h, s in zip(hf_names, shapes):
+        source.get_kquant(kind, h, out=tuple(b[at : at + s[0]] for b in bufs))
+        at += s[0]
+    return KQuantPacked(kind, bufs)
 
 
 def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:
