@@ -230,6 +230,44 @@ def test_attention_over_long_caches_and_every_head_shape(heads, kv_heads, head_d
             assert _rel(a.float(), c) <= _rel(b.float(), c) + 2e-5
 
 
+def test_avx2_build_step_equals_the_forward(monkeypatch):
+    """The step built for a CPU with AVX2 and no AVX-512 (ZEN_ECO_MARCH=x86-64-v3: attention and the GLU in
+    plain C loops, the AVX2 matmul loops), held to the forward of the same build as above: int4 llama and
+    Gemma (GELU, windows), and a 300-token cache of 4 queries per KV head at head_dim 128 in float32 and
+    bf16 (the forward's bf16 distance from float32 plus the margin)."""
+    import platform
+
+    from zen_eco import kv_kernel, q4_kernel
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 build")
+    libraries = (decode_kernel.library, q4_kernel.library, kv_kernel.library)
+    monkeypatch.setenv("ZEN_ECO_MARCH", "x86-64-v3")
+    for library in libraries:
+        library.cache_clear()
+    try:
+        for kind in ("llama", "gemma3"):
+            model = _model(kind, "int4")
+            prompt, tokens = _inputs(model)
+            ref = _run(model, False, prompt, tokens, _cache(model))
+            got = _run(model, True, prompt, tokens, _cache(model))
+            assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-3, kind
+        cfg = dataclasses.replace(preset("llama-tiny"), num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+        model = random_model(cfg, dtype=torch.float32, seed=5)
+        prompt, tokens = _inputs(model, prompt_len=300, steps=3)
+        ref = _run(model, False, prompt, tokens, _cache(model, 320, 64))
+        got = _run(model, True, prompt, tokens, _cache(model, 320, 64))
+        assert max(_rel(a, b) for a, b in zip(got, ref)) < 2e-5
+        half = model.to(torch.bfloat16)
+        eager = _run(half, False, prompt, tokens, _cache(half, 320, 64))
+        got = _run(half, True, prompt, tokens, _cache(half, 320, 64))
+        for a, b, c in zip(got, eager, ref):
+            assert _rel(a.float(), c) <= _rel(b.float(), c) + 2e-5
+    finally:
+        monkeypatch.delenv("ZEN_ECO_MARCH")
+        for library in libraries:
+            library.cache_clear()
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_bfloat16_step_is_as_close_to_float32_as_the_forward(kind):
     ref_model = _model(kind)
