@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from .. import kquant_kernel
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .. import kquant_kernel
 from ..quant import KQuantPacked, Q4Weight, Q8BlockWeight
 from .gguf_file import GGUFFile
 from .gguf_quants import (KQUANT_TYPES, Q4_TYPES, Q5_TYPES, Q8_BLOCK_TYPES, dequantize, q4_codes, q5_codes,

@@ -109,7 +109,8 @@ def load_weights(
       "auto"  a `zen-eco quantize` checkpoint loads as stored; a GGUF file's Q4_0/Q4_1/Q4_K layer matrices
               stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q8_0/Q3_K/Q2_K layer matrices (and
               Q6_K) and tied table int8 with their block scales (`Int8BlockLinear`), where our kernels run
-              (CPU, bf16 activations; float32 ones too with `packed_float32`, see quant.int4_supported); where the CPU has AVX-512 VNNI, Q4_K, Q5_K and Q6_K matrices (and a
+              (CPU, bf16 activations; float32 ones too with `packed_float32`, see quant.int4_supported);
+              where the CPU has AVX-512 VNNI, Q4_K, Q5_K and Q6_K matrices (and a
               Q6_K table) as stored instead (`KQuantLinear`); a fused matrix whose parts' types share no
               layout (q, k Q4_K and v Q6_K) is a `StackedLinear` of each run of parts; everything else is
               `dtype`.
