@@ -265,4 +265,11 @@ def load(
     model.cuda_graphs = bool(cuda_graphs)
     model.compile_decode = bool(compile)
     model.native_step = bool(native_step)
+    if dev.type == "cpu":  # the decode step's C (and a quantized cache's) built now, not at the first token
+        from . import decode_kernel, kv_kernel
+
+        if native_step:
+            decode_kernel.library()
+        if kv_cache != "bf16":
+            kv_kernel.library()
     return ZenModel(model, tokenizer, str(ckpt.path), context)

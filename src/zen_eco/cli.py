@@ -115,6 +115,15 @@ class _ThinkingPrinter:
         sys.stdout.flush()
 
 
+def _build_notice(name: str) -> None:
+    from rich.console import Console
+
+    from .native import build_dir
+
+    Console(stderr=True).print(f"[dim]building the {name} kernel for this CPU (once; cached in {build_dir()})[/dim]",
+                               soft_wrap=True)
+
+
 def _load(model, dtype, device, ctx_size, threads, quant, kv_cache="bf16"):
     from .api import load
 
@@ -312,8 +321,10 @@ def serve(
 
 
 def main() -> None:
+    from . import native
     from .errors import ZenError
 
+    native.on_build(_build_notice)  # every command: a first run compiles our C kernels (seconds)
     try:
         app()
     except ZenError as exc:

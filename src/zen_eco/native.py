@@ -55,6 +55,16 @@ def flags() -> list[str]:
     return out
 
 
+_build_notices: list = []  # callables told each kernel's name before it compiles (on_build)
+
+
+def on_build(notice) -> None:
+    """Call `notice(name)` before a kernel compiles (a cache miss: the first use on this CPU and version, some
+    seconds); the CLI prints a line, so that a first run does not look stalled."""
+    if notice not in _build_notices:
+        _build_notices.append(notice)
+
+
 def build_dir() -> Path:
     base = os.environ.get("ZEN_ECO_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "zen-eco")
@@ -73,6 +83,8 @@ def build(name: str, source: str) -> ctypes.CDLL | None:
     target = build_dir() / f"{name}-{key}.so"
     try:
         if not target.is_file():
+            for notice in _build_notices:
+                notice(name)
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
