@@ -230,6 +230,30 @@ def test_attention_over_long_caches_and_every_head_shape(heads, kv_heads, head_d
             assert _rel(a.float(), c) <= _rel(b.float(), c) + 2e-5
 
 
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_bfloat16_cache_under_a_float32_model(quant):
+    """Transformer.kv_dtype = bfloat16 (what zen_eco.load picks for an automatic float32 model): the plain
+    caches hold bf16 rows, the forward reads them into float32 and the C step reads them as such, so the
+    two agree as for a float32 cache (the tolerances above); both stay within bf16's rounding of the K/V
+    (< 1e-2 here) of the float32 cache."""
+    model = _model("qwen3", quant)
+    prompt, tokens = _inputs(model, prompt_len=40, steps=6)
+    ref = _run(model, False, prompt, tokens, model.new_cache(64))
+    model.kv_dtype = torch.bfloat16
+    try:
+        cache, eager_cache = model.new_cache(64), model.new_cache(64)
+        assert cache.dtype == torch.bfloat16 and model.dtype == torch.float32
+        eager = _run(model, False, prompt, tokens, eager_cache)
+        got = _run(model, True, prompt, tokens, cache)
+        assert native_step.applies(model, cache)
+    finally:
+        model.kv_dtype = None
+    tol = 2e-5 if quant == "none" else 1e-3
+    for a, b, c in zip(got, eager, ref):
+        assert _rel(a, b) < tol and _rel(b, c) < 1e-2 and _rel(a, c) < 1e-2
+    assert max(_rel(b, c) for b, c in zip(eager, ref)) > 1e-6  # the rows were rounded
+
+
 def test_avx2_build_step_equals_the_forward(monkeypatch):
     """The step built for a CPU with AVX2 and no AVX-512 (ZEN_ECO_MARCH=x86-64-v3: attention and the GLU in
     plain C loops, the AVX2 matmul loops), held to the forward of the same build as above: int4 llama and

@@ -135,16 +135,16 @@ def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(
 @needs_int4
 def test_auto_dtype_without_native_bf16_loads_float32_with_packed_weights(smollm2_gguf_path):
     """The real detection: oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) reports no native bf16, so
-    zen_eco.load's dtype 'auto' picks float32, and the weights stay packed."""
+    zen_eco.load's dtype 'auto' picks float32; the weights stay packed and the KV cache keeps bf16 rows."""
     if not q4_kernel.available() or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("no C compiler here, or not x86 (ONEDNN_MAX_CPU_ISA)")
     code = ("import zen_eco; from zen_eco.quant import Int4Linear; "
             f"m = zen_eco.load({str(smollm2_gguf_path)!r}, threads=1).model; "
-            "print(m.dtype, sum(isinstance(x, Int4Linear) for x in m.modules()))")
+            "print(m.dtype, sum(isinstance(x, Int4Linear) for x in m.modules()), m.new_cache(8).dtype)")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["torch.float32", "120"]
+    assert out.stdout.split() == ["torch.float32", "120", "torch.bfloat16"]  # the KV rows as a bf16 model's
 
 
 def test_which_weights_quantize_under_a_spec():

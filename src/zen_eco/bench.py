@@ -90,7 +90,8 @@ def kv_bytes_read(model, kv_format: str, context: float) -> float:
     from .kv_quant import bytes_per_token
 
     cfg = model.config
-    return context * bytes_per_token(kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.dtype)
+    return context * bytes_per_token(kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                     model.kv_dtype or model.dtype)
 
 
 READ_PROBE = r"""
@@ -180,7 +181,7 @@ def weights_summary(model) -> str:
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
               device: str, repeats: int, json_out: bool, quant: str = "auto", kv_cache: str = "bf16",
               cuda_graphs: bool = True, compile: bool = False, native_step: bool = True) -> dict:
-    from .api import pick_device, pick_dtype, set_threads
+    from .api import auto_kv_dtype, pick_device, pick_dtype, set_threads
     from .checkpoint import load_weights, open_checkpoint
     from .errors import ZenError
     from .kv_quant import check_kv_format
@@ -193,6 +194,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_ref)
     model = load_weights(ckpt, pick_dtype(dtype, dev), dev, quant=quant, packed_float32=dtype in (None, "auto"))
+    model.kv_dtype = auto_kv_dtype(dtype, model)
     load_s = time.perf_counter() - t0
     model.kv_format = kv_cache
     model.cuda_graphs = cuda_graphs

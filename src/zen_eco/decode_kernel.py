@@ -37,7 +37,7 @@ from . import kquant_kernel, kv_kernel, native, q4_kernel
 LIN_F32, LIN_BF16, LIN_Q4, LIN_Q8, LIN_Q8B, LIN_KQ = range(6)
 MAX_HEAD_DIM = 512
 
-C_SOURCE = q4_kernel.C_SOURCE + kquant_kernel.C_SOURCE + r"""
+C_SOURCE = q4_kernel.C_SOURCE + kquant_kernel.C_SOURCE + native.VEC16 + r"""
 #include <string.h>
 
 enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_Q4 = 2, LIN_Q8 = 3, LIN_Q8B = 4, LIN_KQ = 5 };
@@ -256,6 +256,94 @@ INLINE void attend_avx512(int n_rep, const int D, const float *q, const void *K,
 }
 #endif
 
+#ifndef __AVX512F__
+typedef float f8 __attribute__((vector_size(32)));  /* one AVX2 register (wider GCC vectors go through the stack) */
+
+/* 8 values of a K or V row from column d as floats (bf16: widened and shifted). */
+INLINE f8 row8(const void *row, int d, const int bf16) {
+    f8 out;
+    if (!bf16) { memcpy(&out, (const float *)row + d, 32); return out; }
+    typedef uint16_t u16v __attribute__((vector_size(16)));
+    typedef uint32_t u32v __attribute__((vector_size(32)));
+    u16v h;
+    memcpy(&h, (const uint16_t *)row + d, 16);
+    const u32v w = __builtin_convertvector(h, u32v) << 16;
+    memcpy(&out, &w, 32);
+    return out;
+}
+
+INLINE float sum8(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* attend_range without AVX-512 (D a multiple of 16) in 8-float GCC vectors (AVX2 registers): per token the
+   K row (widened once, if bf16) dotted with every query; the scores' exponentials 16 at a time (exp16: the
+   plain loop called expf per score); then per tile of 32 tokens (their V rows widened once into L1) each
+   query's outputs, 16 columns at a time, held in registers while the tile goes by. */
+INLINE void attend_vec(int n_rep, const int D, const float *q, const void *K, const void *V, int64_t a, int64_t b,
+                       float scale, float *s, float *m, float *l, float *acc, const int bf16) {
+    const int64_t n = b - a, row_bytes = (int64_t)D * (bf16 ? 2 : 4);
+    const int nc = D / 8;
+    float kbuf[MAX_HEAD_DIM] __attribute__((aligned(32))), vbuf[32 * MAX_HEAD_DIM] __attribute__((aligned(32)));
+    for (int64_t t = 0; t < n; t++) {
+        const char *krow = (const char *)K + (a + t) * row_bytes;
+        __builtin_prefetch(krow + KV_PREFETCH, 0, 0);
+        const float *k = (const float *)krow;
+        if (bf16) {
+            for (int c = 0; c < nc; c++) { const f8 x = row8(krow, 8 * c, 1); memcpy(kbuf + 8 * c, &x, 32); }
+            k = kbuf;
+        }
+        for (int r = 0; r < n_rep; r++) {
+            f8 d0 = {0}, d1 = d0;
+            for (int c = 0; c < nc; c += 2) {  /* nc is even */
+                f8 q0, q1, k0, k1;
+                memcpy(&q0, q + r * D + 8 * c, 32), memcpy(&q1, q + r * D + 8 * c + 8, 32);
+                memcpy(&k0, k + 8 * c, 32), memcpy(&k1, k + 8 * c + 8, 32);
+                d0 += q0 * k0, d1 += q1 * k1;
+            }
+            s[r * n + t] = sum8(d0 + d1) * scale;
+        }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        float *sr = s + r * n, mr = -INFINITY;
+        for (int64_t t = 0; t < n; t++) mr = sr[t] > mr ? sr[t] : mr;
+        float sum = 0.0f;
+        int64_t t = 0;
+        for (; t + 16 <= n; t += 16) {
+            v16 x;
+            memcpy(&x, sr + t, 64);
+            x = exp16(x - mr);
+            memcpy(sr + t, &x, 64);
+            for (int i = 0; i < 16; i++) sum += x[i];
+        }
+        for (; t < n; t++) sr[t] = exp16(splat(sr[t] - mr))[0], sum += sr[t];
+        m[r] = mr, l[r] = sum;
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += 32) {
+        const int64_t t1 = n - t0 < 32 ? n : t0 + 32;
+        const float *vt = (const float *)((const char *)V + (a + t0) * row_bytes);  /* the tile's rows as floats */
+        if (bf16) {
+            for (int64_t t = t0; t < t1; t++)
+                for (int c = 0; c < nc; c++) {
+                    const f8 x = row8((const char *)V + (a + t) * row_bytes, 8 * c, 1);
+                    memcpy(vbuf + (t - t0) * D + 8 * c, &x, 32);
+                }
+            vt = vbuf;
+        }
+        for (int r = 0; r < n_rep; r++)
+            for (int c = 0; c < nc; c += 2) {
+                f8 o0, o1;
+                memcpy(&o0, acc + r * D + 8 * c, 32), memcpy(&o1, acc + r * D + 8 * c + 8, 32);
+                for (int64_t t = t0; t < t1; t++) {
+                    const float p = s[r * n + t], *row = vt + (t - t0) * D + 8 * c;
+                    f8 x0, x1;
+                    memcpy(&x0, row, 32), memcpy(&x1, row + 8, 32);
+                    o0 += p * x0, o1 += p * x1;
+                }
+                memcpy(acc + r * D + 8 * c, &o0, 32), memcpy(acc + r * D + 8 * c + 8, &o1, 32);
+            }
+    }
+}
+#endif
+
 /* Queries q (n_rep, D) of one KV head over cached tokens [a, b): the unnormalised softmax state
    m (n_rep), l (n_rep), acc (n_rep, D). s: scratch of n_rep * (b - a) floats. Each K and V row is read
    from memory once for all n_rep queries (rows far apart in a long cache come from DRAM). */
@@ -270,6 +358,13 @@ INLINE void attend_range(int n_rep, int D, const float *q, const void *K, const 
         else if (D == 128) attend_avx512(n_rep, 128, q, K, V, a, b, scale, s, m, l, acc, bf16);
         else if (D == 256) attend_avx512(n_rep, 256, q, K, V, a, b, scale, s, m, l, acc, bf16);
         else attend_avx512(n_rep, D, q, K, V, a, b, scale, s, m, l, acc, bf16);
+        return;
+    }
+#else
+    if (D % 16 == 0) {
+        if (D == 64) attend_vec(n_rep, 64, q, K, V, a, b, scale, s, m, l, acc, bf16);
+        else if (D == 128) attend_vec(n_rep, 128, q, K, V, a, b, scale, s, m, l, acc, bf16);
+        else attend_vec(n_rep, D, q, K, V, a, b, scale, s, m, l, acc, bf16);
         return;
     }
 #endif

@@ -86,6 +86,8 @@ class KVCache:
         keys, values = self.update(layer, k, v)
         if window is not None and keys.shape[2] > window:
             keys, values = keys[:, :, -window:], values[:, :, -window:]
+        if keys.dtype != q.dtype:  # bf16 rows under a float32 model: attention in float32
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         h_kv, d = keys.shape[1], keys.shape[3]
         out = F.scaled_dot_product_attention(q.view(1, h_kv, -1, d), keys, values, scale=scale)
         return out.reshape(1, -1, d)

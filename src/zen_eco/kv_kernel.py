@@ -86,36 +86,16 @@ C_SOURCE = r"""
 #define NC (MAX_DIM / 16)
 #define INLINE static inline __attribute__((always_inline))
 
-/* GCC vector types: 16 floats (one AVX-512 register; two AVX2 ones). */
-typedef float v16 __attribute__((vector_size(64)));
+/* GCC vector types (v16, i32x16, splat and exp16: native.VEC16). */
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 """ + SIDE_T + r"""
 
-INLINE v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-
-/* exp(x) of 16 scores minus their max (x <= 0), and 0 below -87: 2^n * p(r), r = x - n ln 2 in
-   [-ln2/2, ln2/2], p a degree-6 Taylor polynomial; relative error < 2e-7. */
-INLINE v16 exp16(v16 x) {
-    const i32x16 keep = x >= splat(-87.0f);
-    x = (v16)(((i32x16)x & keep) | ((i32x16)splat(-87.0f) & ~keep));
-    const i32x16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  /* round(): x <= 0 */
-    const v16 n = __builtin_convertvector(ni, v16);
-    const v16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    v16 p = splat(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return (v16)((i32x16)(p * (v16)((ni + 127) << 23)) & keep);
-}
+""" + native.VEC16 + r"""
 
 static inline float hsum(v16 v) {
     v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);

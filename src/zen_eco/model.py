@@ -81,6 +81,8 @@ class Attention(nn.Module):
             raise ValueError("a list of caches (batched decode) takes one new token per row")
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
+            if k.dtype != q.dtype:  # a bf16 cache under a float32 model (Transformer.kv_dtype)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         causal = mask is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                              enable_gqa=True)
@@ -154,14 +156,19 @@ class Transformer(nn.Module):
     compile_decode = False  # ... compiled by torch.compile first (engine.graphs.compiled); zen_eco.load(compile=)
     native_step = True  # batch-1 CPU decode steps run as one C call (engine.native_step); zen_eco.load(native_step=)
     kv_format = "bf16"  # how new_cache stores K/V unless told: kv_quant.KV_FORMATS; zen_eco.load(kv_cache=) sets it
+    # the rows of a plain ("bf16") cache: None = the model's dtype; zen_eco.load sets bfloat16 for a float32
+    # model it picked on a CPU without native bf16 (half the cache's memory; attention computes in float32)
+    kv_dtype: torch.dtype | None = None
 
     def new_cache(self, max_tokens: int | None = None, batch_size: int = 1, kv_format: str | None = None) -> KVCache:
-        from .kv_quant import make_kv_cache
+        from .kv_quant import check_kv_format, make_kv_cache
 
         cfg = self.config
+        fmt = check_kv_format(kv_format or self.kv_format)
         return make_kv_cache(
-            kv_format or self.kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-            max_tokens or cfg.max_position_embeddings, batch_size, self.dtype, self.device,
+            fmt, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+            max_tokens or cfg.max_position_embeddings, batch_size,
+            (self.kv_dtype or self.dtype) if fmt == "bf16" else self.dtype, self.device,
         )
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

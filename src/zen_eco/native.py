@@ -54,6 +54,33 @@ def flags() -> list[str]:
         out += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512fp16"]
     return out
 
+# GCC vectors of 16 floats (one AVX-512 register, two AVX2 ones) and their exponential, shared by kv_kernel
+# and decode_kernel (each pastes it after defining INLINE).
+VEC16 = r"""
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+INLINE v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+/* exp(x) of 16 scores minus their max (x <= 0), and 0 below -87: 2^n * p(r), r = x - n ln 2 in
+   [-ln2/2, ln2/2], p a degree-6 Taylor polynomial; relative error < 2e-7. */
+INLINE v16 exp16(v16 x) {
+    const i32x16 keep = x >= splat(-87.0f);
+    x = (v16)(((i32x16)x & keep) | ((i32x16)splat(-87.0f) & ~keep));
+    const i32x16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  /* round(): x <= 0 */
+    const v16 n = __builtin_convertvector(ni, v16);
+    const v16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    v16 p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return (v16)((i32x16)(p * (v16)((ni + 127) << 23)) & keep);
+}
+"""
+
 
 _build_notices: list = []  # callables told each kernel's name before it compiles (on_build)
 

@@ -72,8 +72,10 @@ class StaticStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                window: int | None) -> torch.Tensor:
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # (1, H_kv, capacity, D)
-        keys.index_copy_(2, self.position, k)
-        values.index_copy_(2, self.position, v)
+        keys.index_copy_(2, self.position, k.to(keys.dtype))
+        values.index_copy_(2, self.position, v.to(values.dtype))
+        if keys.dtype != q.dtype:  # bf16 rows under a float32 model (Transformer.kv_dtype)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         h_kv, d = keys.shape[1], keys.shape[3]
         out = F.scaled_dot_product_attention(q.view(1, h_kv, -1, d), keys, values, attn_mask=self._mask(window),
                                              scale=scale)

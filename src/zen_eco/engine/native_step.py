@@ -55,7 +55,7 @@ class NativeStep:
         scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
         self.desc = dk.Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                              cfg.head_dim, cfg.intermediate_size, int(cfg.hidden_act == "gelu_pytorch_tanh"),
-                             int(model.dtype == torch.bfloat16), cfg.rms_norm_eps, scale,
+                             int(_plain_cache_dtype(model) == torch.bfloat16), cfg.rms_norm_eps, scale,
                              cfg.final_logit_softcapping or 0.0, layers, self._norm(model.norm),
                              self._linear(model.lm_head))
         self._rope: dict[bool, tuple[int, torch.Tensor]] = {}  # local? -> (first position, its table)
@@ -234,7 +234,13 @@ def _weights_key(model) -> tuple:
     """The dtype and the addresses of a few of the model's tensors: a new key means its weights were
     replaced (`.to()`, new modules...), so the descriptors are rebuilt, not followed into freed memory."""
     mods = (model.norm, model.lm_head, model.layers[0].attn.wqkv, model.layers[-1].mlp.w_down)
-    return (model.dtype, *(_main_tensor(m).data_ptr() for m in mods))
+    return (model.dtype, _plain_cache_dtype(model), *(_main_tensor(m).data_ptr() for m in mods))
+
+
+def _plain_cache_dtype(model) -> torch.dtype:
+    """The rows of the model's plain caches (Transformer.kv_dtype); a quantized cache's plain rows (sinks,
+    window) are in the model's dtype."""
+    return getattr(model, "kv_dtype", None) or model.dtype
 
 
 def applies(model, cache) -> bool:
@@ -243,7 +249,7 @@ def applies(model, cache) -> bool:
         return False
     if cache.batch_size != 1:
         return False
-    if cache.device.type != "cpu" or cache.dtype != model.dtype:
+    if cache.device.type != "cpu" or cache.dtype != (_plain_cache_dtype(model) if type(cache) is KVCache else model.dtype):
         return False
     key = _weights_key(model)
     held = _STEPS.get(model)
