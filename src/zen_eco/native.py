@@ -1,4 +1,5 @@
-"""Building our small C kernels on first use (`kv_kernel`, `q4_kernel`, `decode_kernel`) and C they share.
+"""Building our small C kernels on first use (`kv_kernel`, `q4_kernel`, `decode_kernel`) and C they share
+(TRANSPOSE_SUM16, VEC16).
 
 Each kernel is one C source string compiled with the system C compiler (`cc`, override with $CC)
 into $ZEN_ECO_CACHE/kernels (default ~/.cache/zen-eco/kernels), named by a hash of the source, the
@@ -44,16 +45,6 @@ INLINE __m512 transpose_sum16(const __m512 *v) {
 """
 
 
-def flags() -> list[str]:
-    out = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-           "-fno-trapping-math"]
-    march = os.environ.get("ZEN_ECO_MARCH")
-    if march:
-        out.append(f"-march={march}")
-    elif platform.machine() in ("x86_64", "AMD64"):
-        out += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512fp16"]
-    return out
-
 # GCC vectors of 16 floats (one AVX-512 register, two AVX2 ones) and their exponential, shared by kv_kernel
 # and decode_kernel (each pastes it after defining INLINE).
 VEC16 = r"""
@@ -80,6 +71,17 @@ INLINE v16 exp16(v16 x) {
     return (v16)((i32x16)(p * (v16)((ni + 127) << 23)) & keep);
 }
 """
+
+
+def flags() -> list[str]:
+    out = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+           "-fno-trapping-math"]
+    march = os.environ.get("ZEN_ECO_MARCH")
+    if march:
+        out.append(f"-march={march}")
+    elif platform.machine() in ("x86_64", "AMD64"):
+        out += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512fp16"]
+    return out
 
 
 _build_notices: list = []  # callables told each kernel's name before it compiles (on_build)
