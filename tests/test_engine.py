@@ -270,3 +270,24 @@ def test_padded_vocabulary_rows_are_never_chosen():
     assert max(unmasked) >= 500  # the padded rows do win without the mask
     masked, top = run(500)
     assert max(masked) < 500 and all(i < 500 for i, _ in top)
+
+
+def test_freeze_heap_puts_the_loaded_model_out_of_the_collectors_reach(zm):
+    """What the CLI and the server do after loading: every object then alive (the tokenizer's tables, the
+    modules) goes to the permanent generation, so full collections stop walking them; generation still
+    works and its own garbage is still collected."""
+    import gc
+
+    from zen_eco.api import freeze_heap
+
+    freeze_heap()
+    try:
+        assert gc.get_freeze_count() > 50_000  # SmolLM2's vocabulary alone is 49K strings
+        before = fresh(zm).generate(STORY, max_tokens=4, temperature=0)
+        cycle = []
+        cycle.append(cycle)  # garbage made after the freeze is still found
+        del cycle
+        assert gc.collect() >= 1
+        assert fresh(zm).generate(STORY, max_tokens=4, temperature=0).token_ids == before.token_ids
+    finally:
+        gc.unfreeze()

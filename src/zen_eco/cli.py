@@ -125,10 +125,12 @@ def _build_notice(name: str) -> None:
 
 
 def _load(model, dtype, device, ctx_size, threads, quant, kv_cache="bf16"):
-    from .api import load
+    from .api import freeze_heap, load
 
-    return load(model, dtype=dtype, device=device, context=ctx_size, threads=threads, progress=sys.stderr.isatty(),
-                quant=quant, kv_cache=kv_cache)
+    zm = load(model, dtype=dtype, device=device, context=ctx_size, threads=threads, progress=sys.stderr.isatty(),
+              quant=quant, kv_cache=kv_cache)
+    freeze_heap()
+    return zm
 
 
 def _stats(chunk) -> str:

@@ -320,7 +320,7 @@ def serve_model(ref: str | None, *, host: str = "127.0.0.1", port: int = 8000, a
     """`zen-eco serve`: check the options, load the model, serve until Ctrl-C."""
     import sys
 
-    from ..api import load
+    from ..api import freeze_heap, load
 
     if not 0 <= port <= 65535:
         raise ZenError(f"port must be in [0, 65535], got {port}")
@@ -332,6 +332,7 @@ def serve_model(ref: str | None, *, host: str = "127.0.0.1", port: int = 8000, a
         raise ZenError("--api-key is empty")
     zm = load(ref, dtype=dtype, device=device, context=context, threads=threads, progress=sys.stderr.isatty(),
               quant=quant, kv_cache=kv_cache, compile=compile)
+    freeze_heap()
     config = ServerConfig(name or model_name(ref, zm.path), host, port, api_key, list(cors_origins or []), max_batch,
                           max_queue, max_tokens=max_tokens)
     serve(ServerState(zm, config), log_level)
