@@ -100,8 +100,9 @@ def test_blocks_pack_straight_into_the_same_buffers(kind):
         if k == 768:
             parts.append((blocks, n, w))
     extra = _random_blocks(kind, 5 * 3, seed=99)
+    arrays = kquant_codes(extra.reshape(-1), KQUANT_TYPES[kind], (5, 768))
     parts.append((extra, 5, KQuantWeight(kind, *(None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-                                                    for a in kquant_codes(extra.reshape(-1), KQUANT_TYPES[kind], (5, 768))))))
+                                                    for a in arrays))))
     fused, at = kquant_kernel.empty_buffers(kind, sum(n for _, n, _ in parts), 768), 0
     for blocks, n, _ in parts:
         kquant_kernel.pack_blocks(kind, blocks, n, 768, tuple(b[at : at + n] for b in fused))

@@ -125,7 +125,8 @@ def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(
     assert isinstance(packed.layers[0].mlp.w_down, Int4Linear) and isinstance(packed.lm_head, Int8BlockLinear)
     assert not any(isinstance(m, (Int4Linear, Int8BlockLinear)) for m in dense.modules())
     assert packed.dtype == torch.float32
-    ids = torch.tensor([ckpt.tokenizer().encode("The quick brown fox jumps over the lazy dog. Paris is the capital of")])
+    text = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
+    ids = torch.tensor([ckpt.tokenizer().encode(text)])
     with torch.no_grad():
         a, b = packed(ids), dense(ids)
     assert torch.equal(a.argmax(-1), b.argmax(-1))

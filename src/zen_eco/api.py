@@ -261,8 +261,8 @@ def load(
     cache made for it (the API's, a server's) uses it.
 
     quant="auto" keeps a GGUF file's Q4_0/Q4_1/Q4_K matrices packed 4-bit, its Q5 ones 5-bit and its
-    Q8_0/Q6_K/Q3_K ones (and a tied table) 8-bit where our kernels run (the CPU, with the dtype "auto" or bf16: an explicit float32 stays the
-    dense reference), and a `zen-eco quantize`
+    Q8_0/Q6_K/Q3_K ones (and a tied table) 8-bit where our kernels run (the CPU, with the dtype "auto" or
+    bf16: an explicit float32 stays the dense reference), and a `zen-eco quantize`
     checkpoint as stored; quant="none" dequantizes every weight to `dtype`; "int8", "int4" (group 32),
     "int4-g64", "int4-g128" quantize the layers' matrices while loading (see `checkpoint.load_weights`).
 

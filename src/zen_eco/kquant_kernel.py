@@ -477,7 +477,8 @@ def empty_buffers(kind: str, n: int, k: int) -> tuple[torch.Tensor, ...]:
     """Uninitialised buffers of `pack`'s shapes for an (n, k) weight of `kind`."""
     if k % SUPER:
         raise ValueError(f"K-quant rows are whole blocks of {SUPER} columns, not {k}")
-    return (torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, KINDS[kind], (k // 32 + 3) // 4 * 16, dtype=torch.uint8),
+    return (torch.empty(n, k // 2, dtype=torch.uint8),
+            torch.empty(n, KINDS[kind], (k // 32 + 3) // 4 * 16, dtype=torch.uint8),
             torch.empty(n, 2, (k // 32 + 15) // 16 * 16, dtype=torch.uint8),
             torch.empty(n, k // SUPER, 1 if kind == "q6_k" else 2, dtype=torch.float16))
 

@@ -136,7 +136,8 @@ def load_weights(
     available = ckpt.source.names()
     table = dict(_internal_tensors(config))
     items = [(name, table[name]) for name in expected]  # KeyError = the name table misses a module: our bug
-    gguf_packed = mode == "auto" and hasattr(ckpt.source, "get_packed") and int4_supported(device, dtype, packed_float32)
+    gguf_packed = (mode == "auto" and hasattr(ckpt.source, "get_packed")
+                   and int4_supported(device, dtype, packed_float32))
     use_stored = stored is not None and mode != "none"
     on_the_fly = mode if isinstance(mode, QuantSpec) and stored is None else None
     state: dict[str, torch.Tensor] = {}

@@ -249,7 +249,8 @@ def applies(model, cache) -> bool:
         return False
     if cache.batch_size != 1:
         return False
-    if cache.device.type != "cpu" or cache.dtype != (_plain_cache_dtype(model) if type(cache) is KVCache else model.dtype):
+    rows = _plain_cache_dtype(model) if type(cache) is KVCache else model.dtype
+    if cache.device.type != "cpu" or cache.dtype != rows:
         return False
     key = _weights_key(model)
     held = _STEPS.get(model)
