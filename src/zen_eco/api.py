@@ -75,13 +75,18 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def auto_kv_dtype(dtype_arg, model) -> torch.dtype | None:
-    """bfloat16 rows for the plain KV caches of a float32 model that dtype "auto" picked on the CPU (no native
-    bf16 there: most AVX2 machines), as a bf16 model would have them: half the memory and bytes read per
-    step; attention still computes in float32. None (the model's dtype) for an explicit float32, the exact
-    reference."""
-    auto = dtype_arg in (None, "auto") and model.device.type == "cpu" and model.dtype == torch.float32
-    return torch.bfloat16 if auto else None
+def load_model(ckpt, dtype: str | torch.dtype | None, device: torch.device, progress: bool = False,
+               quant: str = "auto"):
+    """`ckpt`'s model in `dtype` (see pick_dtype) on `device` (zen_eco.load's and bench's loading). A float32
+    that dtype "auto" picked on the CPU (no native bf16 there: most AVX2 machines) is treated as bf16 would
+    be: GGUF weights stay packed (load_weights' packed_float32) and plain KV caches keep bf16 rows
+    (Transformer.kv_dtype: half the memory and bytes read per step; attention still computes in float32).
+    An explicit float32 is the exact reference: dense weights, float32 rows."""
+    auto = dtype in (None, "auto")
+    model = load_weights(ckpt, pick_dtype(dtype, device), device, progress=progress, quant=quant, packed_float32=auto)
+    if auto and model.device.type == "cpu" and model.dtype == torch.float32:
+        model.kv_dtype = torch.bfloat16
+    return model
 
 
 @dataclass
@@ -277,9 +282,7 @@ def load(
     dev = pick_device(device)
     ckpt = open_checkpoint(ref)
     tokenizer = ckpt.tokenizer()
-    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, progress=progress, quant=quant,
-                         packed_float32=dtype in (None, "auto"))
-    model.kv_dtype = auto_kv_dtype(dtype, model)
+    model = load_model(ckpt, dtype, dev, progress, quant)
     if context is not None and context < 1:
         raise ZenError(f"context must be >= 1, got {context}")
     model.kv_format = kv_cache

@@ -181,8 +181,8 @@ def weights_summary(model) -> str:
 def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int | None, dtype: str,
               device: str, repeats: int, json_out: bool, quant: str = "auto", kv_cache: str = "bf16",
               cuda_graphs: bool = True, compile: bool = False, native_step: bool = True) -> dict:
-    from .api import auto_kv_dtype, freeze_heap, pick_device, pick_dtype, set_threads
-    from .checkpoint import load_weights, open_checkpoint
+    from .api import freeze_heap, load_model, pick_device, set_threads
+    from .checkpoint import open_checkpoint
     from .errors import ZenError
     from .kv_quant import check_kv_format
 
@@ -193,8 +193,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
     dev = pick_device(device)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model_ref)
-    model = load_weights(ckpt, pick_dtype(dtype, dev), dev, quant=quant, packed_float32=dtype in (None, "auto"))
-    model.kv_dtype = auto_kv_dtype(dtype, model)
+    model = load_model(ckpt, dtype, dev, quant=quant)
     load_s = time.perf_counter() - t0
     freeze_heap()  # as the CLI does after loading
     model.kv_format = kv_cache
