@@ -285,6 +285,14 @@ def _no_random_init():
             cls.reset_parameters = reset
 
 
+def _part_shapes_fit(source, hf_names, shape) -> list[tuple[int, ...]] | None:
+    """The stored shapes of a fused matrix's parts, if they stack along rows into `shape` (else None)."""
+    shapes = [source.matrix_shape(h) for h in hf_names]
+    if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes):
+        return None
+    return shapes
+
+
 def _packed(source, layout: str, cat, hf_names, shape, available):
     """The fused weight from every part in `layout` (`source.get_packed`), joined by `cat`, if each part's
     stored type maps onto it and the parts' shapes make the model's (both checked before any part is
@@ -292,8 +300,8 @@ def _packed(source, layout: str, cat, hf_names, shape, available):
     afterwards copied every code of a 4B model once more (~1.5-2 s of loading it)."""
     if any(h not in available or not source.stores_as(layout, h) for h in hf_names):
         return None
-    shapes = [source.matrix_shape(h) for h in hf_names]
-    if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes):
+    shapes = _part_shapes_fit(source, hf_names, shape)
+    if shapes is None:
         return None
     codes = torch.empty(shape, dtype=torch.int8 if layout == "int8 blocks" else torch.uint8)
     parts, at = [], 0
@@ -328,8 +336,8 @@ def _packed_stacked(source, hf_names, shape, available) -> list | None:
     families = [family(h) for h in hf_names]
     if None in families or len(set(families)) == 1:
         return None
-    shapes = [source.matrix_shape(h) for h in hf_names]
-    if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes):
+    shapes = _part_shapes_fit(source, hf_names, shape)
+    if shapes is None:
         return None
     weights = []
     for _, run in groupby(range(len(hf_names)), key=lambda i: families[i]):
@@ -353,8 +361,8 @@ def _packed_kquant(source, hf_names, shape, available) -> KQuantPacked | None:
     kind = next((k for k in KQUANT_TYPES if source.stores_as(k, hf_names[0])), None)
     if kind is None or not all(source.stores_as(kind, h) for h in hf_names):
         return None
-    shapes = [source.matrix_shape(h) for h in hf_names]
-    if sum(s[0] for s in shapes) != shape[0] or any(s[1:] != tuple(shape[1:]) for s in shapes) or shape[1] % 256:
+    shapes = _part_shapes_fit(source, hf_names, shape)
+    if shapes is None or shape[1] % kquant_kernel.SUPER:
         return None
     bufs, at = kquant_kernel.empty_buffers(kind, *shape), 0
     for h, s in zip(hf_names, shapes):
