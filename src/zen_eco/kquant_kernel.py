@@ -446,30 +446,6 @@ def available() -> bool:
     return lib is not None and bool(lib.zen_kq_available())
 
 
-def pack(kind: str, codes: torch.Tensor, sub_scale: torch.Tensor, d: torch.Tensor, sub_min: torch.Tensor | None = None,
-         dmin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """A `quant.KQuantWeight`'s fields -> the kernel's buffers: low four bits (N, K / 2) uint8; bit planes
-    (N, planes, high bytes) uint8 (none for Q4_K); sub-scale planes (N, 2, K / 32 rounded up to 16) uint8
-    (Q6_K: int8 bits of each block's first 16 columns' scale, then its last 16's; Q4_K / Q5_K: sc, then m);
-    (N, K / 256, 1 or 2) float16 d (Q4_K / Q5_K: d, dmin pairs)."""
-    n, k = codes.shape
-    if k % SUPER:
-        raise ValueError(f"K-quant rows are whole blocks of {SUPER} columns, not {k}")
-    planes, codes = KINDS[kind], codes.contiguous()
-    packed = torch.empty(n, k // 2, dtype=torch.uint8)
-    high = torch.empty(n, planes, (k // 32 + 3) // 4 * 16, dtype=torch.uint8)
-    q4_kernel.library().zen_kq_pack(n, k, planes, codes.data_ptr(), packed.data_ptr(), high.data_ptr(),
-                                    torch.get_num_threads())
-    if kind == "q6_k":
-        sc = sub_scale.view(n, k // 32, 2).transpose(1, 2).view(torch.uint8)  # (N, 2, K / 32)
-        ds = d[..., None]
-    else:
-        sc = torch.stack([sub_scale, sub_min], 1)
-        ds = torch.stack([d, dmin], -1)
-    sc = torch.nn.functional.pad(sc, (0, -(k // 32) % 16)).contiguous()
-    return packed, high.contiguous(), sc, ds.to(torch.float16).contiguous()
-
-
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # one GGUF block of 256 weights
 
 
@@ -481,6 +457,27 @@ def empty_buffers(kind: str, n: int, k: int) -> tuple[torch.Tensor, ...]:
             torch.empty(n, KINDS[kind], (k // 32 + 3) // 4 * 16, dtype=torch.uint8),
             torch.empty(n, 2, (k // 32 + 15) // 16 * 16, dtype=torch.uint8),
             torch.empty(n, k // SUPER, 1 if kind == "q6_k" else 2, dtype=torch.float16))
+
+
+def pack(kind: str, codes: torch.Tensor, sub_scale: torch.Tensor, d: torch.Tensor, sub_min: torch.Tensor | None = None,
+         dmin: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """A `quant.KQuantWeight`'s fields -> the kernel's buffers: low four bits (N, K / 2) uint8; bit planes
+    (N, planes, high bytes) uint8 (none for Q4_K); sub-scale planes (N, 2, K / 32 rounded up to 16) uint8
+    (Q6_K: int8 bits of each block's first 16 columns' scale, then its last 16's; Q4_K / Q5_K: sc, then m);
+    (N, K / 256, 1 or 2) float16 d (Q4_K / Q5_K: d, dmin pairs)."""
+    n, k = codes.shape
+    packed, high, _, _ = empty_buffers(kind, n, k)
+    codes = codes.contiguous()
+    q4_kernel.library().zen_kq_pack(n, k, KINDS[kind], codes.data_ptr(), packed.data_ptr(), high.data_ptr(),
+                                    torch.get_num_threads())
+    if kind == "q6_k":
+        sc = sub_scale.view(n, k // 32, 2).transpose(1, 2).view(torch.uint8)  # (N, 2, K / 32)
+        ds = d[..., None]
+    else:
+        sc = torch.stack([sub_scale, sub_min], 1)
+        ds = torch.stack([d, dmin], -1)
+    sc = torch.nn.functional.pad(sc, (0, -(k // 32) % 16)).contiguous()
+    return packed, high.contiguous(), sc, ds.to(torch.float16).contiguous()
 
 
 def pack_blocks(kind: str, blocks: np.ndarray, n: int, k: int,
