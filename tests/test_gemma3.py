@@ -342,17 +342,19 @@ def test_real_file_packed_codes_equal_gguf_py(gemma3_gguf_path):
     assert counts["Q4_K"] == 27 and counts["Q6_K"] == 9 and counts["Q5_0"] > 0 and counts["Q8_0"] > 0
 
 
-def test_real_file_kquants_load_as_stored_bit_identical_to_gguf_py(gemma3_gguf_path, monkeypatch):
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_real_file_kquants_load_as_stored_bit_identical_to_gguf_py(gemma3_gguf_path, monkeypatch, march, built_for):
     """What `--quant auto` keeps as stored where the K-quant kernel runs: every Q4_K and Q6_K matrix read
     straight from its blocks into the kernel's buffers (GGUFSource.get_kquant) dequantizes to gguf-py's
     values bit for bit; with a row order (as llama's q / k take; here put on the down matrices), rows in that
-    order."""
+    order. Also built for AVX2 without AVX-512 (x86-64-v3), whose bit planes have their own layout."""
     gguf = pytest.importorskip("gguf")
 
     from zen_eco import kquant_kernel
     from zen_eco.checkpoint.gguf_file import GGUFFile
     from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES
 
+    built_for(march)
     if not kquant_kernel.available():
         pytest.skip("no K-quant kernel here")
     source = open_checkpoint(gemma3_gguf_path).source

@@ -1,10 +1,13 @@
 """GGUF's K-quants (Q4_K, Q5_K, Q6_K) kept as stored (kquant_kernel, quant.KQuantLinear).
 
 References: gguf-py's `dequantize` for the file's values (bit-identical: our decode keeps ggml's float32
-products d * sc, dmin * m), and float64 matmuls of those values for the kernel. Kernel tolerance 2e-4
-relative L2: x is rounded to 15-bit integers per block of 32 (a step of 2^-14 of the block's largest |x|,
-as the int4 decode loop; the prompt GEMM 16-bit), measured 2e-5 to 1.1e-4 on random blocks; a sub-scale,
-a minimum or a bit plane read for the wrong block or half is off by > 1e-2.
+products d * sc, dmin * m), and float64 matmuls of those values for the kernel. The kernel rounds x per
+block of 32 (AVX-512 VNNI: to 15-bit integers, a step of 2^-14 of the block's largest |x|; the AVX2 loop:
+to int8, as llama.cpp's activations) and its integer sums are exact, so against the float64 product of x
+*as rounded* it agrees to float32 rounding: tolerance 1e-6 relative L2 (measured 5e-8 to 1.3e-7); a
+sub-scale, a minimum or a bit plane read for the wrong block or half is off by > 1e-2. Against x itself,
+2e-4 with VNNI (measured 2e-5 to 1.1e-4) and 2e-2 with AVX2 (3e-3 to 1.1e-2). Most tests run twice: on this
+machine's build and on an x86-64-v3 one (AVX2 without AVX-512), whose bit planes have their own layout.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ import torch
 from zen_eco import kquant_kernel, native, q4_kernel
 from zen_eco.checkpoint import gguf_native
 from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES, kquant_codes
-from zen_eco.quant import KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight, native_max_rows
+from zen_eco.quant import (KQUANT_AVX2_DENSE_ROWS, KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight,
+                           native_max_rows)
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not kquant_kernel.available(), reason="the K-quant kernel needs AVX-512 VNNI")
 
-KERNEL_TOL = 2e-4
+KERNEL_TOL = 2e-4  # against x itself, the VNNI loop (and the prompt GEMM: 16-bit x)
+AS_ROUNDED_TOL = 1e-6  # against x as the loop rounds it
+LEVELS = {"vnni": 16383, "avx2": 127}  # x's largest |integer| per block, per loop
+TO_X = {"vnni": KERNEL_TOL, "avx2": 2e-2}
 KINDS = list(KQUANT_TYPES)
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 FP16_AT = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # d (and dmin) in each block
@@ -39,7 +46,10 @@ def _random_blocks(kind: str, n_blocks: int, seed: int) -> np.ndarray:
 
 def _weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[KQuantWeight, torch.Tensor]:
     """A random matrix of `kind` as our weight, and gguf-py's float32 values of the same bytes."""
-    blocks = _random_blocks(kind, n * k // 256, seed)
+    return _weight_from(kind, _random_blocks(kind, n * k // 256, seed), n, k)
+
+
+def _weight_from(kind: str, blocks: np.ndarray, n: int, k: int) -> tuple[KQuantWeight, torch.Tensor]:
     t = KQUANT_TYPES[kind]
     ref = gguf.quants.dequantize(blocks.reshape(n, -1), gguf.GGMLQuantizationType(t)).reshape(n, k)
     arrays = kquant_codes(blocks.reshape(-1), t, (n, k))
@@ -55,9 +65,27 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _as_rounded(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """x (M, K) as the kernel rounds it: per block of 32, d = max |x| / levels (float32), round(x * (1 / d)) * d."""
+    b = x.float().view(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / levels
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(b * inv).double() * d.double()).view_as(x)
+
+
+@pytest.fixture(params=["native", "x86-64-v3"])
+def loop(request, built_for):
+    """The test under this machine's build, then under an x86-64-v3 build (AVX2 without AVX-512: the AVX2 loop
+    and its bit-plane layout); gives kquant_kernel.loop()."""
+    built_for(request.param)
+    if not kquant_kernel.available():
+        pytest.skip("no K-quant loop in this build")
+    return kquant_kernel.loop()
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_codes_and_both_dequantizations_are_bit_identical_to_gguf(kind):
-    """K = 768: a panel of 16 blocks (unpacked in vectors) and a last one of 8 (block by block)."""
+def test_codes_and_both_dequantizations_are_bit_identical_to_gguf(kind, loop):
+    """K = 768: a panel of 16 blocks (unpacked in vectors) and a last one of 8 (VNNI: block by block)."""
     w, ref = _weight(kind, 6, 768)
     assert w.codes.dtype == torch.uint8 and int(w.codes.max()) < {"q4_k": 16, "q5_k": 32, "q6_k": 64}[kind]
     assert torch.equal(w.dequantize(), ref)
@@ -87,7 +115,7 @@ def test_codes_decode_into_a_given_array_and_rows_cat(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_blocks_pack_straight_into_the_same_buffers(kind):
+def test_blocks_pack_straight_into_the_same_buffers(kind, loop):
     """pack_blocks (loading: the file's blocks into our layout in one C pass) gives, byte for byte, what
     pack gives from the decoded codes: K of 1 super-block (a panel of 8 blocks), 3 (16 + 8) and 10; also
     written into row slices of a fused matrix's buffers. A wrong byte count is refused."""
@@ -116,26 +144,48 @@ def test_blocks_pack_straight_into_the_same_buffers(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,k", [(37, 256), (40, 768), (9, 2560)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 9])
-def test_kernel_matches_float64(kind, n, k, m):
+def test_kernel_matches_float64(kind, n, k, m, loop):
     """K of one super-block (a half-filled step of 16 blocks), 3 and 10; N not a multiple of the decode
     loop's four rows; 1 row of x (the decode tiles) and 2-9 (tiles of 1 row of W x up to 4 of x)."""
     w, ref = _weight(kind, n, k, seed=n + k)
     bufs = _bufs(w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    assert _rel(kquant_kernel.matmul(x, kind, *bufs), x.double() @ ref.double().T) < KERNEL_TOL
+    y = kquant_kernel.matmul(x, kind, *bufs)
+    assert _rel(y, _as_rounded(x, LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
+    assert _rel(y, x.double() @ ref.double().T) < TO_X[loop]
+    y = kquant_kernel.matmul(x.bfloat16(), kind, *bufs)  # bfloat16 x read as it is
+    assert _rel(y, _as_rounded(x.bfloat16(), LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
     y = kquant_kernel.matmul(x.bfloat16(), kind, *bufs, torch.bfloat16)
-    assert y.dtype == torch.bfloat16 and _rel(y, x.bfloat16().double() @ ref.double().T) < 1e-2
+    assert y.dtype == torch.bfloat16 and _rel(y, x.bfloat16().double() @ ref.double().T) < 2e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_largest_codes_and_x_do_not_overflow(kind, sign, loop):
+    """Every code at its largest (15, 31, 63) against x rounded to +-levels everywhere: the worst case of the
+    AVX2 loop's 16-bit pair sums (several words added before widening) and of VNNI's planes."""
+    blocks = _random_blocks(kind, 8 * 2560 // 256, seed=21)
+    if kind == "q6_k":
+        blocks[:, :192] = 0xFF  # ql, qh: codes 63
+    else:
+        blocks[:, 16:] = 0xFF  # qs (and Q5_K's qh): codes 15 / 31
+    w, ref = _weight_from(kind, blocks, 8, 2560)
+    assert int(w.codes.min()) == {"q4_k": 15, "q5_k": 31, "q6_k": 63}[kind]
+    for m in (1, 3):
+        x = torch.full((m, 2560), sign) + 1e-3 * torch.randn(m, 2560)  # every block's largest |x| ~ 1
+        y = kquant_kernel.matmul(x, kind, *_bufs(w))
+        assert _rel(y, _as_rounded(x, LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m", [1, 3])
-def test_an_activation_outlier_costs_only_its_blocks_precision(kind, m):
-    """x is rounded per block of 32 to multiples of max |x| / 16383, and the offsets multiply x as rounded,
+def test_an_activation_outlier_costs_only_its_blocks_precision(kind, m, loop):
+    """x is rounded per block of 32 to multiples of max |x| / levels, and the offsets multiply x as rounded,
     so |error| <= sum_c |w_c| step_c / 2 per output (plus float32 rounding): an outlier coarsens its block."""
     w, ref = _weight(kind, 20, 512, seed=9)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(4))
     x[:, 3] = 400.0
-    step = x.abs().view(m, -1, 32).amax(-1).double().repeat_interleave(32, -1) / 16383
+    step = x.abs().view(m, -1, 32).amax(-1).double().repeat_interleave(32, -1) / LEVELS[loop]
     want = x.double() @ ref.double().T
     err = (kquant_kernel.matmul(x, kind, *_bufs(w)).double() - want).abs()
     assert (err <= (step / 2) @ ref.double().abs().T * 1.001 + 1e-6 * want.abs()).all()
@@ -159,7 +209,7 @@ def test_prompt_gemm_matches_float64_and_the_row_kernel(kind, n, k, m):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_threads_give_identical_results(kind):
+def test_threads_give_identical_results(kind, loop):
     w, _ = _weight(kind, 64, 1024)
     bufs = _bufs(w)
     x = torch.randn(3, 1024)
@@ -175,14 +225,25 @@ def test_threads_give_identical_results(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_dispatch_bias_and_tied_embedding(kind):
+def test_layer_dispatch_bias_and_tied_embedding(kind, loop):
+    """Row tiles, the prompt GEMM (VNNI) and the dense GEMM each where the layer takes them; with AVX2 the row
+    tiles take prompts up to KQUANT_AVX2_DENSE_ROWS rows, x in chunks of rows that stay in L2."""
     w, ref = _weight(kind, 24, 512, seed=5)
     bias = torch.randn(24)
     layer = KQuantLinear(w, bias, torch.float32)
-    assert layer.native_rows == (native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS)
-    for m in (1, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 1, layer.native_rows):  # row tiles, GEMM, dense
-        x = torch.randn(2, m, 512)
-        assert _rel(layer(x), x.double() @ ref.double().T + bias.double()) < KERNEL_TOL
+    want_rows = {"vnni": native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS,
+                 "avx2": KQUANT_AVX2_DENSE_ROWS}[loop]
+    assert layer.native_rows == want_rows
+    for rows in (2, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 2, layer.native_rows):
+        x = torch.randn(2, rows // 2, 512)
+        y, exact = layer(x), x.double() @ ref.double().T + bias.double()
+        if rows >= layer.native_rows:  # the dense GEMM: float32, x as it is
+            assert _rel(y, exact) < 1e-6
+        elif rows < q4_kernel.GEMM_MIN_ROWS or not q4_kernel.gemm_available():  # row tiles
+            want = _as_rounded(x.view(-1, 512), LEVELS[loop]).view_as(x) @ ref.double().T + bias.double()
+            assert _rel(y, want) < AS_ROUNDED_TOL
+        else:  # the prompt GEMM (16-bit x)
+            assert _rel(y, exact) < KERNEL_TOL
     embed = Int8Embedding(layer)
     ids = torch.tensor([[3, 23], [0, 3]])
     assert torch.equal(embed(ids), ref[ids])
@@ -197,16 +258,23 @@ def test_rows_must_be_whole_super_blocks():
                            torch.ones(2, 1))
 
 
-def test_without_avx512_vnni_there_is_no_kquant_kernel(monkeypatch):
-    """The AVX2 build: available() is False (loaders keep Q4_K as int4, Q5_K as 5-bit codes, Q6_K as int8
-    blocks), zen_kq_linear says so (-2) instead of computing anything, and KQuantLinear refuses; the
-    dequantization, plain C, still gives gguf-py's values."""
+def test_the_loop_follows_the_build(monkeypatch):
+    """Without AVX-512 VNNI (-DZEN_NO_VNNI) the AVX2 loop; without AVX2 (x86-64) none: available() is False
+    (loaders keep Q4_K as int4, Q5_K as 5-bit codes, Q6_K as int8 blocks), zen_kq_linear says so (-2)
+    instead of computing anything, and KQuantLinear refuses; the dequantization, plain C, still gives
+    gguf-py's values."""
+    if not any(f.startswith("-march") for f in native.flags()):
+        pytest.skip("not an x86-64 build")
     w, ref = _weight("q5_k", 4, 512, seed=7)
     base = native.flags
-    monkeypatch.setattr(native, "flags", lambda: base() + ["-DZEN_NO_VNNI"])
-    q4_kernel.library.cache_clear()
     try:
-        assert not kquant_kernel.available()
+        monkeypatch.setattr(native, "flags", lambda: base() + ["-DZEN_NO_VNNI"])
+        q4_kernel.library.cache_clear()
+        assert kquant_kernel.loop() == "avx2"
+        monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))]
+                            + ["-march=x86-64"])
+        q4_kernel.library.cache_clear()
+        assert kquant_kernel.loop() is None and not kquant_kernel.available()
         bufs = _bufs(w)
         assert torch.equal(kquant_kernel.dequantize("q5_k", *bufs, torch.float32), ref)
         assert q4_kernel.library().zen_kq_linear(1, 1, 4, 512, None, 0, None, None, None, None, None, 0, 1) == -2

@@ -165,11 +165,15 @@ def test_float32_step_equals_the_forward(kind, quant):
         assert _rel(a[:, :, :19], b[:, :, :19]) < tol
 
 
-@pytest.mark.skipif(not kquant_kernel.available(), reason="the K-quant kernel needs AVX-512 VNNI")
-def test_kquant_layers_and_tied_table_step_equals_the_forward():
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_kquant_layers_and_tied_table_step_equals_the_forward(march, built_for):
     """Matrices as K-quants stored (KQuantLinear: q|k|v and gate|up Q4_K, o Q5_K, down Q6_K; K a multiple of
     256: hidden 256), the tied head/table Q6_K (Int8Embedding over the head), and in layer 0 a StackedLinear
-    of a Q4_K q|k and a Q6_K v: the C step's LIN_KQ against the forward, as the other quantized kinds (1e-3)."""
+    of a Q4_K q|k and a Q6_K v: the C step's LIN_KQ against the forward, as the other quantized kinds (1e-3);
+    also as built for AVX2 without AVX-512 (x86-64-v3: the AVX2 K-quant loop and its bit-plane layout)."""
+    built_for(march)
+    if not kquant_kernel.available():
+        pytest.skip("no K-quant loop in this build")
     cfg = dataclasses.replace(_config("qwen3"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=64)
     model = random_model(cfg, dtype=torch.float32, seed=2)
@@ -254,42 +258,29 @@ def test_bfloat16_cache_under_a_float32_model(quant):
     assert max(_rel(b, c) for b, c in zip(eager, ref)) > 1e-6  # the rows were rounded
 
 
-def test_avx2_build_step_equals_the_forward(monkeypatch):
+def test_avx2_build_step_equals_the_forward(built_for):
     """The step built for a CPU with AVX2 and no AVX-512 (ZEN_ECO_MARCH=x86-64-v3: attention and the GLU in
     plain C loops, the AVX2 matmul loops), held to the forward of the same build as above: int4 llama and
     Gemma (GELU, windows), and a 300-token cache of 4 queries per KV head at head_dim 128 in float32 and
     bf16 (the forward's bf16 distance from float32 plus the margin)."""
-    import platform
-
-    from zen_eco import kv_kernel, q4_kernel
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86-64 build")
-    libraries = (decode_kernel.library, q4_kernel.library, kv_kernel.library)
-    monkeypatch.setenv("ZEN_ECO_MARCH", "x86-64-v3")
-    for library in libraries:
-        library.cache_clear()
-    try:
-        for kind in ("llama", "gemma3"):
-            model = _model(kind, "int4")
-            prompt, tokens = _inputs(model)
-            ref = _run(model, False, prompt, tokens, _cache(model))
-            got = _run(model, True, prompt, tokens, _cache(model))
-            assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-3, kind
-        cfg = dataclasses.replace(preset("llama-tiny"), num_attention_heads=8, num_key_value_heads=2, head_dim=128)
-        model = random_model(cfg, dtype=torch.float32, seed=5)
-        prompt, tokens = _inputs(model, prompt_len=300, steps=3)
-        ref = _run(model, False, prompt, tokens, _cache(model, 320, 64))
-        got = _run(model, True, prompt, tokens, _cache(model, 320, 64))
-        assert max(_rel(a, b) for a, b in zip(got, ref)) < 2e-5
-        half = model.to(torch.bfloat16)
-        eager = _run(half, False, prompt, tokens, _cache(half, 320, 64))
-        got = _run(half, True, prompt, tokens, _cache(half, 320, 64))
-        for a, b, c in zip(got, eager, ref):
-            assert _rel(a.float(), c) <= _rel(b.float(), c) + 2e-5
-    finally:
-        monkeypatch.delenv("ZEN_ECO_MARCH")
-        for library in libraries:
-            library.cache_clear()
+    built_for("x86-64-v3")
+    for kind in ("llama", "gemma3"):
+        model = _model(kind, "int4")
+        prompt, tokens = _inputs(model)
+        ref = _run(model, False, prompt, tokens, _cache(model))
+        got = _run(model, True, prompt, tokens, _cache(model))
+        assert max(_rel(a, b) for a, b in zip(got, ref)) < 1e-3, kind
+    cfg = dataclasses.replace(preset("llama-tiny"), num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    model = random_model(cfg, dtype=torch.float32, seed=5)
+    prompt, tokens = _inputs(model, prompt_len=300, steps=3)
+    ref = _run(model, False, prompt, tokens, _cache(model, 320, 64))
+    got = _run(model, True, prompt, tokens, _cache(model, 320, 64))
+    assert max(_rel(a, b) for a, b in zip(got, ref)) < 2e-5
+    half = model.to(torch.bfloat16)
+    eager = _run(half, False, prompt, tokens, _cache(half, 320, 64))
+    got = _run(half, True, prompt, tokens, _cache(half, 320, 64))
+    for a, b, c in zip(got, eager, ref):
+        assert _rel(a.float(), c) <= _rel(b.float(), c) + 2e-5
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])

@@ -43,7 +43,7 @@ CompileOpt = typer.Option(False, "--compile", help="torch.compile the batch-1 de
 QuantOpt = typer.Option("auto", "--quant", help="auto: a quantized checkpoint as stored, a GGUF's Q4_x (int4), Q5_x (5-bit) and Q8_0/Q6_K/Q3_K (int8) "
                         "weights kept packed where our kernels run (CPU; with --dtype auto or bfloat16), "
                         "its Q4_K/Q5_K/Q6_K as stored where the CPU has "
-                        "AVX-512 VNNI; none: dequantize all; int8, int4 (group 32), int4-g64, int4-g128: "
+                        "AVX-512 VNNI or AVX2; none: dequantize all; int8, int4 (group 32), int4-g64, int4-g128: "
                         "quantize the layers' weights while loading.")
 KvCacheOpt = typer.Option("bf16", "--kv-cache", help="How the KV cache stores keys and values: bf16 (the model's dtype), "
                           "int8, int4, k4v2 (4-bit keys, 2-bit values) or int2 (KIVI-style 2-bit); see README, Long context.")

@@ -17,13 +17,22 @@ bit 5 (Q6_K) as bit planes of 64-bit masks, one per 64 bytes of codes and nibble
 planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last 16 columns, Q4_K / Q5_K
 sc and m; per 256 columns float16 d (Q4_K / Q5_K: d, dmin pairs).
 
-The kernel (AVX-512 VNNI only: `available()`): x rounded to 15-bit integers per block of 32 (as the int4
-decode loop) and split into two byte planes in the codes' panel order, four `vpdpbusd` per 64 bytes of
-codes and row of x, the bit planes added by masked byte adds (the low nibbles are each block's first 16
-columns and the high nibbles its last 16, so Q6_K's two sub-scales each take their own sums), the offsets
-times the sums of x as rounded. Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for a few rows; from
-GEMM_MIN_ROWS rows the prompt GEMM (`prompt_gemm`, its K-quant panels); `dequantize` for a dense GEMM
-(long prompts) and for rows of a tied embedding table.
+The kernel, two loops (`loop()`; `available()` where either is built):
+- AVX-512 VNNI: x rounded to 15-bit integers per block of 32 (as the int4 decode loop) and split into two
+  byte planes in the codes' panel order, four `vpdpbusd` per 64 bytes of codes and row of x, the bit planes
+  added by masked byte adds (the low nibbles are each block's first 16 columns and the high nibbles its last
+  16, so Q6_K's two sub-scales each take their own sums), the offsets times the sums of x as rounded. From
+  GEMM_MIN_ROWS rows the prompt GEMM (`prompt_gemm`, its K-quant panels).
+- AVX2 (most other x86 CPUs): x rounded to int8 per block of 32, as llama.cpp rounds activations
+  (`vpmaddubsw` saturates 16-bit pair sums, which two byte planes of x would pass), per 32 bytes of codes
+  (a word of 8 blocks) two `vpmaddubsw` and one `vpmaddwd` per row of x, several words' pair sums added in 16
+  bits first; the bit planes in their own layout (kq_high_at), widened by one broadcast and a shift per
+  32-byte read. Prompts take the same row tiles up to quant.KQUANT_AVX2_DENSE_ROWS rows.
+Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for more rows (x in chunks that stay in L2); `dequantize`
+for a dense GEMM (long prompts) and for rows of a tied embedding table.
+
+On zen-eco-4b Q4_K_M the AVX2 loop took decode from 0.83x to 1.11-1.26x llama.cpp's and a 64-token prompt
+from 0.60x to 1.00x (docs/benchmarks.md, "K-quants as stored on AVX2").
 """
 
 from __future__ import annotations
@@ -95,9 +104,34 @@ INLINE kq_t kq_row(const kq_t *w, int K, int64_t n) {
     return r;
 }
 
+/* Where the bit planes keep bit 4 + i of the code in the low (nib 0) or high (nib 1) nibble of byte `pos` of a
+   row's packed codes: a byte of the row's planes (returned) and a bit in it. With AVX-512 VNNI, masks for the
+   masked byte adds: per 64 bytes of codes and nibble a 64-bit mask per plane (bit p: byte p). Otherwise (AVX2),
+   bits that a 32-byte read of codes widens with one broadcast and shift: per such read 8 bytes a plane, for
+   Q6_K byte j (< 16) holding the two bits of lanes j (bits 0-1) and 16 + j (2-3) of the low nibbles, then the
+   same of the high (4-7); for Q5_K byte j (< 8) the bit of lanes j, 8 + j, 16 + j, 24 + j of the low nibbles
+   (bits 0-3), then of the high (4-7). */
+INLINE int64_t kq_high_at(int K, int planes, int i, int64_t pos, int nib, int *bit) {
 #ifdef ZEN_VNNI
-/* Rows of x for the K-quant loops: quantize_planes' planes, scales and half-block sums (of x as rounded). */
+    (void)planes;
+    *bit = (int)(pos % 8);
+    return i * high_stride(K) + pos / 64 * 16 + nib * 8 + pos % 64 / 8;
+#else
+    const int lane = (int)(pos % 32);
+    if (planes == 2) {
+        *bit = lane / 16 * 2 + nib * 4 + i;
+        return pos / 32 * 16 + lane % 16;
+    }
+    *bit = lane / 8 + nib * 4;
+    return pos / 32 * 8 + lane % 8;
+#endif
+}
+
+/* Rows of x for the K-quant loops: planes of its rounded values, block scales and half-block sums (of x as
+   rounded): quantize_planes' with AVX-512 VNNI, quantize_bytes' with AVX2. */
 typedef struct { const int8_t *xp; const float *xd, *xa, *xb; } kqx_t;
+
+#ifdef ZEN_VNNI
 
 /* d (and dmin: Q4_K, Q5_K) of the one or two super-blocks that blocks b0 .. b0 + n16 - 1 span, each over its
    8 blocks' lanes: one load of the row's interleaved float16 (d, dmin) pairs. */
@@ -242,6 +276,162 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
     for (int j = 0; j < rows_w; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum16(acc[j][r]);
 }
 
+#elif defined(__AVX2__)
+/* x (1, K) -> the bytes the AVX2 loop reads: rounded per block of 32 to int8 (max |x| -> 127, as llama.cpp's
+   activations: vpmaddubsw's products of two bytes saturate beyond 15 bits, so x cannot take two planes of
+   bytes as with VNNI), per 32-byte read of codes 64 bytes: the values of the columns in the low nibbles of
+   those bytes, then of those in the high. xd: block scales; xh[b], xh[nbx + b]: the sums of each block's first
+   and last 16 columns as rounded (as quantize_planes'). */
+static void quantize_bytes(int K, const void *x, int x_bf16, int8_t *xp, float *xd, float *xh) {
+    const int nbx = (K / 32 + 15) & ~15;
+    for (int b = 0; b < K / 32; b++) {
+        float xr[32];
+        int32_t q[32], half[2] = {0, 0};
+        load_block(x, x_bf16, b * 32, xr);
+        xd[b] = round_block(xr, 127.0f, q, 0);
+        for (int i = 0; i < 32; i++) half[i / 16] += q[i];
+        xh[b] = xd[b] * (float)half[0], xh[nbx + b] = xd[b] * (float)half[1];
+        for (int j = 0; j < 16; j++) {
+            const int64_t pos = code_pos(1, K, b, j);
+            int8_t *at = xp + pos / 32 * 64 + pos % 32;
+            at[0] = (int8_t)q[j], at[32] = (int8_t)q[16 + j];
+        }
+    }
+}
+
+/* The 32 bytes of a row's codes at byte o (o % 32 == 0: a word of 8 blocks of a panel, lane i block i) as
+   unsigned codes: c0 the low nibbles (each block's first 16 columns), c1 the high, with their bits from the
+   planes (kq_high_at): one broadcast load, a shift per lane and two masks. */
+INLINE void kq_read8(const int KIND, const kq_t *r, int64_t o, __m256i *c0, __m256i *c1) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(r->codes + o)), low = _mm256_set1_epi8(15);
+    *c0 = _mm256_and_si256(v, low), *c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    if (KIND == KQ_Q4K) return;
+    __m256i t, top;
+    if (KIND == KQ_Q6K) {  /* lanes 16-31 take bits 2-3 (and 6-7) of the same bytes as lanes 0-15 */
+        t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(r->high + o / 2)));
+        t = _mm256_srlv_epi32(t, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), top = _mm256_set1_epi8(0x30);
+    } else {  /* Q5_K: lanes 8 q + j take bit q (and 4 + q) of byte j */
+        int64_t bits;
+        __builtin_memcpy(&bits, r->high + o / 4, 8);
+        t = _mm256_srlv_epi64(_mm256_set1_epi64x(bits), _mm256_setr_epi64x(0, 1, 2, 3)), top = _mm256_set1_epi8(0x10);
+    }
+    *c0 = _mm256_or_si256(*c0, _mm256_and_si256(_mm256_slli_epi16(t, 4), top));  /* the low bits moved up to 4 */
+    *c1 = _mm256_or_si256(*c1, _mm256_and_si256(t, top));
+}
+
+INLINE __m256 kq_scales8(const int KIND, const uint8_t *at) {  /* kq_scales16's, 8 of them */
+    const __m128i v = _mm_loadl_epi64((const __m128i *)at);
+    return _mm256_cvtepi32_ps(KIND == KQ_Q6K ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+}
+
+/* The AVX-512 kq_tile's contract, per 8 blocks (one super-block: d, dmin are scalars; lane i = block i): per
+   32 bytes of codes (a word of each of the 8 blocks) the codes times x's bytes by vpmaddubsw (pairs into 16
+   bits: at most 2 x 63 x 127) and vpmaddwd against ones (the word's 4 products into the block's lane), the
+   lanes summed in integers over the 4 words, then scaled once. */
+INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_w, const kq_t *w, const kqx_t *x,
+                    float *out) {
+    const int nb = K / 32, hs = high_stride(K), nbp = kq_nbp(K), nsb = K / 256, nd = kq_nd(KIND);
+    const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
+    const __m256i ones = _mm256_set1_epi16(1);
+    kq_t row[4];
+    for (int j = 0; j < RW; j++) row[j] = kq_row(w, K, j < rows_w ? j : 0);
+    __m256 acc[4][4];
+    for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) acc[j][r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b += 8) {
+        const int p0 = b / 16 * 16, n = nb - p0 < 16 ? nb - p0 : 16, half = (b - p0) / 8;
+        __m256 ca[4][4], cb[4][4];
+        for (int j = 0; j < RW; j++) {
+            if ((b & 63) == 0) {
+                prefetch_side(row[j].sc + b, rows_ahead, 2 * nbp);
+                prefetch_side(row[j].sc + nbp + b, rows_ahead, 2 * nbp);
+                prefetch_side(row[j].d + b / 8 * nd, rows_ahead, 2 * nd * nsb);
+            }
+            if (KIND) prefetch_side(row[j].high + b * 4 * KIND, rows_ahead, KIND * hs);  /* 4 bytes a block and plane */
+            const __m256 dv = _mm256_set1_ps(f16(row[j].d[b / 8 * nd]));
+            const __m256 sa = _mm256_mul_ps(dv, kq_scales8(KIND, row[j].sc + b));
+            const __m256 sb = KIND == KQ_Q6K ? _mm256_mul_ps(dv, kq_scales8(KIND, row[j].sc + nbp + b)) : sa;
+            const __m256 za = KIND == KQ_Q6K ? _mm256_mul_ps(sa, _mm256_set1_ps(-32.0f))
+                                             : _mm256_mul_ps(_mm256_set1_ps(-f16(row[j].d[b / 8 * nd + 1])),
+                                                             kq_scales8(KIND, row[j].sc + nbp + b));
+            const __m256 zb = KIND == KQ_Q6K ? _mm256_mul_ps(sb, _mm256_set1_ps(-32.0f)) : za;
+            for (int r = 0; r < RX; r++) {
+                const __m256 xdv = _mm256_loadu_ps(x[r].xd + b);
+                ca[j][r] = _mm256_mul_ps(sa, xdv), cb[j][r] = _mm256_mul_ps(sb, xdv);
+                acc[j][r] = _mm256_fmadd_ps(za, _mm256_loadu_ps(x[r].xa + b), acc[j][r]);
+                acc[j][r] = _mm256_fmadd_ps(zb, _mm256_loadu_ps(x[r].xb + b), acc[j][r]);
+            }
+        }
+        /* Q6_K: each block's first and last 16 columns apart (their own scales). The 16-bit pair sums of
+           `every` words are added before widening: Q4_K 4 x 2 x 2 x 15 x 127, Q5_K 2 x 2 x 2 x 31 x 127, Q6_K
+           2 x 2 x 63 x 127 (each half) stay below 2^15. */
+        const int every = KIND == KQ_Q4K ? 4 : 2;
+        __m256i s0[4][4], s1[4][4], t0[4][4], t1[4][4];
+        for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) s0[j][r] = s1[j][r] = _mm256_setzero_si256();
+        for (int v = 0; v < 4; v++) {
+            const int64_t o = (int64_t)p0 * 16 + v * 4 * n + 32 * half;
+            __m256i xl[4], xh[4];
+            for (int r = 0; r < RX; r++)
+                xl[r] = _mm256_loadu_si256((const __m256i *)(x[r].xp + 2 * o)),
+                xh[r] = _mm256_loadu_si256((const __m256i *)(x[r].xp + 2 * o + 32));
+            for (int j = 0; j < RW; j++) {
+                __builtin_prefetch(row[j].codes + o + ahead, 0, 2);
+                __m256i c0, c1;
+                kq_read8(KIND, row + j, o, &c0, &c1);
+                for (int r = 0; r < RX; r++) {
+                    const __m256i p0v = _mm256_maddubs_epi16(c0, xl[r]), p1v = _mm256_maddubs_epi16(c1, xh[r]);
+                    if (KIND == KQ_Q6K) {
+                        t0[j][r] = v % every ? _mm256_add_epi16(t0[j][r], p0v) : p0v;
+                        t1[j][r] = v % every ? _mm256_add_epi16(t1[j][r], p1v) : p1v;
+                    } else {
+                        const __m256i p = _mm256_add_epi16(p0v, p1v);
+                        t0[j][r] = v % every ? _mm256_add_epi16(t0[j][r], p) : p;
+                    }
+                    if (v % every == every - 1) {
+                        s0[j][r] = _mm256_add_epi32(s0[j][r], _mm256_madd_epi16(t0[j][r], ones));
+                        if (KIND == KQ_Q6K) s1[j][r] = _mm256_add_epi32(s1[j][r], _mm256_madd_epi16(t1[j][r], ones));
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < RW; j++)
+            for (int r = 0; r < RX; r++) {
+                acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[j][r]), ca[j][r], acc[j][r]);
+                if (KIND == KQ_Q6K) acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[j][r]), cb[j][r], acc[j][r]);
+            }
+    }
+    for (int j = 0; j < rows_w; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum(acc[j][r]);
+}
+
+/* 8 blocks from block b (a multiple of 8) of a K-quant row as unsigned codes, 32 bytes a block (its first 16
+   columns, then its last 16): their four words (kq_read8), transposed back to block order. */
+INLINE void kq_unpack8(const kq_t *r, int K, int b, uint8_t *dst) {
+    const int nb = K / 32, p0 = b / 16 * 16, n = nb - p0 < 16 ? nb - p0 : 16, half = (b - p0) / 8;
+    __m256i lo[4], hi[4];
+    for (int v = 0; v < 4; v++) {
+        const int64_t o = (int64_t)p0 * 16 + v * 4 * n + 32 * half;
+        if (r->kind == KQ_Q6K) kq_read8(KQ_Q6K, r, o, lo + v, hi + v);
+        else if (r->kind == KQ_Q5K) kq_read8(KQ_Q5K, r, o, lo + v, hi + v);
+        else kq_read8(KQ_Q4K, r, o, lo + v, hi + v);
+    }
+    for (int h = 0; h < 2; h++) {  /* within each 128-bit lane L: word i of lo[w] -> word w of lo[i] (block 4 L + i) */
+        __m256i *v = h ? hi : lo;
+        const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+        v[0] = _mm256_unpacklo_epi64(t0, t2), v[1] = _mm256_unpackhi_epi64(t0, t2);
+        v[2] = _mm256_unpacklo_epi64(t1, t3), v[3] = _mm256_unpackhi_epi64(t1, t3);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm_storeu_si128((__m128i *)(dst + i * 32), _mm256_castsi256_si128(lo[i]));
+        _mm_storeu_si128((__m128i *)(dst + i * 32 + 16), _mm256_castsi256_si128(hi[i]));
+        _mm_storeu_si128((__m128i *)(dst + (4 + i) * 32), _mm256_extracti128_si256(lo[i], 1));
+        _mm_storeu_si128((__m128i *)(dst + (4 + i) * 32 + 16), _mm256_extracti128_si256(hi[i], 1));
+    }
+}
+#endif
+
+#if defined(ZEN_VNNI) || defined(__AVX2__)
+#define KQ_X_BYTES (256 << 10)  /* rows of x's bytes a prompt's tiles take at a time: L2, for every row of W */
+
 /* One tile with constant KIND, RW, RX. (The OpenMP loops live in zen_kq_linear itself: a loop inside an
    inlined helper is outlined before inlining, with its constants turned back into variables: 1.5x slower.) */
 #define KQ_TILE(KIND_, RW_, RX_, ROWS_, W_, X_, OUT_) do { \
@@ -252,24 +442,16 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
 
 /* Block b's 32 codes c (of `planes` bits above four) into a row's packed codes o and its (zeroed) bit planes h. */
 INLINE void kq_pack_block(int K, int planes, int b, const uint8_t *c, uint8_t *o, uint8_t *h) {
-    const int hs = high_stride(K);
     uint8_t bytes[16];
-    uint16_t bits[2][2] = {{0, 0}, {0, 0}};  /* per plane, half: bit j = that bit of column (16 half +) j */
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#ifdef ZEN_VNNI
+    const int hs = high_stride(K);
     const __m128i lo = _mm_loadu_si128((const __m128i *)c), hi = _mm_loadu_si128((const __m128i *)(c + 16));
     _mm_storeu_si128((__m128i *)bytes, _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi8(15)),
                                                     _mm_slli_epi16(_mm_and_si128(hi, _mm_set1_epi8(15)), 4)));
+    uint16_t bits[2][2] = {{0, 0}, {0, 0}};  /* per plane, half: bit j = that bit of column (16 half +) j */
     for (int i = 0; i < planes; i++)
         bits[i][0] = _mm_test_epi8_mask(lo, _mm_set1_epi8((char)(16 << i))),
         bits[i][1] = _mm_test_epi8_mask(hi, _mm_set1_epi8((char)(16 << i)));
-#else
-    for (int j = 0; j < 16; j++) {
-        const uint8_t lo = c[j], hi = c[16 + j];
-        bytes[j] = (uint8_t)((lo & 15) | (hi << 4));
-        for (int i = 0; i < planes; i++)
-            bits[i][0] |= (uint16_t)(((lo >> (4 + i)) & 1) << j), bits[i][1] |= (uint16_t)(((hi >> (4 + i)) & 1) << j);
-    }
-#endif
     for (int w = 0; w < 4; w++) {  /* a word of 4 bytes stays together: 4 bits of each mask */
         const int64_t pos = code_pos(1, K, b, 4 * w);
         __builtin_memcpy(o + pos, bytes + 4 * w, 4);
@@ -277,6 +459,19 @@ INLINE void kq_pack_block(int K, int planes, int b, const uint8_t *c, uint8_t *o
             for (int half = 0; half < 2; half++)
                 h[i * hs + pos / 64 * 16 + half * 8 + pos % 64 / 8] |= (uint8_t)((bits[i][half] >> (4 * w) & 15) << (pos % 8));
     }
+#else
+    for (int j = 0; j < 16; j++) bytes[j] = (uint8_t)((c[j] & 15) | (c[16 + j] << 4));
+    for (int w = 0; w < 4; w++) {
+        const int64_t pos = code_pos(1, K, b, 4 * w);
+        __builtin_memcpy(o + pos, bytes + 4 * w, 4);
+        for (int k = 0; planes && k < 4; k++)
+            for (int half = 0; half < 2; half++) {  /* a code's bits above four sit side by side (kq_high_at) */
+                int bit;
+                const int64_t at = kq_high_at(K, planes, 0, pos + k, half, &bit);
+                h[at] |= (uint8_t)((c[16 * half + 4 * w + k] >> 4) << bit);
+            }
+    }
+#endif
 }
 
 /* codes (N, K) of `planes` bits above four -> packed (N, K / 2), each block's byte j (column j | column 16 + j)
@@ -320,29 +515,40 @@ void zen_kq_pack_blocks(int kind, int64_t N, int K, const uint8_t *blocks, uint8
     }
 }
 
-/* 1 where the K-quant kernel is built (AVX-512 VNNI): else zen_kq_linear returns -2. */
+/* The K-quant loop built here: 1 AVX-512 VNNI, 2 AVX2, 0 none (zen_kq_linear returns -2). */
 int zen_kq_available(void) {
-#ifdef ZEN_VNNI
+#if defined(ZEN_VNNI)
     return 1;
+#elif defined(__AVX2__)
+    return 2;
 #else
     return 0;
 #endif
 }
 
 /* y (M, N) = x (M, K) W^T for W of `kind` (KQ_*) in kquant_kernel.pack's buffers; x and y float32 or
-   bfloat16 (x_bf16, y_bf16). 0; -1 where memory runs out; -2 where not built (no AVX-512 VNNI). */
+   bfloat16 (x_bf16, y_bf16). 0; -1 where memory runs out; -2 where not built (neither AVX-512 VNNI nor AVX2). */
 int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
                   const uint8_t *sc, const uint16_t *d, void *y, int y_bf16, int n_threads) {
-#ifdef ZEN_VNNI
+#if defined(ZEN_VNNI) || defined(__AVX2__)
     const int nbx = (K / 32 + 15) & ~15;
-    const int64_t plane = (int64_t)(K / 32 + 3) / 4 * 256;
+#ifdef ZEN_VNNI
+    const int64_t plane = (int64_t)(K / 32 + 3) / 4 * 256;  /* two planes of bytes */
+#else
+    const int64_t plane = 2 * (int64_t)K;  /* bytes, per 32-byte read of codes 64 */
+#endif
     int8_t *xp = calloc((size_t)M * plane, 1);
     float *sums = calloc((size_t)3 * M * nbx, sizeof(float));  /* per row: xd, first-half sums, last-half sums */
     kqx_t *xs = malloc((size_t)M * sizeof(kqx_t));
     if (!xp || !sums || !xs) { free(xp); free(sums); free(xs); return -1; }
     for (int m = 0; m < M; m++) {
         float *s = sums + (int64_t)3 * m * nbx;
-        quantize_planes(K, 1, (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4), x_bf16, xp + m * plane, s, 0, s + nbx);
+        const void *xm = (const char *)x + (int64_t)m * K * (x_bf16 ? 2 : 4);
+#ifdef ZEN_VNNI
+        quantize_planes(K, 1, xm, x_bf16, xp + m * plane, s, 0, s + nbx);
+#else
+        quantize_bytes(K, xm, x_bf16, xp + m * plane, s, s + nbx);
+#endif
         xs[m] = (kqx_t){xp + m * plane, s, s + nbx, s + 2 * nbx};
     }
     const kq_t w = {kind, codes, high, sc, d};
@@ -355,20 +561,24 @@ int zen_kq_linear(int kind, int M, int N, int K, const void *x, int x_bf16, cons
             KQ_TILE(kind, 4, 1, rows, &wn, xs, out);
             for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
-    } else {  /* a few rows of x: one row of W a tile, four rows of x at a time */
-        #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int n = 0; n < N; n++) {
-            const kq_t wn = kq_row(&w, K, n);
-            for (int m0 = 0; m0 < M; m0 += 4) {
-                float out[4];
-                const int R = M - m0 < 4 ? M - m0 : 4;
-                switch (R) {
-                    case 1: KQ_TILE(kind, 1, 1, 1, &wn, xs + m0, out); break;
-                    case 2: KQ_TILE(kind, 1, 2, 1, &wn, xs + m0, out); break;
-                    case 3: KQ_TILE(kind, 1, 3, 1, &wn, xs + m0, out); break;
-                    default: KQ_TILE(kind, 1, 4, 1, &wn, xs + m0, out); break;
+    } else {  /* rows of x: one row of W a tile, four rows of x at a time, x in chunks that stay in L2 */
+        const int chunk = KQ_X_BYTES / plane > 4 ? (int)(KQ_X_BYTES / plane) / 4 * 4 : 4;
+        for (int c0 = 0; c0 < M; c0 += chunk) {
+            const int c1 = M - c0 < chunk ? M : c0 + chunk;
+            #pragma omp parallel for num_threads(n_threads) schedule(static)
+            for (int n = 0; n < N; n++) {
+                const kq_t wn = kq_row(&w, K, n);
+                for (int m0 = c0; m0 < c1; m0 += 4) {
+                    float out[4];
+                    const int R = c1 - m0 < 4 ? c1 - m0 : 4;
+                    switch (R) {
+                        case 1: KQ_TILE(kind, 1, 1, 1, &wn, xs + m0, out); break;
+                        case 2: KQ_TILE(kind, 1, 2, 1, &wn, xs + m0, out); break;
+                        case 3: KQ_TILE(kind, 1, 3, 1, &wn, xs + m0, out); break;
+                        default: KQ_TILE(kind, 1, 4, 1, &wn, xs + m0, out); break;
+                    }
+                    for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
                 }
-                for (int r = 0; r < R; r++) store(y, y_bf16, (int64_t)(m0 + r) * N + n, out[r]);
             }
         }
     }
@@ -397,13 +607,14 @@ INLINE void kq_block_scales(const kq_t *r, int K, int b, float *scale, float *of
 
 /* Block b of a K-quant row as its 32 codes (0..63, one at a time through code_pos) and kq_block_scales'. */
 INLINE void kq_block(const kq_t *r, int K, int b, uint8_t *q, float *scale, float *offset) {
-    const int hs = high_stride(K);
     for (int j = 0; j < 16; j++) {
         const int64_t pos = code_pos(1, K, b, j);
         q[j] = r->codes[pos] & 15, q[j + 16] = r->codes[pos] >> 4;
-        for (int i = 0; i < r->kind; i++) {  /* the bit of byte pos in its 64-byte read's masks */
-            const uint8_t *m = r->high + i * hs + pos / 64 * 16 + (pos % 64) / 8;
-            q[j] |= (m[0] >> (pos % 8) & 1) << (4 + i), q[j + 16] |= (m[8] >> (pos % 8) & 1) << (4 + i);
+        for (int i = 0; i < r->kind; i++) {
+            int b0, b1;
+            const uint8_t m0 = r->high[kq_high_at(K, r->kind, i, pos, 0, &b0)];
+            const uint8_t m1 = r->high[kq_high_at(K, r->kind, i, pos, 1, &b1)];
+            q[j] |= (m0 >> b0 & 1) << (4 + i), q[j + 16] |= (m1 >> b1 & 1) << (4 + i);
         }
     }
     kq_block_scales(r, K, b, scale, offset);
@@ -418,8 +629,8 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int i = 0; i < R; i++) {
         const kq_t r = kq_row(&w, K, rows ? rows[i] : i);
-#ifdef ZEN_VNNI
-        uint8_t panel[512];  /* whole panels' codes unpacked in vectors (the last 8 blocks, if any, one by one) */
+#if defined(ZEN_VNNI) || defined(__AVX2__)
+        uint8_t panel[512];  /* whole panels' codes unpacked in vectors (VNNI: the last 8 blocks one by one) */
 #endif
         for (int b = 0; b < K / 32; b++) {
             uint8_t q[32];
@@ -429,6 +640,12 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
                 if (b % 16 == 0) kq_unpack_panel(&r, K, b, panel);
                 kq_block_scales(&r, K, b, scale, offset);
                 __builtin_memcpy(q, panel + b % 16 * 32, 32);
+            } else
+#elif defined(__AVX2__)
+            if (1) {  /* K is whole super-blocks: 8 blocks at a time */
+                if (b % 8 == 0) kq_unpack8(&r, K, b, panel);
+                kq_block_scales(&r, K, b, scale, offset);
+                __builtin_memcpy(q, panel + b % 8 * 32, 32);
             } else
 #endif
             kq_block(&r, K, b, q, scale, offset);
@@ -440,10 +657,15 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
 }
 """
 
-def available() -> bool:
-    """Whether the K-quant kernel is built here (AVX-512 VNNI): loaders keep K-quants as stored only then."""
+def loop() -> str | None:
+    """The K-quant loop built here: "vnni" (AVX-512 VNNI: x in 15 bits), "avx2" (x in 8 bits) or None."""
     lib = q4_kernel.library()
-    return lib is not None and bool(lib.zen_kq_available())
+    return {1: "vnni", 2: "avx2"}.get(lib.zen_kq_available()) if lib is not None else None
+
+
+def available() -> bool:
+    """Whether the K-quant kernel is built here (AVX-512 VNNI or AVX2): loaders keep K-quants as stored only then."""
+    return loop() is not None
 
 
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # one GGUF block of 256 weights

@@ -597,26 +597,35 @@ class Int8BlockLinear(_QuantizedLinear):
 # (zen-eco-4b's down), 2 threads of an AMD EPYC (benchmarks/prompt_rows.py): 16 rows 9.5 vs 13.8 ms,
 # 24 rows 14.2 vs 14.4, 32 rows 17.8 vs 13.7.
 KQUANT_DENSE_ROWS = 24
+# The same for the AVX2 loop (x in 8 bits; no prompt GEMM, and the dense GEMM float32 where the CPU has no
+# bf16): Q4_K on 9728 x 2560, the AVX2 build on the same EPYC, 2 threads: the row kernel against dequantize
+# + float32 GEMM, 64 rows 14-20 vs 39-61 ms, 512 rows 162-176 vs 157-177 ms (Q6_K 153-192 vs 165-166).
+KQUANT_AVX2_DENSE_ROWS = 512
 
 
 class KQuantLinear(_QuantizedLinear):
     """y = x W^T (+ b) for a `KQuantWeight` (GGUF's Q4_K / Q5_K / Q6_K kept as stored: 0.58 / 0.70 / 0.82
     bytes a weight, against our int4 layout's 0.63 for Q4_K and int8 blocks' 1.13 for Q6_K): our CPU kernel
-    (`kquant_kernel.matmul`, AVX-512 VNNI: row tiles, the prompt GEMM from GEMM_MIN_ROWS) below
-    native_max_rows() rows (KQUANT_DENSE_ROWS without the prompt GEMM), else the weight dequantized for the
-    call (`kquant_kernel.dequantize`) and the dense GEMM. Loaders make one only where
-    `kquant_kernel.available()`."""
+    (`kquant_kernel.matmul`, AVX-512 VNNI: row tiles, the prompt GEMM from GEMM_MIN_ROWS; AVX2: row tiles)
+    below native_max_rows() rows (KQUANT_DENSE_ROWS without the prompt GEMM, KQUANT_AVX2_DENSE_ROWS with
+    the AVX2 loop), else the weight dequantized for the call (`kquant_kernel.dequantize`) and the dense GEMM.
+    Loaders make one only where `kquant_kernel.available()`."""
 
     def __init__(self, weight: "KQuantWeight | KQuantPacked", bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         if not (kernel is True and torch.device(device).type == "cpu" and kquant_kernel.available()):
-            raise ValueError("K-quant weights as stored run on our CPU kernel only (AVX-512 VNNI)")
+            raise ValueError("K-quant weights as stored run on our CPU kernel only (AVX-512 VNNI or AVX2)")
         weight = weight if isinstance(weight, KQuantPacked) else weight.packed()
         self.out_features, self.in_features = weight.shape
         self.kind, self.dtype, self.backend = weight.kind, dtype, "native"
-        # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner)
-        self.native_rows = native_max_rows() if q4_kernel.gemm_available() else min(native_max_rows(), KQUANT_DENSE_ROWS)
+        # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner; with AVX2, later)
+        if q4_kernel.gemm_available():
+            self.native_rows = native_max_rows()
+        elif kquant_kernel.loop() == "avx2":
+            self.native_rows = KQUANT_AVX2_DENSE_ROWS
+        else:
+            self.native_rows = min(native_max_rows(), KQUANT_DENSE_ROWS)
         for name, t in zip(("packed", "high", "sub_scales", "d"), weight.buffers):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))

@@ -110,7 +110,7 @@ def load_weights(
               stay packed 4-bit, its Q5_0/Q5_1/Q5_K ones 5-bit (CPU), its Q8_0/Q3_K/Q2_K layer matrices (and
               Q6_K) and tied table int8 with their block scales (`Int8BlockLinear`), where our kernels run
               (CPU, bf16 activations; float32 ones too with `packed_float32`, see quant.int4_supported);
-              where the CPU has AVX-512 VNNI, Q4_K, Q5_K and Q6_K matrices (and a
+              where the CPU has AVX-512 VNNI or AVX2, Q4_K, Q5_K and Q6_K matrices (and a
               Q6_K table) as stored instead (`KQuantLinear`); a fused matrix whose parts' types share no
               layout (q, k Q4_K and v Q6_K) is a `StackedLinear` of each run of parts; everything else is
               `dtype`.
@@ -354,7 +354,7 @@ def _packed_stacked(source, hf_names, shape, available) -> list | None:
 
 def _packed_kquant(source, hf_names, shape, available) -> KQuantPacked | None:
     """The fused weight as stored if every part is one K-quant type (Q4_K, Q5_K or Q6_K) and our kernel for
-    them is built (AVX-512 VNNI; elsewhere Q4_K goes to int4, Q5_K to 5-bit codes, Q6_K to int8 blocks): each
+    them is built (AVX-512 VNNI or AVX2; elsewhere Q4_K goes to int4, Q5_K to 5-bit codes, Q6_K to int8 blocks): each
     part's blocks packed straight into its rows of the fused buffers."""
     if not kquant_kernel.available() or any(h not in available for h in hf_names):
         return None
