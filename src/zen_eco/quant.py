@@ -599,8 +599,10 @@ class Int8BlockLinear(_QuantizedLinear):
 KQUANT_DENSE_ROWS = 24
 # The same for the AVX2 loop (x in 8 bits; no prompt GEMM, and the dense GEMM float32 where the CPU has no
 # bf16): Q4_K on 9728 x 2560, the AVX2 build on the same EPYC, 2 threads: the row kernel against dequantize
-# + float32 GEMM, 64 rows 14-20 vs 39-61 ms, 512 rows 162-176 vs 157-177 ms (Q6_K 153-192 vs 165-166).
-KQUANT_AVX2_DENSE_ROWS = 512
+# + float32 GEMM, 64 rows 14-20 vs 39-61 ms, 512 rows 135-176 vs 157-226 ms (Q6_K 153-225 vs 165-204); a
+# 512-token prompt of zen-eco-4b Q4_K_M 18.3-19.2 tok/s dense, 20.2-22.3 on the row kernel. So a prefill
+# chunk (generate.PREFILL_CHUNK, 512) never goes dense: no float32 copy of a weight either.
+KQUANT_AVX2_DENSE_ROWS = 1024
 
 
 class KQuantLinear(_QuantizedLinear):
