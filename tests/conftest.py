@@ -115,19 +115,22 @@ def _valid_parts() -> dict:
 
 @pytest.fixture
 def built_for(monkeypatch):
-    """built_for(march): our C kernels rebuilt as ZEN_ECO_MARCH=march asks (e.g. "x86-64-v3": AVX2 without
-    AVX-512, whose loops and K-quant bit planes differ; "native": this machine's build), skipping off x86-64;
-    the usual build again after the test."""
+    """built_for(march, *extra): our C kernels rebuilt as ZEN_ECO_MARCH=march asks (e.g. "x86-64-v3": AVX2
+    without AVX-512, whose loops and K-quant bit planes differ; "native": this machine's build) plus compiler
+    flags `extra`, skipping off x86-64; the usual build again after the test."""
     import platform
 
-    from zen_eco import decode_kernel, kv_kernel, q4_kernel
+    from zen_eco import decode_kernel, kv_kernel, native, q4_kernel
     libraries = (decode_kernel.library, q4_kernel.library, kv_kernel.library)
 
-    def build(march: str) -> None:
+    def build(march: str, *extra: str) -> None:
         if march != "native":
             if platform.machine() not in ("x86_64", "AMD64"):
                 pytest.skip("an x86-64 build")
             monkeypatch.setenv("ZEN_ECO_MARCH", march)
+        if extra:
+            base = native.flags
+            monkeypatch.setattr(native, "flags", lambda: base() + list(extra))
         for library in libraries:
             library.cache_clear()
 

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not kquant_kernel.available(), reason="the K-qua
 
 KERNEL_TOL = 2e-4  # against x itself, the VNNI loop (and the prompt GEMM: 16-bit x)
 AS_ROUNDED_TOL = 1e-6  # against x as the loop rounds it
-LEVELS = {"vnni": 16383, "avx2": 127}  # x's largest |integer| per block, per loop
-TO_X = {"vnni": KERNEL_TOL, "avx2": 2e-2}
+LEVELS = {"vnni": 16383, "avx2": 127, "avx-vnni": 127}  # x's largest |integer| per block, per loop
+TO_X = {"vnni": KERNEL_TOL, "avx2": 2e-2, "avx-vnni": 2e-2}
 KINDS = list(KQUANT_TYPES)
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 FP16_AT = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # d (and dmin) in each block
@@ -73,11 +73,27 @@ def _as_rounded(x: torch.Tensor, levels: int) -> torch.Tensor:
     return (torch.round(b * inv).double() * d.double()).view_as(x)
 
 
-@pytest.fixture(params=["native", "x86-64-v3"])
+def _cpu_has(*flags: str) -> bool:
+    try:
+        words = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False
+    return all(f in words for f in flags)
+
+
+@pytest.fixture(params=["native", "x86-64-v3", "x86-64-v3+vnni"])
 def loop(request, built_for):
     """The test under this machine's build, then under an x86-64-v3 build (AVX2 without AVX-512: the AVX2 loop
-    and its bit-plane layout); gives kquant_kernel.loop()."""
-    built_for(request.param)
+    and its bit-plane layout), then that build with 256-bit vpdpbusd (the loop Intel's AVX-VNNI CPUs take,
+    here in its AVX-512 VNNI + VL encoding: the same arithmetic); gives kquant_kernel.loop()."""
+    if request.param.endswith("+vnni"):
+        if not _cpu_has("avx512_vnni", "avx512vl"):
+            pytest.skip("this CPU cannot run 256-bit vpdpbusd")
+        built_for("x86-64-v3", "-mavx512vnni", "-mavx512vl")
+    else:
+        built_for(request.param)
+    want = {"native": kquant_kernel.loop(), "x86-64-v3": "avx2", "x86-64-v3+vnni": "avx-vnni"}[request.param]
+    assert kquant_kernel.loop() == want
     if not kquant_kernel.available():
         pytest.skip("no K-quant loop in this build")
     return kquant_kernel.loop()
@@ -232,7 +248,7 @@ def test_layer_dispatch_bias_and_tied_embedding(kind, loop):
     bias = torch.randn(24)
     layer = KQuantLinear(w, bias, torch.float32)
     want_rows = {"vnni": native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS,
-                 "avx2": KQUANT_AVX2_DENSE_ROWS}[loop]
+                 "avx2": KQUANT_AVX2_DENSE_ROWS, "avx-vnni": KQUANT_AVX2_DENSE_ROWS}[loop]
     assert layer.native_rows == want_rows
     for rows in (2, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 2, layer.native_rows):
         x = torch.randn(2, rows // 2, 512)
@@ -270,7 +286,7 @@ def test_the_loop_follows_the_build(monkeypatch):
     try:
         monkeypatch.setattr(native, "flags", lambda: base() + ["-DZEN_NO_VNNI"])
         q4_kernel.library.cache_clear()
-        assert kquant_kernel.loop() == "avx2"
+        assert kquant_kernel.loop() in ("avx2", "avx-vnni")  # the latter where this CPU has AVX-512 VNNI + VL
         monkeypatch.setattr(native, "flags", lambda: [f for f in base() if not f.startswith(("-march", "-mno-"))]
                             + ["-march=x86-64"])
         q4_kernel.library.cache_clear()
@@ -283,6 +299,30 @@ def test_the_loop_follows_the_build(monkeypatch):
     finally:
         monkeypatch.undo()
         q4_kernel.library.cache_clear()
+
+
+def test_an_avx_vnni_build_takes_vex_vpdpbusd(tmp_path):
+    """Built for Intel's AVX-VNNI CPUs (-march=alderlake: AVX2 with VEX-encoded 256-bit vpdpbusd, no AVX-512),
+    the library's K-quant loop uses vpdpbusd and no 512-bit register. Compiled and disassembled only: this
+    CPU need not run it; its arithmetic is the x86-64-v3+vnni build's in the tests above."""
+    import platform
+    import shutil
+    import subprocess
+
+    from zen_eco import prompt_gemm
+
+    cc, objdump = shutil.which("cc") or shutil.which("gcc"), shutil.which("objdump")
+    if cc is None or objdump is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86-64 C compiler and objdump")
+    src, obj = tmp_path / "q4_matmul.c", tmp_path / "q4_matmul.o"
+    src.write_text(q4_kernel.C_SOURCE + kquant_kernel.C_SOURCE + prompt_gemm.C_SOURCE)  # what library() builds
+    flags = [f for f in native.flags() if not f.startswith(("-march", "-mno-", "-shared"))]
+    build = subprocess.run([cc, *flags, "-march=alderlake", "-c", str(src), "-o", str(obj)], capture_output=True)
+    if build.returncode != 0 and b"alderlake" in build.stderr:
+        pytest.skip("this compiler does not know -march=alderlake")
+    assert build.returncode == 0, build.stderr.decode()[-2000:]
+    code = subprocess.run([objdump, "-d", str(obj)], capture_output=True, text=True, check=True).stdout
+    assert "{vex} vpdpbusd" in code and "zmm" not in code
 
 
 @pytest.mark.parametrize("kind", ["q4_k", "q5_k"])

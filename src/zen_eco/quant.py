@@ -624,7 +624,7 @@ class KQuantLinear(_QuantizedLinear):
         # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner; with AVX2, later)
         if q4_kernel.gemm_available():
             self.native_rows = native_max_rows()
-        elif kquant_kernel.loop() == "avx2":
+        elif kquant_kernel.loop() in ("avx2", "avx-vnni"):
             self.native_rows = KQUANT_AVX2_DENSE_ROWS
         else:
             self.native_rows = min(native_max_rows(), KQUANT_DENSE_ROWS)
