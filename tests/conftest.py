@@ -117,7 +117,7 @@ def _valid_parts() -> dict:
 def built_for(monkeypatch):
     """built_for(march, *extra): our C kernels rebuilt as ZEN_ECO_MARCH=march asks (e.g. "x86-64-v3": AVX2
     without AVX-512, whose loops and K-quant bit planes differ; "native": this machine's build) plus compiler
-    flags `extra`, skipping off x86-64; the usual build again after the test."""
+    flags `extra` (ZEN_ECO_CFLAGS), skipping off x86-64; the usual build again after the test."""
     import platform
 
     from zen_eco import decode_kernel, kv_kernel, native, q4_kernel
@@ -129,8 +129,8 @@ def built_for(monkeypatch):
                 pytest.skip("an x86-64 build")
             monkeypatch.setenv("ZEN_ECO_MARCH", march)
         if extra:
-            base = native.flags
-            monkeypatch.setattr(native, "flags", lambda: base() + list(extra))
+            monkeypatch.setenv("ZEN_ECO_CFLAGS", " ".join(extra))
+            assert native.flags()[-len(extra):] == list(extra)
         for library in libraries:
             library.cache_clear()
 

@@ -10,7 +10,8 @@ The flags: -O3, OpenMP (the threads follow torch.get_num_threads(); the process 
 libgomp, loaded first under the same soname), and on x86-64 `-march=native` without AMX and
 AVX512-FP16 (virtual machines may advertise instructions they fault on), or `-march=$ZEN_ECO_MARCH`
 where that is set (e.g. `x86-64-v3` for an AVX2 build: kernels for another machine, or this machine's
-speed without AVX-512). Reassociation lets dot products vectorize; infinities and NaNs keep their
+speed without AVX-512), then the words of $ZEN_ECO_CFLAGS (e.g. `-mavx512vnni -mavx512vl` on top of
+x86-64-v3: the AVX2 loops with 256-bit vpdpbusd, as Intel's AVX-VNNI CPUs run them). Reassociation lets dot products vectorize; infinities and NaNs keep their
 meaning (no -ffinite-math-only).
 """
 
@@ -81,7 +82,7 @@ def flags() -> list[str]:
         out.append(f"-march={march}")
     elif platform.machine() in ("x86_64", "AMD64"):
         out += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512fp16"]
-    return out
+    return out + os.environ.get("ZEN_ECO_CFLAGS", "").split()
 
 
 _build_notices: list = []  # callables told each kernel's name before it compiles (on_build)
