@@ -13,7 +13,8 @@ four words, word w of block i at word w n + i (the C source's code_pos), so that
 word of every block and a lane of the decode loop's sums is one block: a panel's four reads sum in
 integers, then one conversion and one multiply-add per 16 blocks (laid out as int4, each read's sums were
 four lanes per block, converted and scaled read by read: 1.5x the instructions); bit 4 (Q5_K, Q6_K) and
-bit 5 (Q6_K) as bit planes of 64-bit masks, one per 64 bytes of codes and nibble (bit p: byte p's); two byte
+bit 5 (Q6_K) as bit planes: with AVX-512 VNNI 64-bit masks, one per 64 bytes of codes and nibble (bit p: byte
+p's), with AVX2 the layout kq_high_at (C) describes, the same bytes, which a build's loaders write; two byte
 planes of K / 32 (padded to 16): Q6_K the sub-scales of each block's first and last 16 columns, Q4_K / Q5_K
 sc and m; per 256 columns float16 d (Q4_K / Q5_K: d, dmin pairs).
 
@@ -30,8 +31,8 @@ The kernel, two loops (`loop()`; `available()` where either is built):
   1.35-1.6x faster). The bit planes in their own layout (kq_high_at), widened by one broadcast and a shift
   per 32-byte read. Prompts take the same row tiles (2 rows of W x 4 of x) up to
   quant.KQUANT_AVX2_DENSE_ROWS rows.
-Tiles of 4 rows of W x 1 row of x for decode, 1 x 4 for more rows (x in chunks that stay in L2); `dequantize`
-for a dense GEMM (long prompts) and for rows of a tied embedding table.
+Tiles of 4 rows of W x 1 row of x for decode, 1 (AVX2: 2) x 4 for more rows (x in chunks that stay in L2);
+`dequantize` for a dense GEMM (long prompts) and for rows of a tied embedding table.
 
 On zen-eco-4b Q4_K_M (AVX2 emulated) decode went from 0.83x llama.cpp's to 0.99-1.26x (both at about the
 file's bytes), prompts from 0.60x / 0.81x (64 / 512 tokens) to 0.95x / 0.89x (docs/benchmarks.md, "K-quants
