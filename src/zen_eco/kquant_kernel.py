@@ -34,7 +34,7 @@ The kernel, two loops (`loop()`; `available()` where either is built):
 Tiles of 4 rows of W x 1 row of x for decode, 1 (AVX2: 2) x 4 for more rows (x in chunks that stay in L2);
 `dequantize` for a dense GEMM (long prompts) and for rows of a tied embedding table.
 
-On zen-eco-4b Q4_K_M (AVX2 emulated) decode went from 0.83x llama.cpp's to 0.99-1.26x (both at about the
+On zen-eco-4b Q4_K_M (AVX2 emulated) decode went from 0.83x llama.cpp's to 0.90-1.26x (both at about the
 file's bytes), prompts from 0.60x / 0.81x (64 / 512 tokens) to 0.95x / 0.89x (docs/benchmarks.md, "K-quants
 as stored on AVX2").
 """
