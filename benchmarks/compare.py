@@ -175,8 +175,9 @@ def main() -> None:
     from zen_eco.bench import read_bandwidth
 
     bandwidth = read_bandwidth(args.threads)[0]  # by the wall clock, after the engines, in the same run
+    kernels = next((r.get("cpu_kernels") for r in results if r["engine"] == "zen-eco"), None)
     print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}  "
-          f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+          f"read bandwidth: {bandwidth / 1e9:.1f} GB/s" + (f"  zen-eco kernels: {kernels}" if kernels else ""))
     print("| engine | weights | prefill tok/s | decode tok/s | decode GB/s (of bandwidth) | first token ms | peak RSS MB | load s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

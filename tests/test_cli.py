@@ -155,14 +155,23 @@ def test_read_bandwidth_probe_reads_every_byte():
     assert wall > 1e8 and cpu > 1e8  # bytes per second: a real figure, not a unit slip
 
 
-def test_bench_default_model_reports_packed_weights():
+def test_bench_default_model_reports_packed_weights(monkeypatch):
     """The default GGUF under --quant auto runs its 4-bit layers packed (210 Q4_1 tensors fuse into 120
-    layers) and its tied Q8_0 table as int8 blocks (the head, counted once)."""
+    layers) and its tied Q8_0 table as int8 blocks (the head, counted once); it names the CPU loops that
+    ran (this build's; PyTorch's where ours are turned off)."""
+    from zen_eco import bench
+
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["weights"] == "int4 x120 + int8 x1 + bfloat16"
+    result = json.loads(proc.stdout)
+    assert result["weights"] == "int4 x120 + int8 x1 + bfloat16"
+    assert result["cpu_kernels"] == bench.cpu_kernels()
+    assert result["cpu_kernels"] in ("avx512-vnni", "avx-vnni", "avx2", "plain C", "pytorch")
+    monkeypatch.setenv("ZEN_ECO_NATIVE", "0")
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "none")
+    monkeypatch.delenv("ZEN_ECO_NATIVE")
     assert json.loads(proc.stdout)["weights"] == "bfloat16"
+    assert json.loads(proc.stdout)["cpu_kernels"] == "pytorch"
     proc = zen("bench", "-p", "8", "-n", "2", "-r", "1", "--json", "--dtype", "bfloat16", "--quant", "int8")
     assert json.loads(proc.stdout)["weights"] == "int8 x121 + bfloat16"  # 120 layers + the tied table, once
 

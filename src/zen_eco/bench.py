@@ -163,6 +163,17 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> tuple[fl
     return a.numel() * 4 / wall, a.numel() * 4 * threads / cpu
 
 
+def cpu_kernels() -> str:
+    """Which of our C loops this process's build runs on the CPU: "avx512-vnni", "avx-vnni" (AVX2 with
+    256-bit vpdpbusd), "avx2", "plain C" (no AVX2) or "pytorch" (no C compiler, or ZEN_ECO_NATIVE=0)."""
+    from . import kquant_kernel, q4_kernel
+
+    loop = kquant_kernel.loop()
+    if loop is not None:
+        return {"vnni": "avx512-vnni", "avx-vnni": "avx-vnni", "avx2": "avx2"}[loop]
+    return "plain C" if q4_kernel.available() else "pytorch"
+
+
 def weights_summary(model) -> str:
     """'int4 x120 + int8 x1 + bfloat16': how many linear layers run on the 4-bit (5-bit), K-quant and 8-bit
     kernels (the tied table counts once, as the head), and the dtype of the rest."""
@@ -211,6 +222,7 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         "weights": weights_summary(model),
         "kv_cache": kv_cache,
         "device": str(dev),
+        "cpu_kernels": cpu_kernels() if dev.type == "cpu" else None,
         "cuda_graphs": static and cuda_graphs and dev.type == "cuda",
         "compiled": static and compile,
         "native_step": native,
@@ -228,7 +240,8 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['weights']}, KV {kv_cache}, {result['device']}, "
+        where = result["device"] + (f" {result['cpu_kernels']}" if result["cpu_kernels"] else "")
+        table = Table(title=f"zen-eco bench — {ckpt.path.name} ({result['weights']}, KV {kv_cache}, {where}, "
                             f"{result['threads']} threads)")
         for col in ("prefill tok/s", "decode tok/s", "first token ms", "peak RSS MB", "load s"):
             table.add_column(col, justify="right")
