@@ -113,12 +113,14 @@ def test_init_then_bench_json(tmp_path):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s", "decode_bytes_per_token"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["prompt_tokens"] == 16 and result["gen_tokens"] == 4
-    # llama-tiny (untied): every weight but the embedding table, plus K/V at the mean context of the
-    # timed tokens, 16 + 4 / 2 positions (2 layers x 2 KV heads x 16 dims x K and V), in the run's dtype
-    size = {"float32": 4, "bfloat16": 2}[result["dtype"]]
+    # llama-tiny (untied): every weight but the embedding table, in the run's dtype, plus K/V at the mean
+    # context of the timed tokens, 16 + 4 / 2 positions (2 layers x 2 KV heads x 16 dims x K and V), in the
+    # cache's: bf16 under dtype "auto" on the CPU, also where it picks float32 (a CPU without native bf16)
+    size = {"float32": 4, "bfloat16": 2}
     tensors = safetensors.torch.load_file(out / "model.safetensors")
-    weights = sum(t.numel() * size for name, t in tensors.items() if "embed_tokens" not in name)
-    assert result["decode_bytes_per_token"] == weights + 18 * 2 * 2 * 16 * 2 * size
+    weights = sum(t.numel() * size[result["dtype"]] for name, t in tensors.items() if "embed_tokens" not in name)
+    assert result["kv_dtype"] == "bfloat16"
+    assert result["decode_bytes_per_token"] == weights + 18 * 2 * 2 * 16 * 2 * size[result["kv_dtype"]]
     assert result["cuda_graphs"] is False and result["compiled"] is False  # graphs are CUDA-only
     # --compile works on the CPU too (the static step through torch.compile; ~15 s for this model)
     proc = zen("bench", str(out), "-p", "16", "-n", "4", "-r", "1", "--json", "--compile", "--no-cuda-graphs")

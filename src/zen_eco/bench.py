@@ -221,6 +221,8 @@ def run_bench(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int 
         "dtype": str(model.dtype).removeprefix("torch."),
         "weights": weights_summary(model),
         "kv_cache": kv_cache,
+        # what a plain cache stores its rows in: bf16 under a float32 that dtype "auto" picked (Transformer.kv_dtype)
+        "kv_dtype": str(model.kv_dtype or model.dtype).removeprefix("torch."),
         "device": str(dev),
         "cpu_kernels": cpu_kernels() if dev.type == "cpu" else None,
         "cuda_graphs": static and cuda_graphs and dev.type == "cuda",
