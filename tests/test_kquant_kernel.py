@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not kquant_kernel.available(), reason="the K-qua
 
 KERNEL_TOL = 2e-4  # against x itself, the VNNI loop (and the prompt GEMM: 16-bit x)
 AS_ROUNDED_TOL = 1e-6  # against x as the loop rounds it
-LEVELS = {"vnni": 16383, "avx2": 127, "avx-vnni": 127}  # x's largest |integer| per block, per loop
-TO_X = {"vnni": KERNEL_TOL, "avx2": 2e-2, "avx-vnni": 2e-2}
+LEVELS = {"avx512-vnni": 16383, "avx2": 127, "avx-vnni": 127}  # x's largest |integer| per block, per loop
+TO_X = {"avx512-vnni": KERNEL_TOL, "avx2": 2e-2, "avx-vnni": 2e-2}
 KINDS = list(KQUANT_TYPES)
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 FP16_AT = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # d (and dmin) in each block
@@ -247,7 +247,7 @@ def test_layer_dispatch_bias_and_tied_embedding(kind, loop):
     w, ref = _weight(kind, 24, 512, seed=5)
     bias = torch.randn(24)
     layer = KQuantLinear(w, bias, torch.float32)
-    want_rows = {"vnni": native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS,
+    want_rows = {"avx512-vnni": native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS,
                  "avx2": KQUANT_AVX2_DENSE_ROWS, "avx-vnni": KQUANT_AVX2_DENSE_ROWS}[loop]
     assert layer.native_rows == want_rows
     for rows in (2, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 2, layer.native_rows):

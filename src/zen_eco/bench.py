@@ -164,14 +164,11 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> tuple[fl
 
 
 def cpu_kernels() -> str:
-    """Which of our C loops this process's build runs on the CPU: "avx512-vnni", "avx-vnni" (AVX2 with
-    256-bit vpdpbusd), "avx2", "plain C" (no AVX2) or "pytorch" (no C compiler, or ZEN_ECO_NATIVE=0)."""
+    """Which of our C loops this process's build runs on the CPU: kquant_kernel.loop()'s name ("avx512-vnni",
+    "avx-vnni", "avx2"), else "plain C" (no AVX2) or "pytorch" (no C compiler, or ZEN_ECO_NATIVE=0)."""
     from . import kquant_kernel, q4_kernel
 
-    loop = kquant_kernel.loop()
-    if loop is not None:
-        return {"vnni": "avx512-vnni", "avx-vnni": "avx-vnni", "avx2": "avx2"}[loop]
-    return "plain C" if q4_kernel.available() else "pytorch"
+    return kquant_kernel.loop() or ("plain C" if q4_kernel.available() else "pytorch")
 
 
 def weights_summary(model) -> str:

@@ -344,7 +344,9 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
                     float *out) {
     const int nb = K / 32, hs = high_stride(K), nbp = kq_nbp(K), nsb = K / 256, nd = kq_nd(KIND);
     const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
+#ifndef KQ_DPBUSD
     const __m256i ones = _mm256_set1_epi16(1);
+#endif
     kq_t row[4];
     for (int j = 0; j < RW; j++) row[j] = kq_row(w, K, j < rows_w ? j : 0);
     __m256 acc[4][4];
@@ -376,8 +378,11 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
         /* Q6_K: each block's first and last 16 columns apart (their own scales). The 16-bit pair sums of
            `every` words are added before widening: Q4_K 4 x 2 x 2 x 15 x 127, Q5_K 2 x 2 x 2 x 31 x 127, Q6_K
            2 x 2 x 63 x 127 (each half) stay below 2^15. */
+        __m256i s0[4][4], s1[4][4];
+#ifndef KQ_DPBUSD
         const int every = KIND == KQ_Q4K ? 4 : 2;
-        __m256i s0[4][4], s1[4][4], t0[4][4], t1[4][4];
+        __m256i t0[4][4], t1[4][4];
+#endif
         for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) s0[j][r] = s1[j][r] = _mm256_setzero_si256();
         for (int v = 0; v < 4; v++) {
             const int64_t o = (int64_t)p0 * 16 + v * 4 * n + 32 * half;
@@ -480,7 +485,8 @@ INLINE void kq_pack_block(int K, int planes, int b, const uint8_t *c, uint8_t *o
         __builtin_memcpy(o + pos, bytes + 4 * w, 4);
         for (int i = 0; i < planes; i++)
             for (int half = 0; half < 2; half++)
-                h[i * hs + pos / 64 * 16 + half * 8 + pos % 64 / 8] |= (uint8_t)((bits[i][half] >> (4 * w) & 15) << (pos % 8));
+                h[i * hs + pos / 64 * 16 + half * 8 + pos % 64 / 8] |=
+                    (uint8_t)((bits[i][half] >> (4 * w) & 15) << (pos % 8));
     }
 #else
     for (int j = 0; j < 16; j++) bytes[j] = (uint8_t)((c[j] & 15) | (c[16 + j] << 4));
@@ -657,26 +663,27 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int i = 0; i < R; i++) {
         const kq_t r = kq_row(&w, K, rows ? rows[i] : i);
-#if defined(ZEN_VNNI) || defined(__AVX2__)
-        uint8_t panel[512];  /* whole panels' codes unpacked in vectors (VNNI: the last 8 blocks one by one) */
-#endif
+        uint8_t panel[512];  /* codes unpacked in vectors: VNNI whole panels (the last 8 blocks one by one), AVX2
+                                8 blocks at a time */
         for (int b = 0; b < K / 32; b++) {
             uint8_t q[32];
             float scale[2], offset[2], v[32];
+            const uint8_t *unpacked = 0;  /* block b's 32 codes in `panel`, where unpacked there */
 #ifdef ZEN_VNNI
             if (K / 32 - b / 16 * 16 >= 16) {  /* in a whole panel */
                 if (b % 16 == 0) kq_unpack_panel(&r, K, b, panel);
-                kq_block_scales(&r, K, b, scale, offset);
-                __builtin_memcpy(q, panel + b % 16 * 32, 32);
-            } else
+                unpacked = panel + b % 16 * 32;
+            }
 #elif defined(__AVX2__)
-            if (1) {  /* K is whole super-blocks: 8 blocks at a time */
-                if (b % 8 == 0) kq_unpack8(&r, K, b, panel);
-                kq_block_scales(&r, K, b, scale, offset);
-                __builtin_memcpy(q, panel + b % 8 * 32, 32);
-            } else
+            if (b % 8 == 0) kq_unpack8(&r, K, b, panel);  /* K is whole super-blocks: 8 blocks at a time */
+            unpacked = panel + b % 8 * 32;
 #endif
-            kq_block(&r, K, b, q, scale, offset);
+            if (unpacked) {
+                kq_block_scales(&r, K, b, scale, offset);
+                __builtin_memcpy(q, unpacked, 32);
+            } else {
+                kq_block(&r, K, b, q, scale, offset);
+            }
             if (kind == KQ_Q6K) for (int j = 0; j < 32; j++) v[j] = scale[j / 16] * (float)((int)q[j] - 32);
             else for (int j = 0; j < 32; j++) v[j] = scale[j / 16] * (float)q[j] + offset[j / 16];
             store32(out, out_bf16, (int64_t)i * K + b * 32, v);
@@ -686,10 +693,10 @@ void zen_kq_dequant(int kind, int R, int K, const uint8_t *codes, const uint8_t 
 """
 
 def loop() -> str | None:
-    """The K-quant loop built here: "vnni" (AVX-512 VNNI: x in 15 bits), "avx2" (x in 8 bits), "avx-vnni" (the
-    AVX2 loop with AVX-VNNI's 256-bit vpdpbusd) or None."""
+    """The K-quant loop built here: "avx512-vnni" (x in 15 bits), "avx2" (x in 8 bits), "avx-vnni" (the AVX2
+    loop with AVX-VNNI's 256-bit vpdpbusd) or None. Also the name `zen-eco bench` reports for our CPU loops."""
     lib = q4_kernel.library()
-    return {1: "vnni", 2: "avx2", 3: "avx-vnni"}.get(lib.zen_kq_available()) if lib is not None else None
+    return {1: "avx512-vnni", 2: "avx2", 3: "avx-vnni"}.get(lib.zen_kq_available()) if lib is not None else None
 
 
 def available() -> bool:

@@ -11,8 +11,8 @@ libgomp, loaded first under the same soname), and on x86-64 `-march=native` with
 AVX512-FP16 (virtual machines may advertise instructions they fault on), or `-march=$ZEN_ECO_MARCH`
 where that is set (e.g. `x86-64-v3` for an AVX2 build: kernels for another machine, or this machine's
 speed without AVX-512), then the words of $ZEN_ECO_CFLAGS (e.g. `-mavx512vnni -mavx512vl` on top of
-x86-64-v3: the AVX2 loops with 256-bit vpdpbusd, as Intel's AVX-VNNI CPUs run them). Reassociation lets dot products vectorize; infinities and NaNs keep their
-meaning (no -ffinite-math-only).
+x86-64-v3: the AVX2 loops with 256-bit vpdpbusd, as Intel's AVX-VNNI CPUs run them). Reassociation lets
+dot products vectorize; infinities and NaNs keep their meaning (no -ffinite-math-only).
 """
 
 from __future__ import annotations
