@@ -21,7 +21,10 @@ to a multiple of 8) float16: a row's scales, then its zeros, so each row is two 
 scales are exact for GGUF Q4_0/Q4_1 (stored in float16) and for `quant.quantize_int4`, which rounds
 its scales to float16 before computing codes.
 
-`matmul_int8` is the same scheme for int8 codes with one float32 scale per row (`Int8Linear`).
+`matmul_int8` is the same scheme for int8 codes with one float32 scale per row (`Int8Linear`), and
+`matmul_int8_blocks` for int8 codes with float16 scales (and offsets) per block (GGUF's Q8_0, Q5_0, ...).
+On AVX2 without AVX-512 VNNI, their prompts (from `int8_word_rows()` rows) take tiles of 2 rows of W x 4 of
+x with x in bytes per block of 32, as llama.cpp rounds it (`q8w_linear`).
 
 Without AVX2 the C code falls back to plain loops (same integer math, compiler-vectorized).
 """
@@ -653,6 +656,188 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
 }
 #endif
 
+#if defined(__AVX2__) && !defined(ZEN_VNNI)
+/* Prompts on AVX2 (int8 W with a scale per block of 32 or per row, offsets per block: Q8_0, Q5_0, Q5_1,
+   Int8Linear). The int16 rows above take per block and row of x two vpmaddwd, an add and an eighth of a
+   transpose of 8 blocks' sums (six vphaddd, two permutes): ~2.5x the instructions a K-quant row's 64
+   multiply-adds take in kquant_kernel's AVX2 loop. Here x is rounded to bytes per block of 32 (as that loop
+   and llama.cpp round it) and both x and each row of W are read in the word order: per 8 blocks (256
+   columns) 8 words of 32 bytes, word v holding columns 4v .. 4v + 3 of every block (lane i: block i), so a
+   lane sums one block with no transpose. Bytes times bytes by the sign trick: vpmaddubsw(|w|, sign(x, w))
+   (pairs at most 2 x 128 x 127, below 2^15), vpmaddwd against ones; with AVX-VNNI one vpdpbusd. Rows of W
+   are put in the word order per call, two at a time into a per-thread buffer (a few hundred instructions a
+   row, against tens of thousands for its products with a chunk of x's rows). */
+#if defined(__AVXVNNI__)
+#define Q8W_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q8W_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#endif
+#define Q8W_MIN_ROWS 4  /* rows of x from which a call takes this path (below: the int16 rows) */
+#define Q8W_X_BYTES (256 << 10)  /* rows of x a chunk holds: L2, while every row pair of W passes */
+
+INLINE int q8w_cols(int K) { return (K / 32 + 7) / 8 * 256; }  /* a row in the word order: K padded to 256 */
+
+INLINE int64_t q8w_at(int b, int c) { return (int64_t)(b / 8) * 256 + (c / 4) * 32 + (b % 8) * 4 + c % 4; }
+
+/* x (M, K) -> xw (M, q8w_cols(K)) bytes in the word order (the padding zeros, from the caller), xd (M, nbx)
+   block scales, xs (M, nbx) the blocks' float sums (for offsets) and, where xh is given, those of their first
+   and last 16 columns (xh (2, M, nbx): offsets per 16 columns); rows split across threads. */
+static void quantize_words(int M, int K, const void *x, int x_bf16, int8_t *xw, float *xd, float *xs, float *xh,
+                           int n_threads) {
+    const int nbx = (K / 32 + 15) & ~15, KW = q8w_cols(K);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < K / 32; b++) {
+            float xr[32];
+            int32_t q[32];
+            const int64_t at = (int64_t)m * nbx + b;
+            load_block(x, x_bf16, (int64_t)m * K + b * 32, xr);
+            xd[at] = round_block(xr, 127.0f, q, xs + at);
+            if (xh) half_sums(xr, xh + at, xh + (int64_t)M * nbx + at);
+            for (int c = 0; c < 32; c++) xw[(int64_t)m * KW + q8w_at(b, c)] = (int8_t)q[c];
+        }
+}
+
+/* Row `codes` (K int8) -> dst (q8w_cols(K) bytes) in the word order: per 8 blocks an 8 x 8 transpose of
+   32-bit words; the padding blocks zero. */
+INLINE void q8w_row(int K, const int8_t *codes, int8_t *dst) {
+    const int nb = K / 32;
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        __m256i v[8];
+        for (int i = 0; i < 8; i++)
+            v[i] = b0 + i < nb ? _mm256_loadu_si256((const __m256i *)(codes + (int64_t)(b0 + i) * 32)) : _mm256_setzero_si256();
+        __m256i t[8], u[8];
+        for (int i = 0; i < 4; i++) {
+            t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        for (int i = 0; i < 2; i++) {
+            u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        /* u[k] (k < 4) holds word k of blocks 0-3 in its low half and word 4 + k in its high; u[4 + k] blocks 4-7 */
+        int8_t *o = dst + (int64_t)b0 / 8 * 256;
+        for (int k = 0; k < 4; k++) {
+            _mm256_storeu_si256((__m256i *)(o + 32 * k), _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
+            _mm256_storeu_si256((__m256i *)(o + 32 * (k + 4)), _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
+        }
+    }
+}
+
+/* RW (<= 2) rows of W in the word order (w, KW bytes apart; bs[j] their block scales, all NULL: none)
+   against RX (<= 4) rows of x (xw rows KW apart; xd, xs and the half sums xa, xb rows nbx apart):
+   out[j * RX + r]. H: a scale per 16 columns (words 0-3 of a block are its first 16, 4-7 its last 16), each
+   half's sums scaled apart. */
+INLINE void q8w_tile(const int RW, const int RX, const int H, int K, const int8_t *w, const bscale_t *bs,
+                     const int8_t *xw, const float *xd, const float *xs, const float *xa, const float *xb, float *out) {
+    const int KW = q8w_cols(K), nbx = (K / 32 + 15) & ~15;
+#ifndef Q8W_DPBUSD
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    __m256 acc[2][4];
+    for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) acc[j][r] = _mm256_setzero_ps();
+    for (int o0 = 0; o0 < KW; o0 += 256) {
+        const int b = o0 / 32;  /* scales and offsets are padded to whole eights of blocks, xd, xs, xa, xb to sixteens */
+        for (int h = 0; h < (H ? 2 : 1); h++) {
+            __m256i s[2][4];
+            for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) s[j][r] = _mm256_setzero_si256();
+            for (int o = o0 + 128 * h; o < o0 + (H ? 128 * h + 128 : 256); o += 32) {
+                __m256i wv[2], aw[2];
+                for (int j = 0; j < RW; j++)
+                    wv[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * KW + o)), aw[j] = _mm256_abs_epi8(wv[j]);
+                for (int r = 0; r < RX; r++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KW + o));
+                    for (int j = 0; j < RW; j++) {
+#ifdef Q8W_DPBUSD
+                        s[j][r] = Q8W_DPBUSD(s[j][r], aw[j], _mm256_sign_epi8(xv, wv[j]));
+#else
+                        const __m256i p = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xv, wv[j]));
+                        s[j][r] = _mm256_add_epi32(s[j][r], _mm256_madd_epi16(p, ones));
+#endif
+                    }
+                }
+            }
+            for (int j = 0; j < RW; j++) {
+                const uint16_t *plane = h ? bs[j].b : bs[j].a;
+                const __m256 scale = plane ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(plane + b))) : _mm256_set1_ps(1.0f);
+                for (int r = 0; r < RX; r++)
+                    acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j][r]),
+                                                _mm256_mul_ps(scale, _mm256_loadu_ps(xd + (int64_t)r * nbx + b)), acc[j][r]);
+            }
+        }
+        for (int j = 0; j < RW; j++) {
+            if (!bs[j].z) continue;
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bs[j].z + b)));
+            const __m256 zb = bs[j].zb ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bs[j].zb + b))) : z;
+            for (int r = 0; r < RX; r++) {
+                if (bs[j].zb) {  /* an offset per 16 columns: each against its half's sum */
+                    acc[j][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xa + (int64_t)r * nbx + b), acc[j][r]);
+                    acc[j][r] = _mm256_fmadd_ps(zb, _mm256_loadu_ps(xb + (int64_t)r * nbx + b), acc[j][r]);
+                } else {
+                    acc[j][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbx + b), acc[j][r]);
+                }
+            }
+        }
+    }
+    for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum(acc[j][r]);
+}
+
+/* q8_linear for M >= Q8W_MIN_ROWS rows; 1, or 0 when memory runs out. */
+static int q8w_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
+                      const uint16_t *bscale, int flags, void *y, int y_bf16, int n_threads) {
+    const int KW = q8w_cols(K), nbx = (K / 32 + 15) & ~15, nbs = (K / 32 + 7) & ~7, H = flags & 1;
+    const int64_t stride = block_stride(flags, nbs);
+    int8_t *xw = calloc((size_t)M * KW, 1);
+    float *dsum = calloc((size_t)((flags & 4) ? 4 : 2) * M * nbx, sizeof(float));
+    if (!xw || !dsum) { free(xw); free(dsum); return 0; }
+    float *xd = dsum, *xs = dsum + (int64_t)M * nbx, *xh = (flags & 4) ? dsum + (int64_t)2 * M * nbx : 0;
+    quantize_words(M, K, x, x_bf16, xw, xd, xs, xh, n_threads);
+    const int chunk = Q8W_X_BYTES / KW > 4 ? Q8W_X_BYTES / KW / 4 * 4 : 4;
+    int failed = 0;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        int8_t *wb = aligned_alloc(64, (size_t)2 * KW);
+        if (!wb) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        for (int m1 = 0; m1 < M && !failed; m1 += chunk) {
+            const int m2 = M - m1 < chunk ? M : m1 + chunk;
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n += 2) {
+                const int rw = N - n < 2 ? 1 : 2;
+                bscale_t bs[2];
+                for (int j = 0; j < 2; j++) {
+                    const int64_t row = n + (j < rw ? j : 0);  /* a missing second row repeats the first */
+                    q8w_row(K, codes + row * K, wb + (int64_t)j * KW);
+                    bs[j] = block_planes(bscale ? bscale + row * stride : 0, flags, nbs);
+                }
+                for (int m0 = m1; m0 < m2; m0 += 4) {
+                    float out[8];
+                    const int R = m2 - m0 < 4 ? m2 - m0 : 4;
+                    const int64_t at = (int64_t)m0 * nbx;
+                    const float *xa = xh ? xh + at : 0, *xb = xh ? xh + (int64_t)M * nbx + at : 0;
+                    #define Q8W_TILE(r_, h_) q8w_tile(2, r_, h_, K, wb, bs, xw + (int64_t)m0 * KW, xd + at, xs + at, xa, xb, out)
+                    #define Q8W_TILES(h_) switch (R) { case 1: Q8W_TILE(1, h_); break; case 2: Q8W_TILE(2, h_); break; \
+                                                      case 3: Q8W_TILE(3, h_); break; default: Q8W_TILE(4, h_); break; }
+                    if (H) { Q8W_TILES(1) } else { Q8W_TILES(0) }
+                    for (int j = 0; j < rw; j++)
+                        for (int r = 0; r < R; r++)
+                            store(y, y_bf16, (int64_t)(m0 + r) * N + n + j, out[j * R + r] * (scale ? scale[n + j] : 1.0f));
+                }
+            }
+        }
+        free(wb);
+    }
+    free(xw);
+    free(dsum);
+    return !failed;
+}
+#endif
+
 /* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row (scale) or float16 block scales
    (bscale, `planes` (N, planes, K / 32 rounded up to eights): see zen_q8b_linear); dtypes as zen_q4_linear. */
 static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
@@ -660,6 +845,10 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     const int nbs = (K / 32 + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
     const int64_t stride = block_stride(flags, nbs);  /* one row's block scales */
     qx_t qx;
+#if defined(__AVX2__) && !defined(ZEN_VNNI)
+    if (M >= Q8W_MIN_ROWS)  /* prompts: x in bytes, W in the word order */
+        return q8w_linear(M, N, K, x, x_bf16, codes, scale, bscale, flags, y, y_bf16, n_threads) ? 0 : -1;
+#endif
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
         if (!prepare_x(1, K, x, x_bf16, X_EVEN_ODD, flags & 4, &qx)) return -1;
@@ -701,6 +890,15 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     }
     free_x(&qx);
     return 0;
+}
+
+/* Rows of x from which the int8 loops take the AVX2 prompt tiles (q8w_linear); 0 where they are not built. */
+int zen_q8_word_rows(void) {
+#if defined(__AVX2__) && !defined(ZEN_VNNI)
+    return Q8W_MIN_ROWS;
+#else
+    return 0;
+#endif
 }
 
 int zen_q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
@@ -884,6 +1082,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, i, p, i, i]
     lib.zen_gemm_available.restype = i
     lib.zen_gemm_available.argtypes = []
+    lib.zen_q8_word_rows.restype = i
+    lib.zen_q8_word_rows.argtypes = []
     lib.zen_q4_gemm.restype = i
     lib.zen_q4_gemm.argtypes = lib.zen_q4_linear.argtypes
     lib.zen_q8_gemm.restype = i
@@ -922,6 +1122,14 @@ def gemm_available() -> bool:
     then calls from GEMM_MIN_ROWS rows take it, and layers keep prompts up to quant.GEMM_MAX_ROWS rows on it."""
     lib = library()
     return lib is not None and os.environ.get("ZEN_ECO_GEMM", "1") != "0" and bool(lib.zen_gemm_available())
+
+
+def int8_word_rows() -> int:
+    """Rows of x from which the int8 kernels (`matmul_int8`, `matmul_int8_blocks`) take their AVX2 prompt
+    tiles (x rounded to bytes per block of 32, W read in 8-block words; where neither AVX-512 VNNI nor the
+    prompt GEMM is built), else 0."""
+    lib = library()
+    return int(lib.zen_q8_word_rows()) if lib is not None else 0
 
 
 def _entry(m: int, name: str, gemm: bool | None):

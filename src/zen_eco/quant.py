@@ -520,6 +520,17 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
 
 
+# Rows from which an int8 layer goes dense where its kernel has the AVX2 prompt tiles (q4_kernel.int8_word_rows:
+# x in bytes, no prompt GEMM, the dense GEMM float32 where the CPU has no bf16): Q8_0 on 9728 x 2560, the AVX2
+# build on the same EPYC, 2 threads, the tiles against dequantize + float32 GEMM: 128 rows 41 vs 75 ms, 512
+# rows 129 vs 199, 2048 rows 528 vs 660. So, as for K-quants, a prefill chunk never goes dense.
+INT8_AVX2_DENSE_ROWS = 1024
+
+
+def _int8_native_rows() -> int:
+    return INT8_AVX2_DENSE_ROWS if q4_kernel.int8_word_rows() else native_max_rows()
+
+
 class Int8Linear(_QuantizedLinear):
     """y = x W^T (+ b) for an 8-bit `Q8Weight`. For few rows on the CPU: our kernel (`q4_kernel.matmul_int8`,
     backend "native"; int16 activations, float32 scales) or PyTorch's `_weight_int8pack_mm` ("torch",
@@ -534,7 +545,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
         self.register_buffer("scales", weight.scale.to(device, dtype))  # (N,)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
-        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
+        self.native_rows = _int8_native_rows()  # a prompt from this many rows on: the dense GEMM
         # CPU only: PyTorch's CUDA version (2.9+) gives each output to one thread walking K with
         # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
         if (kernel is True and device.type == "cpu" and self.in_features % q4_kernel.BLOCK == 0
@@ -577,7 +588,7 @@ class Int8BlockLinear(_QuantizedLinear):
         self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
-        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
+        self.native_rows = _int8_native_rows()  # a prompt from this many rows on: the dense GEMM
         self.backend = "native" if native else "dense"
 
     def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
