@@ -19,7 +19,7 @@ import torch
 from zen_eco import kquant_kernel, native, q4_kernel
 from zen_eco.checkpoint import gguf_native
 from zen_eco.checkpoint.gguf_quants import KQUANT_TYPES, kquant_codes
-from zen_eco.quant import (KQUANT_AVX2_DENSE_ROWS, KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight,
+from zen_eco.quant import (AVX2_DENSE_ROWS, KQUANT_DENSE_ROWS, Int8Embedding, KQuantLinear, KQuantWeight,
                            native_max_rows)
 
 gguf = pytest.importorskip("gguf")
@@ -243,12 +243,12 @@ def test_threads_give_identical_results(kind, loop):
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_dispatch_bias_and_tied_embedding(kind, loop):
     """Row tiles, the prompt GEMM (VNNI) and the dense GEMM each where the layer takes them; with AVX2 the row
-    tiles take prompts up to KQUANT_AVX2_DENSE_ROWS rows, x in chunks of rows that stay in L2."""
+    tiles take prompts up to AVX2_DENSE_ROWS rows, x in chunks of rows that stay in L2."""
     w, ref = _weight(kind, 24, 512, seed=5)
     bias = torch.randn(24)
     layer = KQuantLinear(w, bias, torch.float32)
     want_rows = {"avx512-vnni": native_max_rows() if q4_kernel.gemm_available() else KQUANT_DENSE_ROWS,
-                 "avx2": KQUANT_AVX2_DENSE_ROWS, "avx-vnni": KQUANT_AVX2_DENSE_ROWS}[loop]
+                 "avx2": AVX2_DENSE_ROWS, "avx-vnni": AVX2_DENSE_ROWS}[loop]
     assert layer.native_rows == want_rows
     for rows in (2, q4_kernel.GEMM_MIN_ROWS, layer.native_rows - 2, layer.native_rows):
         x = torch.randn(2, rows // 2, 512)

@@ -16,8 +16,8 @@ from conftest import random_block_weight
 from zen_eco import native, q4_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.checkpoint.gguf_quants import q4_codes, q5_codes, q8_block_codes
-from zen_eco.quant import (INT8_AVX2_DENSE_ROWS, NATIVE_MAX_ROWS, Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear, Q4Weight,
-                           Q8BlockWeight, quantize_int4, quantize_int8)
+from zen_eco.quant import (AVX2_DENSE_ROWS, NATIVE_MAX_ROWS, Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear,
+                           Q4Weight, Q8BlockWeight, quantize_int4, quantize_int8)
 
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(not q4_kernel.available(), reason="no C compiler for the native kernel")
@@ -413,44 +413,57 @@ def _bytes_as_rounded(x: torch.Tensor) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("build", [("x86-64-v3",), ("x86-64-v3", "-mavx512vnni", "-mavx512vl"), ("native",)],
                          ids=["avx2", "avx2+vpdpbusd", "native"])
-def test_int8_prompt_tiles_on_avx2(build, built_for):
-    """Prompts of int8 weights on AVX2 (q4_kernel.int8_word_rows(): from 4 rows of x): x rounded to bytes per
-    block of 32, W read in 8-block words, byte products by vpmaddubsw (or AVX-VNNI's vpdpbusd, here in its AVX-512
-    VNNI + VL encoding). Every block layout, per-row scales (Int8Linear), a partial last word group (K = 160:
-    5 blocks), an odd number of rows of W, row counts around the tiles of 4 and across a chunk of x's rows
-    (K = 2560: 100 rows a chunk): equal to the float64 product of x *as rounded* with the weight to 1e-6
-    (offsets take the float sums of x, as the other loops: 5e-5 there). The largest codes (-128) against x at
-    +-127 keep vpmaddubsw's pair sums below 2^15. AVX-512 VNNI builds keep their own loops (0 rows)."""
+def test_avx2_prompt_tiles(build, built_for):
+    """Prompts on AVX2 (q4_kernel.word_rows(): from 4 rows of x) of int8 and int4 / int5 weights: x rounded to
+    bytes per block of 32, W read in 8-block words, byte products by vpmaddubsw (or AVX-VNNI's vpdpbusd, here
+    in its AVX-512 VNNI + VL encoding). Every int8 block layout, per-row scales (Int8Linear), INT4 in groups of
+    32 / 64 / 128, 5-bit codes, last word groups of 3, 5, 2 and 4 blocks (K = 96, 160, 576, 640; from 5 on
+    a whole group), an odd number of rows of W, row
+    counts around the tiles of 4 and across a chunk of x's rows (K = 2560: 100 rows a chunk): equal to the
+    float64 product of x *as rounded* with the weight to 1e-6 (offsets and zeros take the sums of x as
+    rounded). The largest codes (-128) against x at +-127 keep vpmaddubsw's pair sums below 2^15, and 31 in
+    two words' sums. AVX-512 VNNI builds keep their own loops (0 rows)."""
     built_for(*build)
-    if build == ("native",):
-        if q4_kernel.gemm_available():
-            assert q4_kernel.int8_word_rows() == 0
-            return
-    assert q4_kernel.int8_word_rows() == 4
+    if build == ("native",) and q4_kernel.gemm_available():
+        assert q4_kernel.word_rows() == 0
+        return
+    assert q4_kernel.word_rows() == 4
     gen = torch.Generator().manual_seed(7)
-    for k, n, rows_list in ((160, 11, (4, 5, 7)), (640, 70, (4, 9)), (2560, 9, (101,))):
-        for name, layout in LAYOUTS.items():
+
+    def check(got, x, w):
+        assert _rel(got, _bytes_as_rounded(x) @ w.double().t()) < 1e-6
+        assert 1e-3 < _rel(got, x.double() @ w.double().t()) < 2e-2  # x in bytes, not int16
+
+    for k, n, rows_list in ((96, 3, (4,)), (160, 11, (4, 5, 7)), (576, 70, (4, 9)), (640, 5, (6,)), (2560, 9, (101,))):
+        for layout in LAYOUTS.values():
             q = random_block_weight(n, k, *layout, gen, low=-128)
             planes = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
-            scaled = Q8BlockWeight(q.codes, q.scale, q.scale_b).dequantize().double()
-            offsets = q.dequantize().double() - scaled
             for rows in rows_list:
                 x = torch.randn(rows, k, generator=gen)
-                ref = _bytes_as_rounded(x) @ scaled.t() + x.double() @ offsets.t()
-                got = q4_kernel.matmul_int8_blocks(x, q.codes, *planes)
-                assert _rel(got, ref) < (5e-5 if q.offset is not None else 1e-6), (k, name, rows)
-                assert 1e-3 < _rel(got, x.double() @ q.dequantize().double().t()) < 2e-2  # bytes, not int16
+                check(q4_kernel.matmul_int8_blocks(x, q.codes, *planes), x, q.dequantize())
         q8 = quantize_int8(torch.randn(n, k, generator=gen) * 0.05)
-        x = torch.randn(rows_list[0], k, generator=gen)
-        ref = _bytes_as_rounded(x) @ (q8.codes.double() * q8.scale.double()[:, None]).t()
-        assert _rel(q4_kernel.matmul_int8(x, q8.codes, q8.scale), ref) < 1e-6
+        x = torch.randn(rows_list[-1], k, generator=gen)
+        check(q4_kernel.matmul_int8(x, q8.codes, q8.scale), x, q8.codes.double() * q8.scale.double()[:, None])
+        for group in (32, 64, 128):
+            if k % group == 0:
+                q4 = quantize_int4(torch.randn(n, k, generator=gen) * 0.05, group)
+                check(q4_kernel.matmul(x, *q4_kernel.pack(q4.codes, q4.scale, q4.offset), group), x, q4.dequantize())
+        f16 = lambda t: t.half().float()  # noqa: E731  (the kernel's scales and zeros are float16)
+        q5 = Q4Weight(torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=gen),
+                      f16(torch.rand(n, k // 32, generator=gen)), f16(torch.rand(n, k // 32, generator=gen) - 0.5),
+                      bits=5)
+        q5.codes[0] = 31
+        high = q4_kernel.pack_high(q5.codes)
+        check(q4_kernel.matmul(x, *q4_kernel.pack(q5.codes, q5.scale, q5.offset), 32, high=high), x, q5.dequantize())
     extreme = torch.full((6, 256), -128, dtype=torch.int8)
     for sign in (1.0, -1.0):
         x = torch.full((4, 256), sign * 3.0)
         got = q4_kernel.matmul_int8_blocks(x, extreme, *q4_kernel.pack_block_scales(torch.ones(6, 8)))
         assert torch.equal(got, torch.full((4, 6), -sign * 3.0 * 128 * 256))
     layer = Int8BlockLinear(random_block_weight(64, 256, *LAYOUTS["per 32"], gen), None, torch.float32)
-    assert layer.native_rows == INT8_AVX2_DENSE_ROWS  # a 512-row prefill chunk stays on the tiles
+    assert layer.native_rows == AVX2_DENSE_ROWS  # a 512-row prefill chunk stays on the tiles
+    int4 = Int4Linear(quantize_int4(torch.randn(64, 256, generator=gen), 32), None, torch.float32)
+    assert int4.native_rows == AVX2_DENSE_ROWS
 
 
 def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):

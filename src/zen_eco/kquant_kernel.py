@@ -30,7 +30,7 @@ The kernel, two loops (`loop()`; `available()` where either is built):
   bits first; with AVX-VNNI (Intel since Alder Lake) two 256-bit `vpdpbusd` instead (a 512-row prompt
   1.35-1.6x faster). The bit planes in their own layout (kq_high_at), widened by one broadcast and a shift
   per 32-byte read. Prompts take the same row tiles (2 rows of W x 4 of x) up to
-  quant.KQUANT_AVX2_DENSE_ROWS rows.
+  quant.AVX2_DENSE_ROWS rows.
 Tiles of 4 rows of W x 1 row of x for decode, 1 (AVX2: 2) x 4 for more rows (x in chunks that stay in L2);
 `dequantize` for a dense GEMM (long prompts) and for rows of a tied embedding table.
 

@@ -23,8 +23,8 @@ its scales to float16 before computing codes.
 
 `matmul_int8` is the same scheme for int8 codes with one float32 scale per row (`Int8Linear`), and
 `matmul_int8_blocks` for int8 codes with float16 scales (and offsets) per block (GGUF's Q8_0, Q5_0, ...).
-On AVX2 without AVX-512 VNNI, their prompts (from `int8_word_rows()` rows) take tiles of 2 rows of W x 4 of
-x with x in bytes per block of 32, as llama.cpp rounds it (`q8w_linear`).
+On AVX2 without AVX-512 VNNI, prompts of all three (from `word_rows()` rows) take tiles of 2 rows of W x 4 of
+x with x in bytes per block of 32, as llama.cpp rounds it (`words_linear`).
 
 Without AVX2 the C code falls back to plain loops (same integer math, compiler-vectorized).
 """
@@ -657,34 +657,50 @@ INLINE void row4_tile8(int K, int nrows, const int8_t *codes, const float *scale
 #endif
 
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
-/* Prompts on AVX2 (int8 W with a scale per block of 32 or per row, offsets per block: Q8_0, Q5_0, Q5_1,
-   Int8Linear). The int16 rows above take per block and row of x two vpmaddwd, an add and an eighth of a
-   transpose of 8 blocks' sums (six vphaddd, two permutes): ~2.5x the instructions a K-quant row's 64
-   multiply-adds take in kquant_kernel's AVX2 loop. Here x is rounded to bytes per block of 32 (as that loop
-   and llama.cpp round it) and both x and each row of W are read in the word order: per 8 blocks (256
-   columns) 8 words of 32 bytes, word v holding columns 4v .. 4v + 3 of every block (lane i: block i), so a
-   lane sums one block with no transpose. Bytes times bytes by the sign trick: vpmaddubsw(|w|, sign(x, w))
-   (pairs at most 2 x 128 x 127, below 2^15), vpmaddwd against ones; with AVX-VNNI one vpdpbusd. Rows of W
-   are put in the word order per call, two at a time into a per-thread buffer (a few hundred instructions a
-   row, against tens of thousands for its products with a chunk of x's rows). */
+/* Prompts on AVX2 without AVX-512 VNNI: int8 W (a scale per row or float16 scales and offsets per block or
+   half block: Int8Linear, GGUF's Q8_0, Q5_0, Q5_1, Q3_K, Q2_K as int8 blocks) and int4 / int5 W (a scale and a
+   zero per group: our INT4, Q4_0, Q4_1, Q5_0, Q5_1 as 5-bit codes). The int16 rows above take per block and
+   row of x two vpmaddwd, an add and an eighth of a transpose of 8 blocks' sums (six vphaddd, two permutes):
+   ~2.5x the instructions a K-quant row's 64 multiply-adds take in kquant_kernel's AVX2 loop. Here x is
+   rounded to bytes per block of 32 (as that loop and llama.cpp round it) and both x and each row of W are
+   read in the word order: per 8 blocks (256 columns) 8 words of 32 bytes, word v holding columns 4v .. 4v + 3
+   of every block (lane i: block i), so a lane sums one block with no transpose. int8 codes: vpmaddubsw(|w|,
+   sign(x, w)) (pairs at most 2 x 128 x 127, below 2^15), vpmaddwd against ones; 4- and 5-bit codes are
+   unsigned bytes already, and two words' pair sums (2 x 2 x 31 x 127) are added before widening; with
+   AVX-VNNI vpdpbusd instead. Rows of W are put in the word order per call, two at a time into a per-thread
+   buffer (a few hundred instructions a row, against tens of thousands for its products with a chunk of x). */
 #if defined(__AVXVNNI__)
-#define Q8W_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#define WORDS_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 #elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define Q8W_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#define WORDS_DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
 #endif
-#define Q8W_MIN_ROWS 4  /* rows of x from which a call takes this path (below: the int16 rows) */
-#define Q8W_X_BYTES (256 << 10)  /* rows of x a chunk holds: L2, while every row pair of W passes */
+#define WORDS_MIN_ROWS 4  /* rows of x from which a call takes these tiles (below: the int16 rows) */
+#define WORDS_X_BYTES (256 << 10)  /* rows of x a chunk holds: L2, while every row pair of W passes */
 
-INLINE int q8w_cols(int K) { return (K / 32 + 7) / 8 * 256; }  /* a row in the word order: K padded to 256 */
+/* A row in the word order: 256 bytes per 8 blocks; a last group of 1-4 blocks takes 128 (four 32-byte
+   vectors, vector u holding word 2u of its blocks in lanes 0-3 and word 2u + 1 in lanes 4-7), so that a K
+   of 18 blocks (SmolLM2's 576) computes 20 blocks' products, not 24. */
+INLINE int words_cols(int K) {
+    const int nb = K / 32, rest = nb % 8;
+    return nb / 8 * 256 + (rest == 0 ? 0 : rest <= 4 ? 128 : 256);
+}
 
-INLINE int64_t q8w_at(int b, int c) { return (int64_t)(b / 8) * 256 + (c / 4) * 32 + (b % 8) * 4 + c % 4; }
+INLINE int64_t words_at(int K, int b, int c) {  /* column c of block b */
+    const int64_t g = (int64_t)(b / 8) * 256;
+    if (g + 256 > words_cols(K))  /* the short group */
+        return g + (c / 8) * 32 + (c / 4 % 2) * 16 + (b % 8) * 4 + c % 4;
+    return g + (c / 4) * 32 + (b % 8) * 4 + c % 4;
+}
 
-/* x (M, K) -> xw (M, q8w_cols(K)) bytes in the word order (the padding zeros, from the caller), xd (M, nbx)
-   block scales, xs (M, nbx) the blocks' float sums (for offsets) and, where xh is given, those of their first
-   and last 16 columns (xh (2, M, nbx): offsets per 16 columns); rows split across threads. */
+/* x (M, K) -> xw (M, words_cols(K)) bytes in the word order (the padding zeros, from the caller), xd (M, nbx)
+   block scales, xs (M, nbx) the blocks' sums and, where xh is given, those of their first and last 16 columns
+   (xh (2, M, nbx): offsets per 16 columns); rows split across threads. The sums are of x as rounded (xd times
+   the integers' sum, as llama.cpp's Q8_1 keeps them), so that offsets and zeros multiply the x the codes do:
+   w = code * scale + zero times x as rounded exactly. With the float sums the error of int4's zero terms (about
+   -8 scales) no longer cancels that of its codes': 1.5e-2 relative on random INT4 weights against 5e-3. */
 static void quantize_words(int M, int K, const void *x, int x_bf16, int8_t *xw, float *xd, float *xs, float *xh,
                            int n_threads) {
-    const int nbx = (K / 32 + 15) & ~15, KW = q8w_cols(K);
+    const int nbx = (K / 32 + 15) & ~15, KW = words_cols(K);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int m = 0; m < M; m++)
         for (int b = 0; b < K / 32; b++) {
@@ -692,20 +708,32 @@ static void quantize_words(int M, int K, const void *x, int x_bf16, int8_t *xw, 
             int32_t q[32];
             const int64_t at = (int64_t)m * nbx + b;
             load_block(x, x_bf16, (int64_t)m * K + b * 32, xr);
-            xd[at] = round_block(xr, 127.0f, q, xs + at);
-            if (xh) half_sums(xr, xh + at, xh + (int64_t)M * nbx + at);
-            for (int c = 0; c < 32; c++) xw[(int64_t)m * KW + q8w_at(b, c)] = (int8_t)q[c];
+            int32_t half[2] = {0, 0};
+            xd[at] = round_block(xr, 127.0f, q, 0);
+            for (int c = 0; c < 32; c++) xw[(int64_t)m * KW + words_at(K, b, c)] = (int8_t)q[c], half[c / 16] += q[c];
+            xs[at] = xd[at] * (float)(half[0] + half[1]);
+            if (xh) xh[at] = xd[at] * (float)half[0], xh[(int64_t)M * nbx + at] = xd[at] * (float)half[1];
         }
 }
 
-/* Row `codes` (K int8) -> dst (q8w_cols(K) bytes) in the word order: per 8 blocks an 8 x 8 transpose of
-   32-bit words; the padding blocks zero. */
-INLINE void q8w_row(int K, const int8_t *codes, int8_t *dst) {
-    const int nb = K / 32;
+/* A row of K byte codes in column order -> dst (words_cols(K) bytes) in the word order: per 8 blocks an
+   8 x 8 transpose of 32-bit words; the padding blocks zero. */
+INLINE void words_row(int K, const int8_t *codes, int8_t *dst) {
+    const int nb = K / 32, KW = words_cols(K);
     for (int b0 = 0; b0 < nb; b0 += 8) {
+        if ((int64_t)b0 / 8 * 256 + 256 > KW) {  /* the short last group: word by word */
+            for (int b = b0; b < b0 + 4; b++)
+                for (int c = 0; c < 32; c += 4) {
+                    int32_t word = 0;
+                    if (b < nb) __builtin_memcpy(&word, codes + (int64_t)b * 32 + c, 4);
+                    __builtin_memcpy(dst + words_at(K, b, c), &word, 4);
+                }
+            break;
+        }
         __m256i v[8];
         for (int i = 0; i < 8; i++)
-            v[i] = b0 + i < nb ? _mm256_loadu_si256((const __m256i *)(codes + (int64_t)(b0 + i) * 32)) : _mm256_setzero_si256();
+            v[i] = b0 + i < nb ? _mm256_loadu_si256((const __m256i *)(codes + (int64_t)(b0 + i) * 32))
+                               : _mm256_setzero_si256();
         __m256i t[8], u[8];
         for (int i = 0; i < 4; i++) {
             t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
@@ -726,51 +754,125 @@ INLINE void q8w_row(int K, const int8_t *codes, int8_t *dst) {
     }
 }
 
-/* RW (<= 2) rows of W in the word order (w, KW bytes apart; bs[j] their block scales, all NULL: none)
+/* A row of the int4 layout (`pack`: byte j of a block holds columns j and 16 + j; `high`: fifth bits or NULL)
+   -> its K codes in column order. */
+INLINE void int4_row_bytes(int K, const uint8_t *packed, const uint8_t *high, int8_t *dst) {
+    const __m128i low = _mm_set1_epi8(15), sixteen = _mm_set1_epi8(16);
+    const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    for (int b = 0; b < K / 32; b++) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(packed + (int64_t)b * 16));
+        __m128i c[2] = {_mm_and_si128(raw, low), _mm_and_si128(_mm_srli_epi16(raw, 4), low)};
+        for (int h = 0; high && h < 2; h++) {  /* + 16 in the bytes whose bit is set */
+            const __m128i bits = _mm_shuffle_epi8(_mm_set1_epi16((short)high_bits16(high, b, h)), spread);
+            c[h] = _mm_add_epi8(c[h], _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(bits, bit), bit), sixteen));
+        }
+        _mm_storeu_si128((__m128i *)(dst + (int64_t)b * 32), c[0]);
+        _mm_storeu_si128((__m128i *)(dst + (int64_t)b * 32 + 16), c[1]);
+    }
+}
+
+/* Where the tiles' rows of W come from: int8 codes (N, K) with `planes` of block scales (`flags`, rows `stride`
+   apart; NULL: a float scale per row, `row_scale`), or (G > 0) the int4 layout with its fifth bits (or NULL)
+   and scale_zero (rows `stride` apart: the scales of the groups of G columns, then their zeros). */
+typedef struct {
+    const int8_t *codes;
+    const uint8_t *packed, *high;
+    const uint16_t *planes;
+    const float *row_scale;
+    int flags, G;
+    int64_t stride;
+} words_w_t;
+
+/* Row `row` of w -> dst in the word order (tmp: K bytes of scratch for int4), and its scales' planes. */
+INLINE bscale_t words_w_row(const words_w_t *w, int K, int64_t row, int8_t *dst, int8_t *tmp) {
+    if (w->G) {
+        int4_row_bytes(K, w->packed + row * (K / 2), w->high ? w->high + row * high_stride(K) : 0, tmp);
+        words_row(K, tmp, dst);
+        const uint16_t *sz = w->planes + row * w->stride;
+        const bscale_t bs = {sz, 0, sz + w->stride / 2, 0};
+        return bs;
+    }
+    words_row(K, w->codes + row * K, dst);
+    return block_planes(w->planes ? w->planes + row * w->stride : 0, w->flags, (K / 32 + 7) & ~7);
+}
+
+/* RW (<= 2) rows of W in the word order (w, KW bytes apart; bs[j] their scales, per G columns; all NULL: none)
    against RX (<= 4) rows of x (xw rows KW apart; xd, xs and the half sums xa, xb rows nbx apart):
-   out[j * RX + r]. H: a scale per 16 columns (words 0-3 of a block are its first 16, 4-7 its last 16), each
-   half's sums scaled apart. */
-INLINE void q8w_tile(const int RW, const int RX, const int H, int K, const int8_t *w, const bscale_t *bs,
-                     const int8_t *xw, const float *xd, const float *xs, const float *xa, const float *xb, float *out) {
-    const int KW = q8w_cols(K), nbx = (K / 32 + 15) & ~15;
-#ifndef Q8W_DPBUSD
+   out[j * RX + r]. U: unsigned codes below 32 (int4 / int5). H: a scale per 16 columns (words 0-3 of a block
+   are its first 16 columns, 4-7 its last 16), each half's sums scaled apart. */
+INLINE void words_tile(const int RW, const int RX, const int G, const int U, const int H, int K, const int8_t *w,
+                       const bscale_t *bs, const int8_t *xw, const float *xd, const float *xs, const float *xa,
+                       const float *xb, float *out) {
+    const int KW = words_cols(K), nbx = (K / 32 + 15) & ~15;
+#ifndef WORDS_DPBUSD
     const __m256i ones = _mm256_set1_epi16(1);
 #endif
     __m256 acc[2][4];
     for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) acc[j][r] = _mm256_setzero_ps();
     for (int o0 = 0; o0 < KW; o0 += 256) {
-        const int b = o0 / 32;  /* scales and offsets are padded to whole eights of blocks, xd, xs, xa, xb to sixteens */
+        const int b = o0 / 32;  /* scales and offsets are padded to whole eights, xd, xs, xa, xb to sixteens */
+        const int L = o0 + 256 <= KW ? 256 : 128;  /* the group's bytes (words_cols) */
         for (int h = 0; h < (H ? 2 : 1); h++) {
             __m256i s[2][4];
             for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) s[j][r] = _mm256_setzero_si256();
-            for (int o = o0 + 128 * h; o < o0 + (H ? 128 * h + 128 : 256); o += 32) {
-                __m256i wv[2], aw[2];
-                for (int j = 0; j < RW; j++)
-                    wv[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * KW + o)), aw[j] = _mm256_abs_epi8(wv[j]);
-                for (int r = 0; r < RX; r++) {
-                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KW + o));
+            const int begin = o0 + L / 2 * h, end = H ? begin + L / 2 : o0 + L;
+            if (U) {  /* two words at a time */
+                for (int o = begin; o < end; o += 64) {
+                    __m256i w0[2], w1[2];
                     for (int j = 0; j < RW; j++) {
-#ifdef Q8W_DPBUSD
-                        s[j][r] = Q8W_DPBUSD(s[j][r], aw[j], _mm256_sign_epi8(xv, wv[j]));
+                        w0[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * KW + o));
+                        w1[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * KW + o + 32));
+                    }
+                    for (int r = 0; r < RX; r++) {
+                        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KW + o));
+                        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KW + o + 32));
+                        for (int j = 0; j < RW; j++) {
+#ifdef WORDS_DPBUSD
+                            s[j][r] = WORDS_DPBUSD(WORDS_DPBUSD(s[j][r], w0[j], x0), w1[j], x1);
 #else
-                        const __m256i p = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xv, wv[j]));
-                        s[j][r] = _mm256_add_epi32(s[j][r], _mm256_madd_epi16(p, ones));
+                            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0[j], x0),
+                                                               _mm256_maddubs_epi16(w1[j], x1));
+                            s[j][r] = _mm256_add_epi32(s[j][r], _mm256_madd_epi16(p, ones));
 #endif
+                        }
+                    }
+                }
+            } else {
+                for (int o = begin; o < end; o += 32) {
+                    __m256i wv[2], aw[2];
+                    for (int j = 0; j < RW; j++)
+                        wv[j] = _mm256_loadu_si256((const __m256i *)(w + (int64_t)j * KW + o)),
+                        aw[j] = _mm256_abs_epi8(wv[j]);
+                    for (int r = 0; r < RX; r++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KW + o));
+                        for (int j = 0; j < RW; j++) {
+#ifdef WORDS_DPBUSD
+                            s[j][r] = WORDS_DPBUSD(s[j][r], aw[j], _mm256_sign_epi8(xv, wv[j]));
+#else
+                            const __m256i p = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xv, wv[j]));
+                            s[j][r] = _mm256_add_epi32(s[j][r], _mm256_madd_epi16(p, ones));
+#endif
+                        }
                     }
                 }
             }
+            const __m256i short_lanes = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);  /* words 2u, 2u + 1 of 4 blocks */
             for (int j = 0; j < RW; j++) {
                 const uint16_t *plane = h ? bs[j].b : bs[j].a;
-                const __m256 scale = plane ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(plane + b))) : _mm256_set1_ps(1.0f);
-                for (int r = 0; r < RX; r++)
-                    acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j][r]),
-                                                _mm256_mul_ps(scale, _mm256_loadu_ps(xd + (int64_t)r * nbx + b)), acc[j][r]);
+                const __m256 scale = plane ? per_block(plane, b * 32 / G, G) : _mm256_set1_ps(1.0f);
+                for (int r = 0; r < RX; r++) {
+                    /* lane i: block i's */
+                    const __m256 c = _mm256_mul_ps(scale, _mm256_loadu_ps(xd + (int64_t)r * nbx + b));
+                    const __m256 cl = L == 256 ? c : _mm256_permutevar8x32_ps(c, short_lanes);
+                    acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[j][r]), cl, acc[j][r]);
+                }
             }
         }
         for (int j = 0; j < RW; j++) {
             if (!bs[j].z) continue;
-            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bs[j].z + b)));
-            const __m256 zb = bs[j].zb ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bs[j].zb + b))) : z;
+            const __m256 z = per_block(bs[j].z, b * 32 / G, G);
+            const __m256 zb = bs[j].zb ? per_block(bs[j].zb, b, 32) : z;
             for (int r = 0; r < RX; r++) {
                 if (bs[j].zb) {  /* an offset per 16 columns: each against its half's sum */
                     acc[j][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xa + (int64_t)r * nbx + b), acc[j][r]);
@@ -784,21 +886,21 @@ INLINE void q8w_tile(const int RW, const int RX, const int H, int K, const int8_
     for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum(acc[j][r]);
 }
 
-/* q8_linear for M >= Q8W_MIN_ROWS rows; 1, or 0 when memory runs out. */
-static int q8w_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
-                      const uint16_t *bscale, int flags, void *y, int y_bf16, int n_threads) {
-    const int KW = q8w_cols(K), nbx = (K / 32 + 15) & ~15, nbs = (K / 32 + 7) & ~7, H = flags & 1;
-    const int64_t stride = block_stride(flags, nbs);
+/* y (M, N) = x W^T for M >= WORDS_MIN_ROWS rows and W from `w`; 1, or 0 when memory runs out. */
+static int words_linear(int M, int N, int K, const void *x, int x_bf16, const words_w_t *w, void *y, int y_bf16,
+                        int n_threads) {
+    const int KW = words_cols(K), nbx = (K / 32 + 15) & ~15, G = w->G, H = !G && (w->flags & 1);
+    const int halves = !G && (w->flags & 4);
     int8_t *xw = calloc((size_t)M * KW, 1);
-    float *dsum = calloc((size_t)((flags & 4) ? 4 : 2) * M * nbx, sizeof(float));
+    float *dsum = calloc((size_t)(halves ? 4 : 2) * M * nbx, sizeof(float));
     if (!xw || !dsum) { free(xw); free(dsum); return 0; }
-    float *xd = dsum, *xs = dsum + (int64_t)M * nbx, *xh = (flags & 4) ? dsum + (int64_t)2 * M * nbx : 0;
+    float *xd = dsum, *xs = dsum + (int64_t)M * nbx, *xh = halves ? dsum + (int64_t)2 * M * nbx : 0;
     quantize_words(M, K, x, x_bf16, xw, xd, xs, xh, n_threads);
-    const int chunk = Q8W_X_BYTES / KW > 4 ? Q8W_X_BYTES / KW / 4 * 4 : 4;
+    const int chunk = WORDS_X_BYTES / KW > 4 ? WORDS_X_BYTES / KW / 4 * 4 : 4;
     int failed = 0;
     #pragma omp parallel num_threads(n_threads)
     {
-        int8_t *wb = aligned_alloc(64, (size_t)2 * KW);
+        int8_t *wb = aligned_alloc(64, (size_t)2 * KW + K);  /* two rows in the word order, then int4's scratch */
         if (!wb) {
             #pragma omp atomic write
             failed = 1;
@@ -810,23 +912,29 @@ static int q8w_linear(int M, int N, int K, const void *x, int x_bf16, const int8
             for (int n = 0; n < N; n += 2) {
                 const int rw = N - n < 2 ? 1 : 2;
                 bscale_t bs[2];
-                for (int j = 0; j < 2; j++) {
-                    const int64_t row = n + (j < rw ? j : 0);  /* a missing second row repeats the first */
-                    q8w_row(K, codes + row * K, wb + (int64_t)j * KW);
-                    bs[j] = block_planes(bscale ? bscale + row * stride : 0, flags, nbs);
-                }
+                for (int j = 0; j < 2; j++)  /* a missing second row repeats the first */
+                    bs[j] = words_w_row(w, K, n + (j < rw ? j : 0), wb + (int64_t)j * KW, wb + 2 * (int64_t)KW);
                 for (int m0 = m1; m0 < m2; m0 += 4) {
                     float out[8];
                     const int R = m2 - m0 < 4 ? m2 - m0 : 4;
                     const int64_t at = (int64_t)m0 * nbx;
                     const float *xa = xh ? xh + at : 0, *xb = xh ? xh + (int64_t)M * nbx + at : 0;
-                    #define Q8W_TILE(r_, h_) q8w_tile(2, r_, h_, K, wb, bs, xw + (int64_t)m0 * KW, xd + at, xs + at, xa, xb, out)
-                    #define Q8W_TILES(h_) switch (R) { case 1: Q8W_TILE(1, h_); break; case 2: Q8W_TILE(2, h_); break; \
-                                                      case 3: Q8W_TILE(3, h_); break; default: Q8W_TILE(4, h_); break; }
-                    if (H) { Q8W_TILES(1) } else { Q8W_TILES(0) }
-                    for (int j = 0; j < rw; j++)
+                    /* constant tile shapes, group sizes and code kinds: unrolled loops, sums in registers */
+                    #define WORDS_TILE(r_, g_, u_, h_) \
+                        words_tile(2, r_, g_, u_, h_, K, wb, bs, xw + (int64_t)m0 * KW, xd + at, xs + at, xa, xb, out)
+                    #define WORDS_TILES(g_, u_, h_) switch (R) { \
+                        case 1: WORDS_TILE(1, g_, u_, h_); break; case 2: WORDS_TILE(2, g_, u_, h_); break; \
+                        case 3: WORDS_TILE(3, g_, u_, h_); break; default: WORDS_TILE(4, g_, u_, h_); break; }
+                    if (G == 32) { WORDS_TILES(32, 1, 0) }
+                    else if (G == 64) { WORDS_TILES(64, 1, 0) }
+                    else if (G) { WORDS_TILES(128, 1, 0) }
+                    else if (H) { WORDS_TILES(32, 0, 1) }
+                    else { WORDS_TILES(32, 0, 0) }
+                    for (int j = 0; j < rw; j++) {
+                        const float sn = w->row_scale ? w->row_scale[n + j] : 1.0f;
                         for (int r = 0; r < R; r++)
-                            store(y, y_bf16, (int64_t)(m0 + r) * N + n + j, out[j * R + r] * (scale ? scale[n + j] : 1.0f));
+                            store(y, y_bf16, (int64_t)(m0 + r) * N + n + j, out[j * R + r] * sn);
+                    }
                 }
             }
         }
@@ -846,8 +954,11 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     const int64_t stride = block_stride(flags, nbs);  /* one row's block scales */
     qx_t qx;
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
-    if (M >= Q8W_MIN_ROWS)  /* prompts: x in bytes, W in the word order */
-        return q8w_linear(M, N, K, x, x_bf16, codes, scale, bscale, flags, y, y_bf16, n_threads) ? 0 : -1;
+    if (M >= WORDS_MIN_ROWS) {  /* prompts: x in bytes, W in the word order */
+        const int nbs = (K / 32 + 7) & ~7;
+        const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, block_stride(flags, nbs)};
+        return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
+    }
 #endif
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
@@ -892,10 +1003,11 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     return 0;
 }
 
-/* Rows of x from which the int8 loops take the AVX2 prompt tiles (q8w_linear); 0 where they are not built. */
-int zen_q8_word_rows(void) {
+/* Rows of x from which the int8 and int4 loops take the AVX2 prompt tiles (words_linear); 0 where they are not
+   built. */
+int zen_word_rows(void) {
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
-    return Q8W_MIN_ROWS;
+    return WORDS_MIN_ROWS;
 #else
     return 0;
 #endif
@@ -1002,6 +1114,12 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
         return 0;
     }
 #endif
+#if defined(__AVX2__) && !defined(ZEN_VNNI)
+    if (M >= WORDS_MIN_ROWS && (G == 32 || G == 64 || G == 128)) {  /* prompts: x in bytes, W in the word order */
+        const words_w_t w = {0, codes, high, scale_zero, 0, 0, G, 2 * (int64_t)ngp};
+        return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
+    }
+#endif
     qx_t qx;
     if (!prepare_x(M, K, x, x_bf16, X_INT4, 0, &qx)) return -1;
     const int16_t *xq = qx.xq;
@@ -1082,8 +1200,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8b_linear.argtypes = [i, i, i, p, i, p, p, i, p, i, i]
     lib.zen_gemm_available.restype = i
     lib.zen_gemm_available.argtypes = []
-    lib.zen_q8_word_rows.restype = i
-    lib.zen_q8_word_rows.argtypes = []
+    lib.zen_word_rows.restype = i
+    lib.zen_word_rows.argtypes = []
     lib.zen_q4_gemm.restype = i
     lib.zen_q4_gemm.argtypes = lib.zen_q4_linear.argtypes
     lib.zen_q8_gemm.restype = i
@@ -1124,12 +1242,12 @@ def gemm_available() -> bool:
     return lib is not None and os.environ.get("ZEN_ECO_GEMM", "1") != "0" and bool(lib.zen_gemm_available())
 
 
-def int8_word_rows() -> int:
-    """Rows of x from which the int8 kernels (`matmul_int8`, `matmul_int8_blocks`) take their AVX2 prompt
-    tiles (x rounded to bytes per block of 32, W read in 8-block words; where neither AVX-512 VNNI nor the
-    prompt GEMM is built), else 0."""
+def word_rows() -> int:
+    """Rows of x from which the int8 and int4 kernels (`matmul`, `matmul_int8`, `matmul_int8_blocks`) take
+    their AVX2 prompt tiles (x rounded to bytes per block of 32, W read in 8-block words; built where AVX2 is
+    and AVX-512 VNNI is not), else 0."""
     lib = library()
-    return int(lib.zen_q8_word_rows()) if lib is not None else 0
+    return int(lib.zen_word_rows()) if lib is not None else 0
 
 
 def _entry(m: int, name: str, gemm: bool | None):

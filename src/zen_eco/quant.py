@@ -64,6 +64,14 @@ NATIVE_MAX_ROWS = 112
 # 512 (benchmarks/prompt_rows.py, AVX-512 VNNI without AMX): its two byte planes take one instruction per 32
 # multiply-adds, as the bf16 GEMM does, plus the per-block scaling. Below this its sums are the row kernel's.
 GEMM_MAX_ROWS = 128
+# ... and where the kernel has AVX2 prompt tiles (x in bytes per block of 32; no prompt GEMM; the dense GEMM
+# float32 where the CPU has no bf16): K-quants (kquant_kernel.loop() "avx2" / "avx-vnni"), int8 and int4
+# (q4_kernel.word_rows()). The AVX2 build on an AMD EPYC, 2 threads, tiles against dequantize + float32 GEMM:
+# Q4_K on 9728 x 2560, 64 rows 14-20 vs 39-61 ms, 512 rows 135-176 vs 157-226 (Q6_K 153-225 vs 165-204); Q8_0
+# on the same, 128 rows 41 vs 75, 512 rows 129 vs 199, 2048 rows 528 vs 660; a 512-token prompt of zen-eco-4b
+# Q4_K_M 18.3-19.2 tok/s dense, 20.2-22.3 on the tiles. So a prefill chunk (generate.PREFILL_CHUNK, 512)
+# never goes dense, and no float32 copy of a weight is made.
+AVX2_DENSE_ROWS = 1024
 DENSE_MIN_ROWS = 128  # measured on SmolLM2's 3072x576 gate|up: packed ~30 us/row, unpack + GEMM ~4 ms flat
 SCALE_DTYPE = torch.float16  # how scales and minimums are stored (as GGUF's Q4_1/Q8_0 do)
 GROUP_SIZES = (32, 64, 128)  # int4 group sizes the CPU and CUDA kernels both take
@@ -368,6 +376,11 @@ def native_max_rows() -> int:
     return GEMM_MAX_ROWS if q4_kernel.gemm_available() and not _cpu_has_amx() else NATIVE_MAX_ROWS
 
 
+def _int_native_rows() -> int:
+    """native_rows of an int8 / int4 layer on our kernel: AVX2_DENSE_ROWS where it has the AVX2 prompt tiles."""
+    return AVX2_DENSE_ROWS if q4_kernel.word_rows() else native_max_rows()
+
+
 def _cpu_has_amx() -> bool:
     try:
         return " amx_bf16" in Path("/proc/cpuinfo").read_text()
@@ -457,7 +470,7 @@ class Int4Linear(_QuantizedLinear):
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
         self.dtype = dtype  # of activations and outputs
         self.backend = _int4_backend(device, dtype, n, k, weight.group_size, kernel)
-        self.native_rows = native_max_rows()  # a prompt from this many rows on: the dense GEMM
+        self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM
         self.bits = weight.bits
         if self.bits != 4 and self.backend != "native":
             raise ValueError(f"{self.bits}-bit codes run on our CPU kernel only (here: {self.backend})")
@@ -520,17 +533,6 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
 
 
-# Rows from which an int8 layer goes dense where its kernel has the AVX2 prompt tiles (q4_kernel.int8_word_rows:
-# x in bytes, no prompt GEMM, the dense GEMM float32 where the CPU has no bf16): Q8_0 on 9728 x 2560, the AVX2
-# build on the same EPYC, 2 threads, the tiles against dequantize + float32 GEMM: 128 rows 41 vs 75 ms, 512
-# rows 129 vs 199, 2048 rows 528 vs 660. So, as for K-quants, a prefill chunk never goes dense.
-INT8_AVX2_DENSE_ROWS = 1024
-
-
-def _int8_native_rows() -> int:
-    return INT8_AVX2_DENSE_ROWS if q4_kernel.int8_word_rows() else native_max_rows()
-
-
 class Int8Linear(_QuantizedLinear):
     """y = x W^T (+ b) for an 8-bit `Q8Weight`. For few rows on the CPU: our kernel (`q4_kernel.matmul_int8`,
     backend "native"; int16 activations, float32 scales) or PyTorch's `_weight_int8pack_mm` ("torch",
@@ -545,7 +547,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
         self.register_buffer("scales", weight.scale.to(device, dtype))  # (N,)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
-        self.native_rows = _int8_native_rows()  # a prompt from this many rows on: the dense GEMM
+        self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM
         # CPU only: PyTorch's CUDA version (2.9+) gives each output to one thread walking K with
         # uncoalesced loads (pytorch#190529 rewrites it), slower than cuBLAS on the cast codes.
         if (kernel is True and device.type == "cpu" and self.in_features % q4_kernel.BLOCK == 0
@@ -588,7 +590,7 @@ class Int8BlockLinear(_QuantizedLinear):
         self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
-        self.native_rows = _int8_native_rows()  # a prompt from this many rows on: the dense GEMM
+        self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM
         self.backend = "native" if native else "dense"
 
     def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
@@ -608,19 +610,13 @@ class Int8BlockLinear(_QuantizedLinear):
 # (zen-eco-4b's down), 2 threads of an AMD EPYC (benchmarks/prompt_rows.py): 16 rows 9.5 vs 13.8 ms,
 # 24 rows 14.2 vs 14.4, 32 rows 17.8 vs 13.7.
 KQUANT_DENSE_ROWS = 24
-# The same for the AVX2 loop (x in 8 bits; no prompt GEMM, and the dense GEMM float32 where the CPU has no
-# bf16): Q4_K on 9728 x 2560, the AVX2 build on the same EPYC, 2 threads: the row kernel against dequantize
-# + float32 GEMM, 64 rows 14-20 vs 39-61 ms, 512 rows 135-176 vs 157-226 ms (Q6_K 153-225 vs 165-204); a
-# 512-token prompt of zen-eco-4b Q4_K_M 18.3-19.2 tok/s dense, 20.2-22.3 on the row kernel. So a prefill
-# chunk (generate.PREFILL_CHUNK, 512) never goes dense: no float32 copy of a weight either.
-KQUANT_AVX2_DENSE_ROWS = 1024
 
 
 class KQuantLinear(_QuantizedLinear):
     """y = x W^T (+ b) for a `KQuantWeight` (GGUF's Q4_K / Q5_K / Q6_K kept as stored: 0.58 / 0.70 / 0.82
     bytes a weight, against our int4 layout's 0.63 for Q4_K and int8 blocks' 1.13 for Q6_K): our CPU kernel
     (`kquant_kernel.matmul`, AVX-512 VNNI: row tiles, the prompt GEMM from GEMM_MIN_ROWS; AVX2: row tiles)
-    below native_max_rows() rows (KQUANT_DENSE_ROWS without the prompt GEMM, KQUANT_AVX2_DENSE_ROWS with
+    below native_max_rows() rows (KQUANT_DENSE_ROWS without the prompt GEMM, AVX2_DENSE_ROWS with
     the AVX2 loop), else the weight dequantized for the call (`kquant_kernel.dequantize`) and the dense GEMM.
     Loaders make one only where `kquant_kernel.available()`."""
 
@@ -636,7 +632,7 @@ class KQuantLinear(_QuantizedLinear):
         if q4_kernel.gemm_available():
             self.native_rows = native_max_rows()
         elif kquant_kernel.loop() in ("avx2", "avx-vnni"):
-            self.native_rows = KQUANT_AVX2_DENSE_ROWS
+            self.native_rows = AVX2_DENSE_ROWS
         else:
             self.native_rows = min(native_max_rows(), KQUANT_DENSE_ROWS)
         for name, t in zip(("packed", "high", "sub_scales", "d"), weight.buffers):
