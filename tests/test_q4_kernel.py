@@ -455,6 +455,20 @@ def test_avx2_prompt_tiles(build, built_for):
         q5.codes[0] = 31
         high = q4_kernel.pack_high(q5.codes)
         check(q4_kernel.matmul(x, *q4_kernel.pack(q5.codes, q5.scale, q5.offset), 32, high=high), x, q5.dequantize())
+    # bfloat16 in and out (read and rounded as they are), and any thread count: the same numbers
+    q = random_block_weight(37, 576, *LAYOUTS["offsets"], gen)
+    planes = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
+    x = torch.randn(9, 576, generator=gen).bfloat16()
+    y = q4_kernel.matmul_int8_blocks(x, q.codes, *planes, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, q4_kernel.matmul_int8_blocks(x.float(), q.codes, *planes).bfloat16())
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(q4_kernel.matmul_int8_blocks(x, q.codes, *planes, out_dtype=torch.bfloat16), y)
+    finally:
+        torch.set_num_threads(threads)
     extreme = torch.full((6, 256), -128, dtype=torch.int8)
     for sign in (1.0, -1.0):
         x = torch.full((4, 256), sign * 3.0)
