@@ -71,7 +71,8 @@ def _model(kind: str, quant: str = "none", dtype=torch.float32, seed: int = 0, h
 
 def _int8_layers(model):
     """Swap the first layer's matrices to the int8 kinds (q|k|v with a scale per 32 as Q8_0, down with a
-    scale per 16 and offsets), its o to 5-bit codes (GGUF's Q5 types), and the head to int8 per row (untied)."""
+    scale per 16 and offsets), its o to 5-bit codes (GGUF's Q5 types), the second layer's o and down to Q4_0's
+    and Q5_0's codes, and the head to int8 per row (untied)."""
     gen = torch.Generator().manual_seed(7)
     block = model.layers[0]
     for parent, name in ((block.attn, "wqkv"), (block.mlp, "w_down")):
@@ -87,6 +88,16 @@ def _int8_layers(model):
                     (torch.rand(n, k // 32, generator=gen) * 0.004).half().float(),
                     (-0.06 * torch.rand(n, k // 32, generator=gen)).half().float(), bits=5)
     block.attn.wo = Int4Linear(five, getattr(block.attn.wo, "bias", None), model.dtype)
+    # the second layer's o as Q4_0 and down as Q5_0 store them (zeros -8 / -16 scales: derived, not stored)
+    second = model.layers[1]
+    for parent, name, bits in ((second.attn, "wo", 4), (second.mlp, "w_down", 5)):
+        lin = getattr(parent, name)
+        n, k = lin.out_features, lin.in_features
+        scale = (torch.rand(n, k // 32, generator=gen) * 0.004).half().float()
+        q = Q4Weight(torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=gen), scale,
+                     -(2 ** (bits - 1)) * scale, bits=bits)
+        setattr(parent, name, Int4Linear(q, getattr(lin, "bias", None), model.dtype))
+        assert getattr(parent, name).scale_zero.shape[1] == 1
     block.mlp.w_gate_up = Int8Linear(quantize_int8(torch.randn(block.mlp.w_gate_up.out_features,
                                                                block.mlp.w_gate_up.in_features, generator=gen) * 0.05),
                                      None, model.dtype)
@@ -261,11 +272,12 @@ def test_bfloat16_cache_under_a_float32_model(quant):
 def test_avx2_build_step_equals_the_forward(built_for):
     """The step built for a CPU with AVX2 and no AVX-512 (ZEN_ECO_MARCH=x86-64-v3: attention and the GLU in
     plain C loops, the AVX2 matmul loops), held to the forward of the same build as above: int4 llama and
-    Gemma (GELU, windows), and a 300-token cache of 4 queries per KV head at head_dim 128 in float32 and
+    Gemma (GELU, windows), Qwen3 with the int8 kinds, 5-bit codes and Q4_0 / Q5_0 codes (_int8_layers),
+    and a 300-token cache of 4 queries per KV head at head_dim 128 in float32 and
     bf16 (the forward's bf16 distance from float32 plus the margin)."""
     built_for("x86-64-v3")
-    for kind in ("llama", "gemma3"):
-        model = _model(kind, "int4")
+    for kind in ("llama", "gemma3", "int8-kinds"):
+        model = _int8_layers(_model("qwen3")) if kind == "int8-kinds" else _model(kind, "int4")
         prompt, tokens = _inputs(model)
         ref = _run(model, False, prompt, tokens, _cache(model))
         got = _run(model, True, prompt, tokens, _cache(model))

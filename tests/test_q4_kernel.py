@@ -480,6 +480,41 @@ def test_avx2_prompt_tiles(build, built_for):
     assert int4.native_rows == AVX2_DENSE_ROWS
 
 
+@needs_kernel
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "portable"])
+def test_q4_0_and_q5_0_zeros_are_derived_not_stored(build, built_for, monkeypatch):
+    """GGUF's Q4_0 / Q5_0 (w = d (q - 8), d (q - 16)): an Int4Linear whose zeros are all -8 (5-bit: -16) times
+    the scales keeps the scales only (scale_zero (N, 1, ...): 18 bytes per 32 weights read instead of 20), and
+    every path (one row, the row tiles, the AVX2 prompt tiles or the prompt GEMM, the dense weight) gives
+    exactly what the same weight with its zeros stored gives. Any other zero keeps the plane."""
+    run = lambda fn: fn()  # noqa: E731
+    if build == "portable":
+        run = lambda fn: _built_with(monkeypatch, _portable, fn)  # noqa: E731
+    elif build == "x86-64-v3":
+        built_for(build)
+    gen = torch.Generator().manual_seed(4)
+    for bits in (4, 5):
+        scale = (torch.rand(37, 8, generator=gen) * 0.01).half().float()
+        q = Q4Weight(torch.randint(0, 2 ** bits, (37, 256), dtype=torch.uint8, generator=gen), scale,
+                     -(2 ** (bits - 1)) * scale, bits=bits)
+        layer = Int4Linear(q, None, torch.float32)
+        assert layer.scale_zero.shape[1] == 1
+        stored = q4_kernel.pack(q.codes, q.scale, q.offset)[1]
+        assert stored.shape[1] == 2
+        xs = [torch.randn(rows, 256, generator=gen) for rows in (1, 3, 5, 16)]
+
+        def outputs(sz):
+            return ([q4_kernel.matmul(x, layer.packed, sz, 32, high=layer.high) for x in xs]
+                    + [q4_kernel.dequantize_int4(layer.packed, sz, 32, torch.float32, layer.high)])
+
+        mid, full = run(lambda: outputs(layer.scale_zero)), run(lambda: outputs(stored))
+        for a, b in zip(mid, full):
+            assert torch.equal(a, b)
+        assert torch.equal(full[-1], q.dequantize())
+        off = Q4Weight(q.codes, scale, q.offset + 1e-3 * scale, bits=bits)
+        assert Int4Linear(off, None, torch.float32).scale_zero.shape[1] == 2
+
+
 def test_int8_block_codes_equal_gguf_py(smollm2_gguf_path):
     """Q8_0 (SmolLM2's tied table), random Q5_0 / Q8_0 / Q5_1 matrices quantized by gguf-py, and random
     bytes as Q5_K / Q6_K / Q3_K / Q2_K / Q4_K blocks (gguf-py has no K-quant quantizer; any bytes with a finite

@@ -80,11 +80,12 @@ static int gemm_prepare_x(int M, int K, const void *x, int x_bf16, int sb, gx_t 
 typedef struct {
     int kind;                    /* GM_INT4: `codes` packed (q4_kernel.pack), `high` its fifth bits or NULL; */
     const uint8_t *codes, *high; /* GM_INT8: int8 codes (N, K) with `scale` per row or block scales */
-    const uint16_t *sz;          /* int4: scale_zero (N, 2, ngp); K-quants: d (N, K / 256, 1 or 2: d, dmin) */
+    const uint16_t *sz;          /* int4: scale_zero (N, 2, ngp), or (N, 1, ngp) with `flags` set (Q4_MID_ZERO);
+                                    K-quants: d (N, K / 256, 1 or 2: d, dmin) */
     int G, ngp;
     const float *scale;          /* int8 per row */
     const uint16_t *bscale;      /* int8 blocks: (N, planes, nbs), `flags` as zen_q8b_linear */
-    int flags, nbs;              /* K-quants: flags = their KQ_* kind */
+    int flags, nbs;              /* K-quants: flags = their KQ_* kind; int4: 1 where Q4_MID_ZERO (no zero plane) */
     const uint8_t *sc;           /* K-quants: sub-scale planes (N, 2, nbs); `high` their bit planes (kquant_kernel.pack) */
 } gw_t;
 enum { GM_INT4 = 0, GM_INT8 = 1, GM_KQ = 2 };
@@ -111,7 +112,7 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
         if (w->kind == GM_INT4) {  /* per block: byte j holds column j (low nibble) and j + 16 */
             const uint8_t *c = w->codes + n * (K / 2) + c0 / 2;
             const uint8_t *h = w->high ? w->high + n * high_stride(K) : 0;
-            const uint16_t *sz = w->sz + n * 2 * w->ngp;
+            const uint16_t *sz = w->sz + n * (w->flags ? 1 : 2) * w->ngp;
             for (int b = 0; b < kc / 32; b++) {
                 const int bk = c0 / 32 + b;
                 const __m128i raw = _mm_loadu_si128((const __m128i *)(c + b * 16));
@@ -124,7 +125,7 @@ static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int 
                 _mm_storeu_si128((__m128i *)(dst + b * 32), lo);
                 _mm_storeu_si128((__m128i *)(dst + b * 32 + 16), hi);
                 s[b] = f16(sz[bk * 32 / w->G]);
-                z[b] = f16(sz[w->ngp + bk * 32 / w->G]);
+                z[b] = w->flags ? q4_mid(h) * s[b] : f16(sz[w->ngp + bk * 32 / w->G]);
             }
         } else if (w->kind == GM_KQ) {  /* low nibbles plus the kind's bit planes; per sub-block the float scale
                                            and offset (Q6_K: -32 d sc per 16 columns; Q4_K / Q5_K: -dmin m per 32) */
@@ -285,7 +286,9 @@ int zen_gemm_available(void) {
 int zen_q4_gemm(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
                 const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
 #ifdef ZEN_VNNI
-    const gw_t w = {GM_INT4, codes, high, scale_zero, G, (K / G + 7) & ~7, 0, 0, 0, 0};
+    const int mid_zero = q4_planes(G) == 1;
+    G &= ~Q4_MID_ZERO;
+    const gw_t w = {GM_INT4, codes, high, scale_zero, G, (K / G + 7) & ~7, 0, 0, mid_zero, 0};
     return gemm(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads);
 #else
     return -2;

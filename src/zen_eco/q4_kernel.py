@@ -56,6 +56,12 @@ C_SOURCE = r"""
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(ZEN_NO_VNNI)
 #define ZEN_VNNI 1  /* 512-bit int16 dot products (vpdpwssd): two blocks of 32 per instruction pair */
 #endif
+/* Or'd into an int4 call's group size G by the caller: scale_zero holds each row's scales only, and every
+   group's zero is -8 (5-bit codes: -16) times its scale: GGUF's Q4_0 and Q5_0, w = d (q - 8) or d (q - 16),
+   whose zeros are then not read (a plane of float16 less: 18 bytes per 32 weights read instead of 20). */
+#define Q4_MID_ZERO 0x10000
+INLINE int q4_planes(int G) { return G & Q4_MID_ZERO ? 1 : 2; }  /* float16 planes of a row's scale_zero */
+INLINE float q4_mid(const uint8_t *high) { return high ? -16.0f : -8.0f; }  /* the zero per unit of scale */
 #ifndef PREFETCH
 #define PREFETCH 4096  /* bytes ahead that the code stream is prefetched: more reads in flight from DRAM */
 #endif
@@ -292,6 +298,7 @@ INLINE bscale_t block_planes(const uint16_t *row, int flags, int nbs) {
    xq rows are KP apart (x_stride), in the paired order where ZEN_VNNI; xd, xs rows nbx apart. */
 INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale,
                      const uint16_t *zero, const int16_t *xq, const float *xd, const float *xs, float *out) {
+    const float mid = q4_mid(high);  /* zero NULL (Q4_MID_ZERO): every group's zero is mid x its scale */
     const int nb = K / 32, nbx = (nb + 15) & ~15, KP = x_stride(K);
 #if defined(ZEN_VNNI)
     const __m512i low = _mm512_set1_epi16(15);
@@ -300,7 +307,8 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
     for (int b0 = 0; b0 < nb; b0 += 16) {
         const int n16 = nb - b0 < 16 ? nb - b0 : 16;
         /* per block: scale * dot(codes, xq) * xd + zero * xs; the zero terms of 16 blocks in one FMA */
-        const __m512 s = per_block16(scale, b0, n16, G), z = per_block16(zero, b0, n16, G);
+        const __m512 s = per_block16(scale, b0, n16, G);
+        const __m512 z = zero ? per_block16(zero, b0, n16, G) : _mm512_mul_ps(s, _mm512_set1_ps(mid));
         __m512 cs[4];
         for (int r = 0; r < R; r++) {
             cs[r] = _mm512_mul_ps(s, _mm512_loadu_ps(xd + (int64_t)r * nbx + b0));
@@ -341,7 +349,8 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
             for (int r = 0; r < R; r++) p[r][j] = pj[r];
         }
         /* scale, zero (per group) rows are padded with zeros to whole eights, xd, xs to sixteens */
-        const __m256 s = per_block(scale, b0 * 32 / G, G), z = per_block(zero, b0 * 32 / G, G);
+        const __m256 s = per_block(scale, b0 * 32 / G, G);
+        const __m256 z = zero ? per_block(zero, b0 * 32 / G, G) : _mm256_mul_ps(s, _mm256_set1_ps(mid));
         for (int r = 0; r < R; r++) {
             __m256 dots = _mm256_cvtepi32_ps(transpose_sum(p[r]));
             acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_loadu_ps(xd + (int64_t)r * nbx + b0)), acc[r]);
@@ -359,7 +368,8 @@ INLINE void row_tile(int R, int K, int G, const uint8_t *codes, const uint8_t *h
             for (int j = 0; j < 16; j++)
                 dot += ((codes[b * 16 + j] & 15) + 16 * (h0 >> j & 1)) * q[j] + ((codes[b * 16 + j] >> 4) + 16 * (h1 >> j & 1)) * q[j + 16];
             const int g = b * 32 / G;
-            out[r] += (float)dot * xd[(int64_t)r * nbx + b] * f16(scale[g]) + f16(zero[g]) * xs[(int64_t)r * nbx + b];
+            const float z = zero ? f16(zero[g]) : mid * f16(scale[g]);
+            out[r] += (float)dot * xd[(int64_t)r * nbx + b] * f16(scale[g]) + z * xs[(int64_t)r * nbx + b];
         }
     }
 #endif
@@ -408,12 +418,13 @@ INLINE __m512 quad_scale(__m512 s, int p) {
 }
 
 /* One row of x (quantize_planes) against rows 0 .. nrows - 1 (nrows <= 4) of W (int4), scale_zero rows
-   `2 ngp` apart: out[j] = x . w_j. Each 64 bytes of a row's codes (four blocks) give their low and high
-   nibbles as unsigned bytes, and four vpdpbusd (nibbles times l and times h) give each block's sum in
-   four int32 lanes as l + 128 h: half the instructions of widening the codes to int16. Four independent
+   `planes ngp` apart (planes 1: Q4_MID_ZERO): out[j] = x . w_j. Each 64 bytes of a row's codes (four blocks)
+   give their low and high nibbles as unsigned bytes, and four vpdpbusd (nibbles times l and times h) give each
+   block's sum in four int32 lanes as l + 128 h: half the instructions of widening the codes to int16. Four independent
    accumulators keep the latencies overlapped, and each loaded piece of x serves four rows. */
 INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale_zero,
-                      int ngp, const int8_t *xp, const float *xd, const float *xs, float *out) {
+                      int ngp, int planes, const int8_t *xp, const float *xd, const float *xs, float *out) {
+    const __m512 mid = _mm512_set1_ps(q4_mid(high));
     const int nb = K / 32;
     const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
     const __m512i low = _mm512_set1_epi8(15);
@@ -422,7 +433,7 @@ INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const
     for (int j = 0; j < 4; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
         row[j] = codes + (int64_t)(j < nrows ? j : 0) * (K / 2);
         hrow[j] = high ? high + (int64_t)(j < nrows ? j : 0) * high_stride(K) : 0;
-        sz[j] = scale_zero + (int64_t)(j < nrows ? j : 0) * 2 * ngp;
+        sz[j] = scale_zero + (int64_t)(j < nrows ? j : 0) * planes * ngp;
     }
     __m512 acc[4];
     for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
@@ -432,11 +443,13 @@ INLINE void row4_tile(int K, int nrows, const int G, const uint8_t *codes, const
         const __m512 xdv = _mm512_loadu_ps(xd + b0), xsv = _mm512_loadu_ps(xs + b0);
         __m512 cs[4];
         for (int j = 0; j < 4; j++) {
-            prefetch_side(sz[j] + b0 * 32 / G, rows_ahead, 4 * ngp);
-            prefetch_side(sz[j] + ngp + b0 * 32 / G, rows_ahead, 4 * ngp);
+            prefetch_side(sz[j] + b0 * 32 / G, rows_ahead, 2 * planes * ngp);
+            if (planes == 2) prefetch_side(sz[j] + ngp + b0 * 32 / G, rows_ahead, 2 * planes * ngp);
             if (high) prefetch_side(hrow[j] + b0 * 4, rows_ahead, high_stride(K));
-            cs[j] = _mm512_mul_ps(per_block16(sz[j], b0, n16, G), xdv);
-            acc[j] = _mm512_fmadd_ps(per_block16(sz[j] + ngp, b0, n16, G), xsv, acc[j]);
+            const __m512 s = per_block16(sz[j], b0, n16, G);
+            cs[j] = _mm512_mul_ps(s, xdv);
+            const __m512 z = planes == 2 ? per_block16(sz[j] + ngp, b0, n16, G) : _mm512_mul_ps(s, mid);
+            acc[j] = _mm512_fmadd_ps(z, xsv, acc[j]);
         }
         for (int p = 0; p < n16; p += 4) {
             const int b = b0 + p;
@@ -782,6 +795,7 @@ typedef struct {
     const float *row_scale;
     int flags, G;
     int64_t stride;
+    float mid;  /* int4 with Q4_MID_ZERO: the zeros are mid x the scales (no zero plane); else 0 */
 } words_w_t;
 
 /* Row `row` of w -> dst in the word order (tmp: K bytes of scratch for int4), and its scales' planes. */
@@ -790,7 +804,7 @@ INLINE bscale_t words_w_row(const words_w_t *w, int K, int64_t row, int8_t *dst,
         int4_row_bytes(K, w->packed + row * (K / 2), w->high ? w->high + row * high_stride(K) : 0, tmp);
         words_row(K, tmp, dst);
         const uint16_t *sz = w->planes + row * w->stride;
-        const bscale_t bs = {sz, 0, sz + w->stride / 2, 0};
+        const bscale_t bs = {sz, 0, w->mid ? 0 : sz + w->stride / 2, 0};
         return bs;
     }
     words_row(K, w->codes + row * K, dst);
@@ -802,8 +816,8 @@ INLINE bscale_t words_w_row(const words_w_t *w, int K, int64_t row, int8_t *dst,
    out[j * RX + r]. U: unsigned codes below 32 (int4 / int5). H: a scale per 16 columns (words 0-3 of a block
    are its first 16 columns, 4-7 its last 16), each half's sums scaled apart. */
 INLINE void words_tile(const int RW, const int RX, const int G, const int U, const int H, int K, const int8_t *w,
-                       const bscale_t *bs, const int8_t *xw, const float *xd, const float *xs, const float *xa,
-                       const float *xb, float *out) {
+                       const bscale_t *bs, float mid, const int8_t *xw, const float *xd, const float *xs,
+                       const float *xa, const float *xb, float *out) {
     const int KW = words_cols(K), nbx = (K / 32 + 15) & ~15;
 #ifndef WORDS_DPBUSD
     const __m256i ones = _mm256_set1_epi16(1);
@@ -870,8 +884,9 @@ INLINE void words_tile(const int RW, const int RX, const int G, const int U, con
             }
         }
         for (int j = 0; j < RW; j++) {
-            if (!bs[j].z) continue;
-            const __m256 z = per_block(bs[j].z, b * 32 / G, G);
+            if (!bs[j].z && !mid) continue;
+            const __m256 z = bs[j].z ? per_block(bs[j].z, b * 32 / G, G)
+                                     : _mm256_mul_ps(per_block(bs[j].a, b * 32 / G, G), _mm256_set1_ps(mid));
             const __m256 zb = bs[j].zb ? per_block(bs[j].zb, b, 32) : z;
             for (int r = 0; r < RX; r++) {
                 if (bs[j].zb) {  /* an offset per 16 columns: each against its half's sum */
@@ -921,7 +936,8 @@ static int words_linear(int M, int N, int K, const void *x, int x_bf16, const wo
                     const float *xa = xh ? xh + at : 0, *xb = xh ? xh + (int64_t)M * nbx + at : 0;
                     /* constant tile shapes, group sizes and code kinds: unrolled loops, sums in registers */
                     #define WORDS_TILE(r_, g_, u_, h_) \
-                        words_tile(2, r_, g_, u_, h_, K, wb, bs, xw + (int64_t)m0 * KW, xd + at, xs + at, xa, xb, out)
+                        words_tile(2, r_, g_, u_, h_, K, wb, bs, w->mid, xw + (int64_t)m0 * KW, xd + at, xs + at, \
+                                   xa, xb, out)
                     #define WORDS_TILES(g_, u_, h_) switch (R) { \
                         case 1: WORDS_TILE(1, g_, u_, h_); break; case 2: WORDS_TILE(2, g_, u_, h_); break; \
                         case 3: WORDS_TILE(3, g_, u_, h_); break; default: WORDS_TILE(4, g_, u_, h_); break; }
@@ -956,7 +972,7 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
     if (M >= WORDS_MIN_ROWS) {  /* prompts: x in bytes, W in the word order */
         const int nbs = (K / 32 + 7) & ~7;
-        const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, block_stride(flags, nbs)};
+        const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, block_stride(flags, nbs), 0.0f};
         return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
     }
 #endif
@@ -1040,13 +1056,15 @@ INLINE void store32(void *out, int bf16, int64_t at, const float *v) {
    codes, rows split across threads. int4: `zen_q4_linear`'s buffers; int8 blocks: `zen_q8b_linear`'s. */
 void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint8_t *high, const uint16_t *scale_zero,
                     void *out, int out_bf16, int n_threads) {
+    const int planes = q4_planes(G);
+    G &= ~Q4_MID_ZERO;
     const int ngp = (K / G + 7) & ~7;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *c = codes + (int64_t)n * (K / 2), *h = high ? high + (int64_t)n * high_stride(K) : 0;
-        const uint16_t *sz = scale_zero + (int64_t)n * 2 * ngp;
+        const uint16_t *sz = scale_zero + (int64_t)n * planes * ngp;
         for (int b = 0; b < K / 32; b++) {
-            const float s = f16(sz[b * 32 / G]), z = f16(sz[ngp + b * 32 / G]);
+            const float s = f16(sz[b * 32 / G]), z = planes == 2 ? f16(sz[ngp + b * 32 / G]) : q4_mid(high) * s;
             const uint32_t h0 = h ? high_bits16(h, b, 0) : 0, h1 = h ? high_bits16(h, b, 1) : 0;
             float v[32];
             for (int j = 0; j < 16; j++) {
@@ -1089,6 +1107,8 @@ void zen_q8b_dequant(int N, int K, const int8_t *codes, const uint16_t *bscale, 
    (N, 2, ngp) float16: each row's scales, then its zeros. Returns 0, or -1 when memory runs out. */
 int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes, const uint8_t *high,
                   const uint16_t *scale_zero, void *y, int y_bf16, int n_threads) {
+    const int planes = q4_planes(G);
+    G &= ~Q4_MID_ZERO;
     const int ngp = (K / G + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: x as int8 planes, four rows of W at a time */
@@ -1101,12 +1121,12 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
             float out[4];
             const int rows = N - n < 4 ? N - n : 4;
             const uint8_t *cn = codes + (int64_t)n * (K / 2), *hn = high ? high + (int64_t)n * high_stride(K) : 0;
-            const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp;
+            const uint16_t *sn = scale_zero + (int64_t)n * planes * ngp;
             /* constant G: unrolled loops */
-            if (G == 32) row4_tile(K, rows, 32, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
-            else if (G == 64) row4_tile(K, rows, 64, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
-            else if (G == 128) row4_tile(K, rows, 128, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
-            else row4_tile(K, rows, G, cn, hn, sn, ngp, xp, dsum, dsum + nbx, out);
+            if (G == 32) row4_tile(K, rows, 32, cn, hn, sn, ngp, planes, xp, dsum, dsum + nbx, out);
+            else if (G == 64) row4_tile(K, rows, 64, cn, hn, sn, ngp, planes, xp, dsum, dsum + nbx, out);
+            else if (G == 128) row4_tile(K, rows, 128, cn, hn, sn, ngp, planes, xp, dsum, dsum + nbx, out);
+            else row4_tile(K, rows, G, cn, hn, sn, ngp, planes, xp, dsum, dsum + nbx, out);
             for (int j = 0; j < rows; j++) store(y, y_bf16, n + j, out[j]);
         }
         free(xp);
@@ -1116,7 +1136,8 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
 #endif
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
     if (M >= WORDS_MIN_ROWS && (G == 32 || G == 64 || G == 128)) {  /* prompts: x in bytes, W in the word order */
-        const words_w_t w = {0, codes, high, scale_zero, 0, 0, G, 2 * (int64_t)ngp};
+        const words_w_t w = {0, codes, high, scale_zero, 0, 0, G, (int64_t)planes * ngp,
+                             planes == 1 ? q4_mid(high) : 0.0f};
         return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
     }
 #endif
@@ -1127,7 +1148,8 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *cn = codes + (int64_t)n * (K / 2), *hn = high ? high + (int64_t)n * high_stride(K) : 0;
-        const uint16_t *sn = scale_zero + (int64_t)n * 2 * ngp, *zn = sn + ngp;  /* one stream per row */
+        const uint16_t *sn = scale_zero + (int64_t)n * planes * ngp;  /* one stream per plane */
+        const uint16_t *zn = planes == 2 ? sn + ngp : 0;
         for (int m0 = 0; m0 < M; m0 += 4) {
             float out[4];
             const int16_t *q = xq + (int64_t)m0 * KP;
@@ -1265,10 +1287,11 @@ def _packer(codes: torch.Tensor) -> ctypes.CDLL | None:
     return None
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) codes (their low four bits: 5-bit codes keep the fifth in `pack_high`), (N, K / group) scale and
     zero (w = code * scale + zero) -> the kernel's codes (N, K / 2) uint8 and scale_zero (N, 2, K / group
-    rounded up to a multiple of 8) float16, the padding zeros."""
+    rounded up to a multiple of 8) float16, the padding zeros. zero None: every zero is -8 (5-bit codes: -16)
+    times its scale (GGUF's Q4_0 / Q5_0): scale_zero (N, 1, ...), the scales only (`group_arg`)."""
     n, k = codes.shape
     lib = _packer(codes)
     if lib is not None:
@@ -1278,7 +1301,16 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[
         blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
         packed = ((blocks[:, :, 0] & 15) | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     pad = -scale.shape[1] % 8  # whole eights of groups: the kernel's vector loads need no tail case
-    return packed, torch.nn.functional.pad(torch.stack([scale, zero], 1).to(torch.float16), (0, pad)).contiguous()
+    planes = [scale] if zero is None else [scale, zero]
+    return packed, torch.nn.functional.pad(torch.stack(planes, 1).to(torch.float16), (0, pad)).contiguous()
+
+
+MID_ZERO = 0x10000  # or'd into the group size for scale_zero without zeros (the C source's Q4_MID_ZERO)
+
+
+def group_arg(group: int, scale_zero: torch.Tensor) -> int:
+    """The group size as the C functions take it: with MID_ZERO where scale_zero holds the scales only."""
+    return group | MID_ZERO if scale_zero.shape[1] == 1 else group
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -1374,8 +1406,9 @@ def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, 
     reused buffer (`_weight_buffer`): valid until the thread's next reusing call."""
     n, k = packed.shape[0], packed.shape[1] * 2
     out = _weight_buffer(n, k, dtype, reuse)
-    library().zen_q4_dequant(n, k, group, packed.data_ptr(), None if high is None else high.data_ptr(),
-                             scale_zero.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
+    library().zen_q4_dequant(n, k, group_arg(group, scale_zero), packed.data_ptr(),
+                             None if high is None else high.data_ptr(), scale_zero.data_ptr(), out.data_ptr(),
+                             dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 
@@ -1410,7 +1443,8 @@ def _q4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, 
     (m, k), n = x.shape, packed.shape[0]
     run = _entry(m, "q4", gemm)
     return _linear(x, n, out_dtype, lambda xp, xb, yp, yb: run(
-        m, n, k, group, xp, xb, packed.data_ptr(), None if high is None else high.data_ptr(), scale_zero.data_ptr(),
+        m, n, k, group_arg(group, scale_zero), xp, xb, packed.data_ptr(), None if high is None else high.data_ptr(),
+        scale_zero.data_ptr(),
         yp, yb, torch.get_num_threads()))
 
 

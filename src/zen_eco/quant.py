@@ -476,8 +476,10 @@ class Int4Linear(_QuantizedLinear):
             raise ValueError(f"{self.bits}-bit codes run on our CPU kernel only (here: {self.backend})")
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         if self.backend == "native":  # our kernel's layout: codes by blocks of 32, float16 scale and zero
-            # pack keeps the low four bits; 5-bit codes' fifth bits go to `high`
-            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, weight.offset)
+            # pack keeps the low four bits; 5-bit codes' fifth bits go to `high`. Zeros that are all -8 (5-bit:
+            # -16) times the scale (GGUF's Q4_0 / Q5_0) are not stored: the kernel derives them
+            mid = torch.equal(weight.offset, -(2 ** (self.bits - 1)) * weight.scale)
+            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, None if mid else weight.offset)
             self.register_buffer("packed", packed)
             self.register_buffer("scale_zero", scale_zero)
             self.register_buffer("high", q4_kernel.pack_high(weight.codes) if self.bits == 5 else None)

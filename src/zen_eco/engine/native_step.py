@@ -26,7 +26,7 @@ from .. import decode_kernel as dk
 from .. import kv_kernel, kv_quant
 from ..kv_cache import KVCache
 from ..kv_quant import QuantizedKVCache
-from .. import kquant_kernel
+from .. import kquant_kernel, q4_kernel
 from ..quant import Int4Linear, Int8BlockLinear, Int8Linear, KQuantLinear, StackedLinear
 from ..rope import rope_cos_sin
 
@@ -98,7 +98,8 @@ class NativeStep:
             self._keep.append(bias)
         bias_ptr = None if bias is None else bias.data_ptr()
         if isinstance(mod, Int4Linear):
-            return dk.Linear(dk.LIN_Q4, mod.out_features, mod.in_features, mod.group_size, mod.packed.data_ptr(),
+            group = q4_kernel.group_arg(mod.group_size, mod.scale_zero)
+            return dk.Linear(dk.LIN_Q4, mod.out_features, mod.in_features, group, mod.packed.data_ptr(),
                              mod.scale_zero.data_ptr(), bias_ptr, None if mod.high is None else mod.high.data_ptr())
         if isinstance(mod, Int8Linear):
             return dk.Linear(dk.LIN_Q8, mod.out_features, mod.in_features, 0, mod.codes.data_ptr(),
