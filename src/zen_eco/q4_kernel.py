@@ -915,7 +915,8 @@ static int words_linear(int M, int N, int K, const void *x, int x_bf16, const wo
     int failed = 0;
     #pragma omp parallel num_threads(n_threads)
     {
-        int8_t *wb = aligned_alloc(64, (size_t)2 * KW + K);  /* two rows in the word order, then int4's scratch */
+        /* two rows in the word order, then int4's scratch (aligned_alloc wants a multiple of the alignment) */
+        int8_t *wb = aligned_alloc(64, ((size_t)2 * KW + K + 63) & ~(size_t)63);
         if (!wb) {
             #pragma omp atomic write
             failed = 1;
