@@ -436,13 +436,7 @@ INLINE void kq_unpack8(const kq_t *r, int K, int b, uint8_t *dst) {
         else if (r->kind == KQ_Q5K) kq_read8(KQ_Q5K, r, o, lo + v, hi + v);
         else kq_read8(KQ_Q4K, r, o, lo + v, hi + v);
     }
-    for (int h = 0; h < 2; h++) {  /* within each 128-bit lane L: word i of lo[w] -> word w of lo[i] (block 4 L + i) */
-        __m256i *v = h ? hi : lo;
-        const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
-        const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
-        v[0] = _mm256_unpacklo_epi64(t0, t2), v[1] = _mm256_unpackhi_epi64(t0, t2);
-        v[2] = _mm256_unpacklo_epi64(t1, t3), v[3] = _mm256_unpackhi_epi64(t1, t3);
-    }
+    transpose4_epi32(lo), transpose4_epi32(hi);  /* per 128-bit lane L: lo[i], hi[i] hold block 4 L + i */
     for (int i = 0; i < 4; i++) {
         _mm_storeu_si128((__m128i *)(dst + i * 32), _mm256_castsi256_si128(lo[i]));
         _mm_storeu_si128((__m128i *)(dst + i * 32 + 16), _mm256_castsi256_si128(hi[i]));

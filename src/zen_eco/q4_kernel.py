@@ -191,6 +191,15 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* v[0..3] as a 4 x 4 matrix of 32-bit words within each 128-bit lane, transposed in place: word i of v[w]
+   -> word w of v[i]. */
+INLINE void transpose4_epi32(__m256i *v) {
+    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2), v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3), v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
 /* The 8 lanes of each of v[0..7] summed: lane i of the result is the total of v[i]. */
 INLINE __m256i transpose_sum(const __m256i *v) {
     __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
@@ -747,22 +756,12 @@ INLINE void words_row(int K, const int8_t *codes, int8_t *dst) {
         for (int i = 0; i < 8; i++)
             v[i] = b0 + i < nb ? _mm256_loadu_si256((const __m256i *)(codes + (int64_t)(b0 + i) * 32))
                                : _mm256_setzero_si256();
-        __m256i t[8], u[8];
-        for (int i = 0; i < 4; i++) {
-            t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-        }
-        for (int i = 0; i < 2; i++) {
-            u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        /* u[k] (k < 4) holds word k of blocks 0-3 in its low half and word 4 + k in its high; u[4 + k] blocks 4-7 */
+        transpose4_epi32(v), transpose4_epi32(v + 4);
+        /* v[k] (k < 4) holds word k of blocks 0-3 in its low half and word 4 + k in its high; v[4 + k] blocks 4-7 */
         int8_t *o = dst + (int64_t)b0 / 8 * 256;
         for (int k = 0; k < 4; k++) {
-            _mm256_storeu_si256((__m256i *)(o + 32 * k), _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
-            _mm256_storeu_si256((__m256i *)(o + 32 * (k + 4)), _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
+            _mm256_storeu_si256((__m256i *)(o + 32 * k), _mm256_permute2x128_si256(v[k], v[4 + k], 0x20));
+            _mm256_storeu_si256((__m256i *)(o + 32 * (k + 4)), _mm256_permute2x128_si256(v[k], v[4 + k], 0x31));
         }
     }
 }
