@@ -113,6 +113,17 @@ def _valid_parts() -> dict:
     }
 
 
+def as_rounded(x, levels: int):
+    """x (M, K) as our kernels round it: per block of 32, d = max |x| / levels (float32), round(x * (1 / d)) * d,
+    in float64 (levels 127: the AVX2 loops' bytes; 16383: the AVX-512 VNNI one-row loops' 15 bits)."""
+    import torch
+
+    b = x.float().view(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / levels
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(b * inv).double() * d.double()).view_as(x)
+
+
 @pytest.fixture
 def built_for(monkeypatch):
     """built_for(march, *extra): our C kernels rebuilt as ZEN_ECO_MARCH=march asks (e.g. "x86-64-v3": AVX2
@@ -128,6 +139,7 @@ def built_for(monkeypatch):
             if platform.machine() not in ("x86_64", "AMD64"):
                 pytest.skip("an x86-64 build")
             monkeypatch.setenv("ZEN_ECO_MARCH", march)
+            assert f"-march={march}" in native.flags() and "-march=native" not in native.flags()
         if extra:
             monkeypatch.setenv("ZEN_ECO_CFLAGS", " ".join(extra))
             assert native.flags()[-len(extra):] == list(extra)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import as_rounded
 
 from zen_eco import kquant_kernel, native, q4_kernel
 from zen_eco.checkpoint import gguf_native
@@ -63,14 +64,6 @@ def _bufs(w: KQuantWeight) -> tuple[torch.Tensor, ...]:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _as_rounded(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """x (M, K) as the kernel rounds it: per block of 32, d = max |x| / levels (float32), round(x * (1 / d)) * d."""
-    b = x.float().view(x.shape[0], -1, 32)
-    d = b.abs().amax(-1, keepdim=True) / levels
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return (torch.round(b * inv).double() * d.double()).view_as(x)
 
 
 def _cpu_has(*flags: str) -> bool:
@@ -167,10 +160,10 @@ def test_kernel_matches_float64(kind, n, k, m, loop):
     bufs = _bufs(w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     y = kquant_kernel.matmul(x, kind, *bufs)
-    assert _rel(y, _as_rounded(x, LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
+    assert _rel(y, as_rounded(x, LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
     assert _rel(y, x.double() @ ref.double().T) < TO_X[loop]
     y = kquant_kernel.matmul(x.bfloat16(), kind, *bufs)  # bfloat16 x read as it is
-    assert _rel(y, _as_rounded(x.bfloat16(), LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
+    assert _rel(y, as_rounded(x.bfloat16(), LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
     y = kquant_kernel.matmul(x.bfloat16(), kind, *bufs, torch.bfloat16)
     assert y.dtype == torch.bfloat16 and _rel(y, x.bfloat16().double() @ ref.double().T) < 2e-2
 
@@ -190,7 +183,7 @@ def test_largest_codes_and_x_do_not_overflow(kind, sign, loop):
     for m in (1, 3):
         x = torch.full((m, 2560), sign) + 1e-3 * torch.randn(m, 2560)  # every block's largest |x| ~ 1
         y = kquant_kernel.matmul(x, kind, *_bufs(w))
-        assert _rel(y, _as_rounded(x, LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
+        assert _rel(y, as_rounded(x, LEVELS[loop]) @ ref.double().T) < AS_ROUNDED_TOL
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -256,7 +249,7 @@ def test_layer_dispatch_bias_and_tied_embedding(kind, loop):
         if rows >= layer.native_rows:  # the dense GEMM: float32, x as it is
             assert _rel(y, exact) < 1e-6
         elif rows < q4_kernel.GEMM_MIN_ROWS or not q4_kernel.gemm_available():  # row tiles
-            want = _as_rounded(x.view(-1, 512), LEVELS[loop]).view_as(x) @ ref.double().T + bias.double()
+            want = as_rounded(x.view(-1, 512), LEVELS[loop]).view_as(x) @ ref.double().T + bias.double()
             assert _rel(y, want) < AS_ROUNDED_TOL
         else:  # the prompt GEMM (16-bit x)
             assert _rel(y, exact) < KERNEL_TOL

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_block_weight
+from conftest import as_rounded, random_block_weight
 
 from zen_eco import native, q4_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
@@ -45,19 +45,6 @@ def _built_with(monkeypatch, flags, run):
         return run()
     finally:
         monkeypatch.undo()
-        q4_kernel.library.cache_clear()
-
-
-def _built_for(monkeypatch, march: str, run):
-    """run() with the kernel built as ZEN_ECO_MARCH=march asks (a real build for that CPU, e.g. x86-64-v3:
-    AVX2 without AVX-512), then the usual build again."""
-    monkeypatch.setenv("ZEN_ECO_MARCH", march)
-    assert f"-march={march}" in native.flags() and "-march=native" not in native.flags()
-    q4_kernel.library.cache_clear()
-    try:
-        return run()
-    finally:
-        monkeypatch.delenv("ZEN_ECO_MARCH")
         q4_kernel.library.cache_clear()
 
 
@@ -257,7 +244,7 @@ def test_portable_c_path_gives_the_same_numbers(monkeypatch):
 
 
 @needs_kernel
-def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
+def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch, built_for):
     """Where the CPU has AVX-512 VNNI the kernel takes its 512-bit loop; the AVX2 loop (most other x86
     CPUs) is built here with -DZEN_NO_VNNI and as a whole AVX2 build (ZEN_ECO_MARCH=x86-64-v3): the same
     integer sums, so equal within float reassociation.
@@ -280,7 +267,10 @@ def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch):
     fast = run()
     ref = x.double() @ q.dequantize().double().t()
     assert _rel(fast[0], ref) < BOUND
-    for avx2 in (_built_with(monkeypatch, _avx2, run), _built_for(monkeypatch, "x86-64-v3", run)):
+    runs = [_built_with(monkeypatch, _avx2, run)]
+    built_for("x86-64-v3")
+    runs.append(run())
+    for avx2 in runs:
         for a, b in zip(avx2, fast):
             assert _rel(a, b) < 1e-6
 
@@ -403,13 +393,6 @@ def test_int8_block_kernel_portable_path(monkeypatch):
         assert _rel(a, b) < 1e-6
 
 
-def _bytes_as_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) as the AVX2 prompt tiles round it: per block of 32, d = max |x| / 127 (float32), round(x / d) * d."""
-    b = x.float().view(x.shape[0], -1, 32)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(b * torch.where(d > 0, 1 / d, torch.zeros_like(d))).double() * d.double()).view_as(x)
-
-
 @needs_kernel
 @pytest.mark.parametrize("build", [("x86-64-v3",), ("x86-64-v3", "-mavx512vnni", "-mavx512vl"), ("native",)],
                          ids=["avx2", "avx2+vpdpbusd", "native"])
@@ -431,7 +414,7 @@ def test_avx2_prompt_tiles(build, built_for):
     gen = torch.Generator().manual_seed(7)
 
     def check(got, x, w):
-        assert _rel(got, _bytes_as_rounded(x) @ w.double().t()) < 1e-6
+        assert _rel(got, as_rounded(x, 127) @ w.double().t()) < 1e-6
         assert 1e-3 < _rel(got, x.double() @ w.double().t()) < 2e-2  # x in bytes, not int16
 
     for k, n, rows_list in ((96, 3, (4,)), (160, 11, (4, 5, 7)), (576, 70, (4, 9)), (640, 5, (6,)), (2560, 9, (101,))):
