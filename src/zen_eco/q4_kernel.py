@@ -971,8 +971,7 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     qx_t qx;
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
     if (M >= WORDS_MIN_ROWS) {  /* prompts: x in bytes, W in the word order */
-        const int nbs = (K / 32 + 7) & ~7;
-        const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, block_stride(flags, nbs), 0.0f};
+        const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, stride, 0.0f};
         return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
     }
 #endif

@@ -630,11 +630,10 @@ class KQuantLinear(_QuantizedLinear):
         weight = weight if isinstance(weight, KQuantPacked) else weight.packed()
         self.out_features, self.in_features = weight.shape
         self.kind, self.dtype, self.backend = weight.kind, dtype, "native"
-        # a prompt from this many rows on: the dense GEMM (without the prompt GEMM, sooner; with AVX2, later)
-        if q4_kernel.gemm_available():
-            self.native_rows = native_max_rows()
-        elif kquant_kernel.loop() in ("avx2", "avx-vnni"):
-            self.native_rows = AVX2_DENSE_ROWS
+        # a prompt from this many rows on: the dense GEMM (with the prompt GEMM or the AVX2 tiles as the int
+        # layers'; with neither, sooner)
+        if q4_kernel.gemm_available() or q4_kernel.word_rows():
+            self.native_rows = _int_native_rows()
         else:
             self.native_rows = min(native_max_rows(), KQUANT_DENSE_ROWS)
         for name, t in zip(("packed", "high", "sub_scales", "d"), weight.buffers):
