@@ -56,14 +56,14 @@ def test_pack_round_trips_and_puts_columns_j_and_j_plus_16_in_one_byte(in_c, mon
         monkeypatch.setattr(q4_kernel, "library", lambda: None)
     codes = torch.randint(0, 32, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     scale, zero = torch.rand(5, 2), torch.rand(5, 2)
-    packed, scale_zero = q4_kernel.pack(codes, scale, zero)  # 5-bit codes: their low four bits
+    packed, scale_zero = q4_kernel.pack(codes, scale, zero, bits=5)  # their low four bits
     low = codes & 15
     assert packed.shape == (5, 32) and scale_zero.dtype == torch.float16
     assert scale_zero.shape == (5, 2, 8) and not scale_zero[:, :, 2:].any()  # padded to whole eights of groups
     assert torch.equal(scale_zero[:, 0, :2], scale.half()) and torch.equal(scale_zero[:, 1, :2], zero.half())
     assert torch.equal(packed[:, 3] & 15, low[:, 3]) and torch.equal(packed[:, 3] >> 4, low[:, 19])
     assert torch.equal(packed[:, 16 + 3] >> 4, low[:, 32 + 19])
-    assert torch.equal(q4_kernel.unpack(packed), low)
+    assert torch.equal(q4_kernel.unpack(packed, 32, bits=5), low)
 
 
 @needs_kernel
@@ -179,7 +179,7 @@ def test_five_bit_codes_portable_and_avx2_paths(monkeypatch):
         pytest.skip("not an x86-64 build")
     gen = torch.Generator().manual_seed(8)
     q = _five_bit(24, 160, gen)
-    packed, sz = q4_kernel.pack(q.codes & 15, q.scale, q.offset)
+    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset, bits=5)
     high = q4_kernel.pack_high(q.codes)
     x = torch.randn(3, 160, generator=gen)
 
@@ -245,28 +245,24 @@ def test_portable_c_path_gives_the_same_numbers(monkeypatch):
 
 @needs_kernel
 def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch, built_for):
-    """Where the CPU has AVX-512 VNNI the kernel takes its 512-bit loop; the AVX2 loop (most other x86
-    CPUs) is built here with -DZEN_NO_VNNI and as a whole AVX2 build (ZEN_ECO_MARCH=x86-64-v3): the same
-    integer sums, so equal within float reassociation.
+    """Where the CPU has AVX-512 VNNI the kernel takes its 512-bit loop; the int8 AVX2 loops for 1-3 rows of x
+    (most other x86 CPUs) are built here with -DZEN_NO_VNNI and as a whole AVX2 build (ZEN_ECO_MARCH=x86-64-v3):
+    the same integer sums, so equal within float reassociation. (int4 there: test_avx2_int4_panels.)
     Odd block counts (K = 160: 5 blocks) exercise the 512-bit loop's half-pair tail."""
     if not any(f.startswith("-march") for f in native.flags()):
         pytest.skip("not an x86-64 build")
     gen = torch.Generator().manual_seed(11)
-    q = quantize_int4(torch.randn(24, 160, generator=gen) * 0.05, 32)
-    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
     q8 = quantize_int8(torch.randn(24, 160, generator=gen) * 0.05)
     scales = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(3)))
     q2k = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(4)))  # offsets per 16
     x = torch.randn(3, 160, generator=gen)
 
     def run():
-        return (q4_kernel.matmul(x, packed, sz, 32), q4_kernel.matmul_int8(x, q8.codes, q8.scale),
-                q4_kernel.matmul_int8_blocks(x, q8.codes, *scales), q4_kernel.matmul_int8_blocks(x, q8.codes, *q2k),
-                q4_kernel.matmul_int8_blocks(x[:1], q8.codes, *q2k))
+        return (q4_kernel.matmul_int8(x, q8.codes, q8.scale), q4_kernel.matmul_int8_blocks(x, q8.codes, *scales),
+                q4_kernel.matmul_int8_blocks(x, q8.codes, *q2k), q4_kernel.matmul_int8_blocks(x[:1], q8.codes, *q2k))
 
     fast = run()
-    ref = x.double() @ q.dequantize().double().t()
-    assert _rel(fast[0], ref) < BOUND
+    assert _rel(fast[0], x.double() @ q8.dequantize().double().t()) < BOUND
     runs = [_built_with(monkeypatch, _avx2, run)]
     built_for("x86-64-v3")
     runs.append(run())
@@ -437,7 +433,7 @@ def test_avx2_prompt_tiles(build, built_for):
                       bits=5)
         q5.codes[0] = 31
         high = q4_kernel.pack_high(q5.codes)
-        check(q4_kernel.matmul(x, *q4_kernel.pack(q5.codes, q5.scale, q5.offset), 32, high=high), x, q5.dequantize())
+        check(q4_kernel.matmul(x, *q4_kernel.pack(q5.codes, q5.scale, q5.offset, 5), 32, high=high), x, q5.dequantize())
     # bfloat16 in and out (read and rounded as they are), and any thread count: the same numbers
     q = random_block_weight(37, 576, *LAYOUTS["offsets"], gen)
     planes = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
@@ -464,6 +460,62 @@ def test_avx2_prompt_tiles(build, built_for):
 
 
 @needs_kernel
+@pytest.mark.parametrize("build", [("x86-64-v3",), ("x86-64-v3", "-mavx512vnni", "-mavx512vl"), ("native",)],
+                         ids=["avx2", "avx2+vpdpbusd", "native"])
+def test_avx2_int4_panels(build, built_for):
+    """On AVX2 without AVX-512 VNNI, rows of 4-bit codes in groups of 32, 64 or 128 are packed in panels of 8
+    blocks (word w of block i of a panel of L blocks at byte 4 (w L + i)), and 1-3 rows of x take the panel loop
+    (x in bytes per block of 32, a block summed in one lane; tiles of 4 rows of W for one row of x, 2 for two or
+    three). K = 32, 96, 160, 576, 640, 2560 end in panels of 1, 3, 5, 2, 4 blocks and none; N = 13 ends in a
+    partial tile. Every output equals the float64 product of x as rounded with the weight to 1e-6, zeros stored or
+    derived (Q4_0), 1-5 rows (4 and 5: the prompt tiles, reading the panels); the dense weight equals the weight
+    exactly and `unpack` inverts `pack`. 5-bit codes, other group sizes and AVX-512 VNNI builds keep blocks in
+    order."""
+    built_for(*build)
+    avx2 = build != ("native",) or not q4_kernel.gemm_available()
+    assert [q4_kernel.paneled(g) for g in (32, 64, 128)] == [avx2] * 3
+    assert not q4_kernel.paneled(32, bits=5) and not q4_kernel.paneled(256)
+    gen = torch.Generator().manual_seed(12)
+    codes = torch.randint(0, 16, (1, 576), dtype=torch.uint8, generator=gen)
+    packed = q4_kernel.pack(codes, torch.ones(1, 18), None)[0][0]
+    for b, w, at in ((17, 3, 284), (9, 2, 196)):  # the last panel (2 blocks, i = 1); a whole one (i = 1)
+        want = codes[0, b * 32 + 4 * w: b * 32 + 4 * w + 4] | codes[0, b * 32 + 16 + 4 * w: b * 32 + 20 + 4 * w] << 4
+        where = at if avx2 else b * 16 + 4 * w
+        assert torch.equal(packed[where:where + 4], want)
+    for k in (32, 96, 160, 576, 640, 2560):
+        for group in (32, 64, 128):
+            if k % group:
+                continue
+            q = quantize_int4(torch.randn(13, k, generator=gen) * 0.05, group)
+            for mid in (False, True):
+                if mid:
+                    q = Q4Weight(q.codes, q.scale, -8 * q.scale)
+                packed, sz = q4_kernel.pack(q.codes, q.scale, None if mid else q.offset)
+                assert sz.shape[1] == (1 if mid else 2) and torch.equal(q4_kernel.unpack(packed, group), q.codes)
+                w = q4_kernel.dequantize_int4(packed, sz, group, torch.float32)
+                assert torch.equal(w, q.dequantize())
+                for rows in (1, 2, 3, 4, 5):
+                    x = torch.randn(rows, k, generator=gen)
+                    got, ref = q4_kernel.matmul(x, packed, sz, group), x.double() @ w.double().t()
+                    if avx2:
+                        assert _rel(got, as_rounded(x, 127) @ w.double().t()) < 1e-6
+                        assert 1e-4 < _rel(got, ref) < 2e-2  # x in bytes, not int16
+                    else:
+                        assert _rel(got, ref) < BOUND
+    layer = Int4Linear(q, None, torch.float32)
+    x = torch.randn(1, 2560, generator=gen).bfloat16()
+    y = q4_kernel.matmul(x, layer.packed, layer.scale_zero, 128, out_dtype=torch.bfloat16)
+    assert torch.equal(y, layer(x.float()).bfloat16()) and torch.equal(layer._unpack_codes(), q.codes)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(q4_kernel.matmul(x, layer.packed, layer.scale_zero, 128, out_dtype=torch.bfloat16), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("build", ["native", "x86-64-v3", "portable"])
 def test_q4_0_and_q5_0_zeros_are_derived_not_stored(build, built_for, monkeypatch):
     """GGUF's Q4_0 / Q5_0 (w = d (q - 8), d (q - 16)): an Int4Linear whose zeros are all -8 (5-bit: -16) times
@@ -482,7 +534,7 @@ def test_q4_0_and_q5_0_zeros_are_derived_not_stored(build, built_for, monkeypatc
                      -(2 ** (bits - 1)) * scale, bits=bits)
         layer = Int4Linear(q, None, torch.float32)
         assert layer.scale_zero.shape[1] == 1
-        stored = q4_kernel.pack(q.codes, q.scale, q.offset)[1]
+        stored = q4_kernel.pack(q.codes, q.scale, q.offset, bits)[1]
         assert stored.shape[1] == 2
         xs = [torch.randn(rows, 256, generator=gen) for rows in (1, 3, 5, 16)]
 

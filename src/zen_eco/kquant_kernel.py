@@ -436,13 +436,7 @@ INLINE void kq_unpack8(const kq_t *r, int K, int b, uint8_t *dst) {
         else if (r->kind == KQ_Q5K) kq_read8(KQ_Q5K, r, o, lo + v, hi + v);
         else kq_read8(KQ_Q4K, r, o, lo + v, hi + v);
     }
-    transpose4_epi32(lo), transpose4_epi32(hi);  /* per 128-bit lane L: lo[i], hi[i] hold block 4 L + i */
-    for (int i = 0; i < 4; i++) {
-        _mm_storeu_si128((__m128i *)(dst + i * 32), _mm256_castsi256_si128(lo[i]));
-        _mm_storeu_si128((__m128i *)(dst + i * 32 + 16), _mm256_castsi256_si128(hi[i]));
-        _mm_storeu_si128((__m128i *)(dst + (4 + i) * 32), _mm256_extracti128_si256(lo[i], 1));
-        _mm_storeu_si128((__m128i *)(dst + (4 + i) * 32 + 16), _mm256_extracti128_si256(hi[i], 1));
-    }
+    words8_to_blocks(lo, hi, dst);
 }
 #endif
 

@@ -16,15 +16,17 @@ int8 planes (x = 128 h + l), so the codes stay bytes and `vpdpbusd` takes 64 of 
 (four instructions per 64 bytes of codes where widening to int16 took four per 32).
 
 Layout (`pack`): codes (N, K / 2) uint8 where, in each block of 32 columns, byte j holds column j in
-its low nibble and column j + 16 in its high nibble; scale_zero (N, 2, K / group padded with zeros
-to a multiple of 8) float16: a row's scales, then its zeros, so each row is two sequential streams. The float16
-scales are exact for GGUF Q4_0/Q4_1 (stored in float16) and for `quant.quantize_int4`, which rounds
-its scales to float16 before computing codes.
+its low nibble and column j + 16 in its high nibble (blocks in order, or in panels of 8: `paneled`);
+scale_zero (N, 2, K / group padded with zeros to a multiple of 8) float16: a row's scales, then its zeros,
+so each row is two sequential streams. The float16 scales are exact for GGUF Q4_0/Q4_1 (stored in float16)
+and for `quant.quantize_int4`, which rounds its scales to float16 before computing codes.
 
 `matmul_int8` is the same scheme for int8 codes with one float32 scale per row (`Int8Linear`), and
 `matmul_int8_blocks` for int8 codes with float16 scales (and offsets) per block (GGUF's Q8_0, Q5_0, ...).
 On AVX2 without AVX-512 VNNI, prompts of all three (from `word_rows()` rows) take tiles of 2 rows of W x 4 of
-x with x in bytes per block of 32, as llama.cpp rounds it (`words_linear`).
+x with x in bytes per block of 32, as llama.cpp rounds it (`words_linear`); there rows of 4-bit codes in groups
+of 32, 64 or 128 are kept in panels of 8 blocks (`paneled`), and 1-3 rows of x (decode) read them with x in
+bytes too, each block's sum in one lane of a vector (`panel_linear`).
 
 Without AVX2 the C code falls back to plain loops (same integer math, compiler-vectorized).
 """
@@ -183,6 +185,33 @@ INLINE int64_t code_pos(int panels, int K, int b, int j) {
     return (int64_t)p0 * 16 + ((j / 4) * n + b - p0) * 4 + j % 4;
 }
 
+/* On AVX2 without AVX-512 VNNI, rows of 4-bit codes (no fifth bits) in groups of 32, 64 or 128 columns are
+   stored in panels of 8 blocks (`pack`'s `paneled`): 128 bytes each (the last panel 16 bytes a block it has),
+   their 4-byte words transposed, word w of block i of L at byte 4 (w L + i), so that a 32-byte read holds one
+   word of 8 blocks (lane i: block i) and the decode loop (panel_tile) sums each block in one lane, with no
+   transpose, as kquant_kernel's AVX2 loop does. Where this is built, `paneled` says whether such rows are. */
+#if defined(__AVX2__) && !defined(ZEN_VNNI)
+#define Q4_PANELS 1
+#endif
+INLINE int q4_paneled(int G, const uint8_t *high) {
+#ifdef Q4_PANELS
+    return !high && (G == 32 || G == 64 || G == 128);
+#else
+    (void)G, (void)high;
+    return 0;
+#endif
+}
+
+/* Byte j of block b's codes (column j in the low nibble, 16 + j in the high) in a row of the int4 layout,
+   in panels (paneled) or 16 bytes a block in order. */
+INLINE int64_t q4_pos(int paneled, int K, int b, int j) {
+    if (!paneled) return (int64_t)b * 16 + j;
+    const int L = K / 32 - b / 8 * 8 < 8 ? K / 32 - b / 8 * 8 : 8;  /* blocks in b's panel */
+    return (int64_t)(b / 8) * 128 + ((j / 4) * L + b % 8) * 4 + j % 4;
+}
+
+int zen_q4_panels(int G, int five) { return q4_paneled(G, five ? (const uint8_t *)&G : 0); }
+
 #ifdef __AVX2__
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -198,6 +227,18 @@ INLINE void transpose4_epi32(__m256i *v) {
     const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
     v[0] = _mm256_unpacklo_epi64(t0, t2), v[1] = _mm256_unpackhi_epi64(t0, t2);
     v[2] = _mm256_unpacklo_epi64(t1, t3), v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* Codes of 8 blocks read as words (lo[w], hi[w]: lane i holds word w of block i, the columns in the low and
+   in the high nibbles, as bytes) -> dst, 32 bytes a block in column order. lo and hi are transposed in place. */
+INLINE void words8_to_blocks(__m256i *lo, __m256i *hi, uint8_t *dst) {
+    transpose4_epi32(lo), transpose4_epi32(hi);  /* per 128-bit lane L: lo[i], hi[i] hold block 4 L + i */
+    for (int i = 0; i < 4; i++) {
+        _mm_storeu_si128((__m128i *)(dst + i * 32), _mm256_castsi256_si128(lo[i]));
+        _mm_storeu_si128((__m128i *)(dst + i * 32 + 16), _mm256_castsi256_si128(hi[i]));
+        _mm_storeu_si128((__m128i *)(dst + (4 + i) * 32), _mm256_extracti128_si256(lo[i], 1));
+        _mm_storeu_si128((__m128i *)(dst + (4 + i) * 32 + 16), _mm256_extracti128_si256(hi[i], 1));
+    }
 }
 
 /* The 8 lanes of each of v[0..7] summed: lane i of the result is the total of v[i]. */
@@ -714,15 +755,18 @@ INLINE int64_t words_at(int K, int b, int c) {  /* column c of block b */
     return g + (c / 4) * 32 + (b % 8) * 4 + c % 4;
 }
 
-/* x (M, K) -> xw (M, words_cols(K)) bytes in the word order (the padding zeros, from the caller), xd (M, nbx)
+INLINE int words_full(int K) { return (K / 32 + 7) / 8 * 256; }  /* the word order without a short group */
+
+/* x (M, K) -> xw (M, words_cols(K)) bytes in the word order (full: every group 256 bytes, words_full(K) a row;
+   the padding zeros, from the caller), xd (M, nbx)
    block scales, xs (M, nbx) the blocks' sums and, where xh is given, those of their first and last 16 columns
    (xh (2, M, nbx): offsets per 16 columns); rows split across threads. The sums are of x as rounded (xd times
    the integers' sum, as llama.cpp's Q8_1 keeps them), so that offsets and zeros multiply the x the codes do:
    w = code * scale + zero times x as rounded exactly. With the float sums the error of int4's zero terms (about
    -8 scales) no longer cancels that of its codes': 1.5e-2 relative on random INT4 weights against 5e-3. */
 static void quantize_words(int M, int K, const void *x, int x_bf16, int8_t *xw, float *xd, float *xs, float *xh,
-                           int n_threads) {
-    const int nbx = (K / 32 + 15) & ~15, KW = words_cols(K);
+                           int full, int n_threads) {
+    const int nbx = (K / 32 + 15) & ~15, KW = full ? words_full(K) : words_cols(K);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int m = 0; m < M; m++)
         for (int b = 0; b < K / 32; b++) {
@@ -732,7 +776,11 @@ static void quantize_words(int M, int K, const void *x, int x_bf16, int8_t *xw, 
             load_block(x, x_bf16, (int64_t)m * K + b * 32, xr);
             int32_t half[2] = {0, 0};
             xd[at] = round_block(xr, 127.0f, q, 0);
-            for (int c = 0; c < 32; c++) xw[(int64_t)m * KW + words_at(K, b, c)] = (int8_t)q[c], half[c / 16] += q[c];
+            for (int c = 0; c < 32; c++) {
+                const int64_t pos = full ? (int64_t)(b / 8) * 256 + (c / 4) * 32 + (b % 8) * 4 + c % 4
+                                         : words_at(K, b, c);
+                xw[(int64_t)m * KW + pos] = (int8_t)q[c], half[c / 16] += q[c];
+            }
             xs[at] = xd[at] * (float)(half[0] + half[1]);
             if (xh) xh[at] = xd[at] * (float)half[0], xh[(int64_t)M * nbx + at] = xd[at] * (float)half[1];
         }
@@ -784,6 +832,25 @@ INLINE void int4_row_bytes(int K, const uint8_t *packed, const uint8_t *high, in
     }
 }
 
+/* A paneled int4 row (q4_pos) -> its K codes in column order. */
+INLINE void panel_row_bytes(int K, const uint8_t *packed, int8_t *dst) {
+    const int nb = K / 32;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int b = 0; b + 8 <= nb; b += 8) {
+        __m256i lo[4], hi[4];
+        for (int w = 0; w < 4; w++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(packed + (int64_t)b * 16 + 32 * w));
+            lo[w] = _mm256_and_si256(v, low), hi[w] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+        words8_to_blocks(lo, hi, (uint8_t *)dst + (int64_t)b * 32);
+    }
+    for (int b = nb / 8 * 8; b < nb; b++)  /* the short last panel */
+        for (int j = 0; j < 16; j++) {
+            const uint8_t byte = packed[q4_pos(1, K, b, j)];
+            dst[b * 32 + j] = (int8_t)(byte & 15), dst[b * 32 + 16 + j] = (int8_t)(byte >> 4);
+        }
+}
+
 /* Where the tiles' rows of W come from: int8 codes (N, K) with `planes` of block scales (`flags`, rows `stride`
    apart; NULL: a float scale per row, `row_scale`), or (G > 0) the int4 layout with its fifth bits (or NULL)
    and scale_zero (rows `stride` apart: the scales of the groups of G columns, then their zeros). */
@@ -800,7 +867,9 @@ typedef struct {
 /* Row `row` of w -> dst in the word order (tmp: K bytes of scratch for int4), and its scales' planes. */
 INLINE bscale_t words_w_row(const words_w_t *w, int K, int64_t row, int8_t *dst, int8_t *tmp) {
     if (w->G) {
-        int4_row_bytes(K, w->packed + row * (K / 2), w->high ? w->high + row * high_stride(K) : 0, tmp);
+        const uint8_t *packed = w->packed + row * (K / 2);
+        if (q4_paneled(w->G, w->high)) panel_row_bytes(K, packed, tmp);
+        else int4_row_bytes(K, packed, w->high ? w->high + row * high_stride(K) : 0, tmp);
         words_row(K, tmp, dst);
         const uint16_t *sz = w->planes + row * w->stride;
         const bscale_t bs = {sz, 0, w->mid ? 0 : sz + w->stride / 2, 0};
@@ -909,7 +978,7 @@ static int words_linear(int M, int N, int K, const void *x, int x_bf16, const wo
     float *dsum = calloc((size_t)(halves ? 4 : 2) * M * nbx, sizeof(float));
     if (!xw || !dsum) { free(xw); free(dsum); return 0; }
     float *xd = dsum, *xs = dsum + (int64_t)M * nbx, *xh = halves ? dsum + (int64_t)2 * M * nbx : 0;
-    quantize_words(M, K, x, x_bf16, xw, xd, xs, xh, n_threads);
+    quantize_words(M, K, x, x_bf16, xw, xd, xs, xh, 0, n_threads);
     const int chunk = WORDS_X_BYTES / KW > 4 ? WORDS_X_BYTES / KW / 4 * 4 : 4;
     int failed = 0;
     #pragma omp parallel num_threads(n_threads)
@@ -959,6 +1028,109 @@ static int words_linear(int M, int N, int K, const void *x, int x_bf16, const wo
     free(xw);
     free(dsum);
     return !failed;
+}
+
+/* RW rows of a paneled int4 W (rows K / 2 bytes apart; sz: their scales, then (mid 0) their zeros, ngp values a
+   plane, rows `stride` apart) against RX rows of x in the full word order (rows words_full(K) apart; xd, xs rows
+   nbx apart): out[j * RX + r]. Per 32 bytes of codes (a word of 8 blocks) and row of x two vpmaddubsw, the low
+   nibbles against x's word w, the high ones against its word 4 + w; a block's 4 words' 16-bit pair sums (at most
+   4 x 2 x 2 x 15 x 127) are added, then one vpmaddwd against ones leaves each block's sum in its lane. A short
+   last panel (L < 8 blocks) is read with a lane mask (x's padding is zeros). */
+INLINE void panel_tile(const int RW, const int RX, const int G, int K, int rows_w, const uint8_t *codes,
+                       const uint16_t *sz, int ngp, int64_t stride, float mid, const int8_t *xw, const float *xd,
+                       const float *xs, float *out) {
+    const int nb = K / 32, nbx = (nb + 15) & ~15, KX = words_full(K);
+    const int64_t ahead = group_ahead(K / 2), rows_ahead = ahead / (K / 2);
+    const __m256i low = _mm256_set1_epi8(15), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#ifndef WORDS_DPBUSD
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    const uint8_t *row[4];
+    const uint16_t *srow[4];
+    for (int j = 0; j < RW; j++) {  /* missing rows repeat row 0 (valid memory); their results are dropped */
+        row[j] = codes + (int64_t)(j < rows_w ? j : 0) * (K / 2);
+        srow[j] = sz + (int64_t)(j < rows_w ? j : 0) * stride;
+    }
+    __m256 acc[4][3];
+    for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) acc[j][r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b += 8) {
+        const int L = nb - b < 8 ? nb - b : 8;
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(L), iota);
+        __m256i t[4][3];
+        for (int w = 0; w < 4; w++) {
+            __m256i xl[3], xh[3];
+            for (int r = 0; r < RX; r++)
+                xl[r] = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KX + b * 32 + 32 * w)),
+                xh[r] = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KX + b * 32 + 32 * (4 + w)));
+            for (int j = 0; j < RW; j++) {
+                const uint8_t *at = row[j] + (int64_t)b * 16 + 4 * L * w;
+                __builtin_prefetch(at + ahead, 0, 2);
+                const __m256i v = L == 8 ? _mm256_loadu_si256((const __m256i *)at)
+                                         : _mm256_maskload_epi32((const int *)at, lanes);
+                const __m256i c0 = _mm256_and_si256(v, low), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                for (int r = 0; r < RX; r++) {
+#ifdef WORDS_DPBUSD
+                    t[j][r] = WORDS_DPBUSD(WORDS_DPBUSD(w ? t[j][r] : _mm256_setzero_si256(), c0, xl[r]), c1, xh[r]);
+#else
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0, xl[r]),
+                                                       _mm256_maddubs_epi16(c1, xh[r]));
+                    t[j][r] = w ? _mm256_add_epi16(t[j][r], p) : p;
+#endif
+                }
+            }
+        }
+        for (int j = 0; j < RW; j++) {
+            if ((b & 31) == 0) {  /* a line of a float16 plane: 32 groups, 32 or more blocks */
+                prefetch_side(srow[j] + b * 32 / G, rows_ahead, 2 * stride);
+                if (!mid) prefetch_side(srow[j] + ngp + b * 32 / G, rows_ahead, 2 * stride);
+            }
+            const __m256 s = per_block(srow[j], b * 32 / G, G);
+            const __m256 z = mid ? _mm256_mul_ps(s, _mm256_set1_ps(mid)) : per_block(srow[j] + ngp, b * 32 / G, G);
+            for (int r = 0; r < RX; r++) {
+#ifdef WORDS_DPBUSD
+                const __m256i sum = t[j][r];
+#else
+                const __m256i sum = _mm256_madd_epi16(t[j][r], ones);
+#endif
+                const __m256 c = _mm256_mul_ps(s, _mm256_loadu_ps(xd + (int64_t)r * nbx + b));
+                acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), c, acc[j][r]);
+                acc[j][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbx + b), acc[j][r]);
+            }
+        }
+    }
+    for (int j = 0; j < rows_w; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum(acc[j][r]);
+}
+
+/* y (M, N) = x W^T for M < WORDS_MIN_ROWS rows of x (decode) and a paneled int4 W (scale_zero: `planes` planes of
+   ngp values a row): x rounded to bytes in the full word order, tiles of 4 rows of W against one row of x, of 2
+   against two or three. 1, or 0 when memory runs out. */
+static int panel_linear(int M, int N, int K, int G, const void *x, int x_bf16, const uint8_t *codes,
+                        const uint16_t *scale_zero, int planes, void *y, int y_bf16, int n_threads) {
+    const int nbx = (K / 32 + 15) & ~15, ngp = (K / G + 7) & ~7, RW = M == 1 ? 4 : 2;
+    int8_t *xw = calloc((size_t)M * words_full(K), 1);
+    float *dsum = calloc((size_t)2 * M * nbx, sizeof(float));
+    if (!xw || !dsum) { free(xw); free(dsum); return 0; }
+    float *xd = dsum, *xs = dsum + (int64_t)M * nbx;
+    quantize_words(M, K, x, x_bf16, xw, xd, xs, 0, 1, n_threads);
+    const float mid = planes == 1 ? q4_mid(0) : 0.0f;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n += RW) {
+        float out[12];
+        const int rows = N - n < RW ? N - n : RW;
+        const uint8_t *cn = codes + (int64_t)n * (K / 2);
+        const uint16_t *sn = scale_zero + (int64_t)n * planes * ngp;
+        /* constant tile shapes and group sizes: unrolled loops, sums in registers */
+        #define PANEL_TILE(rw_, rx_, g_) \
+            panel_tile(rw_, rx_, g_, K, rows, cn, sn, ngp, (int64_t)planes * ngp, mid, xw, xd, xs, out)
+        #define PANEL_TILES(g_) \
+            if (M == 1) PANEL_TILE(4, 1, g_); else if (M == 2) PANEL_TILE(2, 2, g_); else PANEL_TILE(2, 3, g_);
+        if (G == 32) { PANEL_TILES(32) } else if (G == 64) { PANEL_TILES(64) } else { PANEL_TILES(128) }
+        for (int j = 0; j < rows; j++)
+            for (int r = 0; r < M; r++) store(y, y_bf16, (int64_t)r * N + n + j, out[j * M + r]);
+    }
+    free(xw);
+    free(dsum);
+    return 1;
 }
 #endif
 
@@ -1057,7 +1229,7 @@ void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint8_t *hi
                     void *out, int out_bf16, int n_threads) {
     const int planes = q4_planes(G);
     G &= ~Q4_MID_ZERO;
-    const int ngp = (K / G + 7) & ~7;
+    const int ngp = (K / G + 7) & ~7, paneled = q4_paneled(G, high);
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *c = codes + (int64_t)n * (K / 2), *h = high ? high + (int64_t)n * high_stride(K) : 0;
@@ -1067,8 +1239,9 @@ void zen_q4_dequant(int N, int K, int G, const uint8_t *codes, const uint8_t *hi
             const uint32_t h0 = h ? high_bits16(h, b, 0) : 0, h1 = h ? high_bits16(h, b, 1) : 0;
             float v[32];
             for (int j = 0; j < 16; j++) {
-                v[j] = (float)((c[b * 16 + j] & 15) + 16 * (h0 >> j & 1)) * s + z;
-                v[j + 16] = (float)((c[b * 16 + j] >> 4) + 16 * (h1 >> j & 1)) * s + z;
+                const uint8_t byte = c[q4_pos(paneled, K, b, j)];
+                v[j] = (float)((byte & 15) + 16 * (h0 >> j & 1)) * s + z;
+                v[j + 16] = (float)((byte >> 4) + 16 * (h1 >> j & 1)) * s + z;
             }
             store32(out, out_bf16, (int64_t)n * K + b * 32, v);
         }
@@ -1134,6 +1307,8 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
     }
 #endif
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
+    if (q4_paneled(G, high) && M < WORDS_MIN_ROWS)  /* decode: panels against x in bytes */
+        return panel_linear(M, N, K, G, x, x_bf16, codes, scale_zero, planes, y, y_bf16, n_threads) ? 0 : -1;
     if (M >= WORDS_MIN_ROWS && (G == 32 || G == 64 || G == 128)) {  /* prompts: x in bytes, W in the word order */
         const words_w_t w = {0, codes, high, scale_zero, 0, 0, G, (int64_t)planes * ngp,
                              planes == 1 ? q4_mid(high) : 0.0f};
@@ -1167,13 +1342,14 @@ int zen_q4_linear(int M, int N, int K, int G, const void *x, int x_bf16, const u
 }
 
 /* codes (N, K) bytes -> packed (N, K / 2): per block of 32, byte i holds the low four bits of column i
-   and, above them, of column i + 16 (see `pack`). */
-void zen_q4_pack(int64_t N, int K, const uint8_t *codes, uint8_t *packed, int n_threads) {
+   and, above them, of column i + 16 (see `pack`), at q4_pos(paneled, ...). */
+void zen_q4_pack(int64_t N, int K, const uint8_t *codes, uint8_t *packed, int paneled, int n_threads) {
+    const int nb = K / 32;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t b = 0; b < N * (K / 32); b++) {
+    for (int64_t b = 0; b < N * nb; b++) {
         const uint8_t *c = codes + b * 32;
-        uint8_t *o = packed + b * 16;
-        for (int i = 0; i < 16; i++) o[i] = (c[i] & 15) | (uint8_t)(c[i + 16] << 4);
+        uint8_t *o = packed + b / nb * (K / 2);
+        for (int i = 0; i < 16; i++) o[q4_pos(paneled, K, (int)(b % nb), i)] = (c[i] & 15) | (uint8_t)(c[i + 16] << 4);
     }
 }
 
@@ -1234,7 +1410,9 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8b_dequant.restype = None
     lib.zen_q8b_dequant.argtypes = [i, i, p, p, i, p, i, i]
     lib.zen_q4_pack.restype = None
-    lib.zen_q4_pack.argtypes = [ctypes.c_int64, i, p, p, i]
+    lib.zen_q4_pack.argtypes = [ctypes.c_int64, i, p, p, i, i]
+    lib.zen_q4_panels.restype = i
+    lib.zen_q4_panels.argtypes = [i, i]
     lib.zen_q4_pack_high.restype = None
     lib.zen_q4_pack_high.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_kq_available.restype = i
@@ -1286,16 +1464,37 @@ def _packer(codes: torch.Tensor) -> ctypes.CDLL | None:
     return None
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def paneled(group: int, bits: int = 4) -> bool:
+    """Whether this build keeps int4 rows of `bits`-bit codes in groups of `group` columns in panels of 8 blocks
+    (AVX2 without AVX-512 VNNI: 4-bit codes in groups of 32, 64 or 128; see the C source's q4_pos): the
+    decode loop then sums each block in one lane, as the K-quant loop does."""
+    lib = library()
+    return lib is not None and bool(lib.zen_q4_panels(group, bits == 5))
+
+
+@lru_cache(maxsize=None)
+def _panel_index(k: int) -> torch.Tensor:
+    """index[i]: where byte i of a row in block order (16 bytes a block) sits in a paneled row."""
+    nb = k // BLOCK
+    b, j = torch.arange(nb).repeat_interleave(16), torch.arange(16).repeat(nb)
+    lanes = (nb - b // 8 * 8).clamp(max=8)  # blocks in b's panel
+    return b // 8 * 128 + ((j // 4) * lanes + b % 8) * 4 + j % 4
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+         bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) codes (their low four bits: 5-bit codes keep the fifth in `pack_high`), (N, K / group) scale and
     zero (w = code * scale + zero) -> the kernel's codes (N, K / 2) uint8 and scale_zero (N, 2, K / group
     rounded up to a multiple of 8) float16, the padding zeros. zero None: every zero is -8 (5-bit codes: -16)
-    times its scale (GGUF's Q4_0 / Q5_0): scale_zero (N, 1, ...), the scales only (`group_arg`)."""
+    times its scale (GGUF's Q4_0 / Q5_0): scale_zero (N, 1, ...), the scales only (`group_arg`). The codes'
+    bytes are in the order this build's loops read (`paneled(group, bits)`)."""
     n, k = codes.shape
-    lib = _packer(codes)
+    in_panels = paneled(k // scale.shape[1], bits)
+    lib = library() if in_panels else _packer(codes)  # panels: always in C
     if lib is not None:
+        codes = codes.to("cpu", torch.uint8).contiguous()
         packed = torch.empty(n, k // 2, dtype=torch.uint8)  # one pass in C: loading a 4B model packs ~3B codes
-        lib.zen_q4_pack(n, k, codes.data_ptr(), packed.data_ptr(), torch.get_num_threads())
+        lib.zen_q4_pack(n, k, codes.data_ptr(), packed.data_ptr(), in_panels, torch.get_num_threads())
     else:
         blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
         packed = ((blocks[:, :, 0] & 15) | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
@@ -1312,9 +1511,11 @@ def group_arg(group: int, scale_zero: torch.Tensor) -> int:
     return group | MID_ZERO if scale_zero.shape[1] == 1 else group
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack` for the codes: (N, K / 2) bytes -> (N, K) uint8 codes."""
+def unpack(packed: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
+    """Inverse of `pack` for the codes (their low four bits): (N, K / 2) bytes -> (N, K) uint8 codes."""
     n = packed.shape[0]
+    if paneled(group, bits):
+        packed = packed[:, _panel_index(packed.shape[1] * 2)]
     blocks = packed.view(n, -1, BLOCK // 2)
     return torch.cat([blocks & 15, blocks >> 4], -1).reshape(n, -1)
 

@@ -479,7 +479,7 @@ class Int4Linear(_QuantizedLinear):
             # pack keeps the low four bits; 5-bit codes' fifth bits go to `high`. Zeros that are all -8 (5-bit:
             # -16) times the scale (GGUF's Q4_0 / Q5_0) are not stored: the kernel derives them
             mid = torch.equal(weight.offset, -(2 ** (self.bits - 1)) * weight.scale)
-            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, None if mid else weight.offset)
+            packed, scale_zero = q4_kernel.pack(weight.codes, weight.scale, None if mid else weight.offset, self.bits)
             self.register_buffer("packed", packed)
             self.register_buffer("scale_zero", scale_zero)
             self.register_buffer("high", q4_kernel.pack_high(weight.codes) if self.bits == 5 else None)
@@ -503,7 +503,7 @@ class Int4Linear(_QuantizedLinear):
     def _unpack_codes(self) -> torch.Tensor:
         """The (N, K) uint8 codes back from `packed` (where `can_unpack`)."""
         if self.backend == "native":
-            return q4_kernel.unpack(self.packed)
+            return q4_kernel.unpack(self.packed, self.group_size)
         if self.backend == "dense":
             return unpack_nibbles(self.packed)
         return _unpack_cpu(self.packed, self.out_features, self.in_features)
