@@ -37,7 +37,8 @@ def main() -> None:
         q = quantize_int4(torch.randn(N, K, generator=gen) * 0.02, 32)
         int4.append(q4_kernel.pack(q.codes, q.scale, q.offset))
         codes = torch.randint(-30, 30, (N, K), dtype=torch.int8, generator=gen)
-        int8.append((codes, *q4_kernel.pack_block_scales(torch.rand(N, K // 32, generator=gen) * 0.01)))
+        scales = q4_kernel.pack_block_scales(torch.rand(N, K // 32, generator=gen) * 0.01)
+        int8.append((q4_kernel.pack_int8(codes), *scales))
         if kquant_kernel.available():
             six = lambda: torch.randint(0, 64, (N, K // 32), dtype=torch.uint8, generator=gen)  # noqa: E731
             d = lambda: torch.rand(N, K // 256, generator=gen) * 1e-3  # noqa: E731

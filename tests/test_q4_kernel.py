@@ -112,10 +112,11 @@ def test_one_row_decode_loop(group, k):
     packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
     assert _rel(q4_kernel.matmul(x, packed, sz, group), x.double() @ q.dequantize().double().t()) < BOUND
     q8 = quantize_int8(torch.randn(42, k, generator=gen) * 0.05)
-    assert _rel(q4_kernel.matmul_int8(x, q8.codes, q8.scale), x.double() @ q8.dequantize().double().t()) < BOUND
+    codes = q4_kernel.pack_int8(q8.codes)
+    assert _rel(q4_kernel.matmul_int8(x, codes, q8.scale), x.double() @ q8.dequantize().double().t()) < BOUND
     block = (torch.rand(42, k // 32, generator=gen) * 0.01).half().float()
     dense = (q8.codes.double().view(42, -1, 32) * block.double()[..., None]).view(42, k)
-    got = q4_kernel.matmul_int8_blocks(x, q8.codes, *q4_kernel.pack_block_scales(block))
+    got = q4_kernel.matmul_int8_blocks(x, codes, *q4_kernel.pack_block_scales(block))
     assert _rel(got, x.double() @ dense.t()) < BOUND
 
 
@@ -231,44 +232,16 @@ def test_portable_c_path_gives_the_same_numbers(monkeypatch):
     if not any(f.startswith("-march") for f in native.flags()):
         pytest.skip("not an x86-64 build")
     q = quantize_int4(torch.randn(24, 640) * 0.05, 64)
-    packed, sz = q4_kernel.pack(q.codes, q.scale, q.offset)
     x = torch.randn(3, 640)
     q8 = quantize_int8(torch.randn(24, 640) * 0.05)
 
-    def run():
-        return q4_kernel.matmul(x, packed, sz, 64), q4_kernel.matmul_int8(x, q8.codes, q8.scale)
+    def run():  # packed by the build that runs
+        return (q4_kernel.matmul(x, *q4_kernel.pack(q.codes, q.scale, q.offset), 64),
+                q4_kernel.matmul_int8(x, q4_kernel.pack_int8(q8.codes), q8.scale))
 
     fast = run()
     portable = _built_with(monkeypatch, _portable, run)
     assert _rel(portable[0], fast[0]) < 1e-6 and _rel(portable[1], fast[1]) < 1e-6
-
-
-@needs_kernel
-def test_avx2_path_gives_the_same_numbers_as_the_avx512_one(monkeypatch, built_for):
-    """Where the CPU has AVX-512 VNNI the kernel takes its 512-bit loop; the int8 AVX2 loops for 1-3 rows of x
-    (most other x86 CPUs) are built here with -DZEN_NO_VNNI and as a whole AVX2 build (ZEN_ECO_MARCH=x86-64-v3):
-    the same integer sums, so equal within float reassociation. (int4 there: test_avx2_int4_panels.)
-    Odd block counts (K = 160: 5 blocks) exercise the 512-bit loop's half-pair tail."""
-    if not any(f.startswith("-march") for f in native.flags()):
-        pytest.skip("not an x86-64 build")
-    gen = torch.Generator().manual_seed(11)
-    q8 = quantize_int8(torch.randn(24, 160, generator=gen) * 0.05)
-    scales = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(3)))
-    q2k = q4_kernel.pack_block_scales(*(torch.rand(24, 5, generator=gen) * 0.01 for _ in range(4)))  # offsets per 16
-    x = torch.randn(3, 160, generator=gen)
-
-    def run():
-        return (q4_kernel.matmul_int8(x, q8.codes, q8.scale), q4_kernel.matmul_int8_blocks(x, q8.codes, *scales),
-                q4_kernel.matmul_int8_blocks(x, q8.codes, *q2k), q4_kernel.matmul_int8_blocks(x[:1], q8.codes, *q2k))
-
-    fast = run()
-    assert _rel(fast[0], x.double() @ q8.dequantize().double().t()) < BOUND
-    runs = [_built_with(monkeypatch, _avx2, run)]
-    built_for("x86-64-v3")
-    runs.append(run())
-    for avx2 in runs:
-        for a, b in zip(avx2, fast):
-            assert _rel(a, b) < 1e-6
 
 
 @needs_kernel
@@ -311,7 +284,7 @@ def test_int8_kernel_against_float64(k):
     ref_w = q.codes.double() * q.scale.double()[:, None]
     for rows in (1, 3, 5):
         x = torch.randn(rows, k, generator=gen)
-        got = q4_kernel.matmul_int8(x, q.codes, q.scale)
+        got = q4_kernel.matmul_int8(x, q4_kernel.pack_int8(q.codes), q.scale)
         assert got.shape == (rows, 70) and _rel(got, x.double() @ ref_w.t()) < BOUND
     layer = Int8Linear(q, None, torch.float32)
     assert layer.backend == "native"
@@ -338,7 +311,8 @@ def test_int8_block_kernel_against_float64(k, layout):
     ref_w = q.dequantize().double()
     for rows in (1, 3, 5):
         x = torch.randn(rows, k, generator=gen)
-        got = q4_kernel.matmul_int8_blocks(x, q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b))
+        got = q4_kernel.matmul_int8_blocks(x, q4_kernel.pack_int8(q.codes),
+                                           *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b))
         assert got.shape == (rows, 70) and _rel(got, x.double() @ ref_w.t()) < BOUND
     layer = Int8BlockLinear(q, torch.randn(70), torch.float32)
     assert layer.backend == "native" and torch.equal(layer.dense_weight(torch.float32), q.dequantize())
@@ -379,8 +353,9 @@ def test_int8_block_kernel_portable_path(monkeypatch):
     weights = [random_block_weight(24, 576, *LAYOUTS[name], gen) for name in LAYOUTS]
     x = torch.randn(3, 576, generator=gen)
 
-    def run():
-        return [q4_kernel.matmul_int8_blocks(x[:rows], q.codes, *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b))
+    def run():  # packed by the build that runs
+        return [q4_kernel.matmul_int8_blocks(x[:rows], q4_kernel.pack_int8(q.codes),
+                                             *q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b))
                 for q in weights for rows in (1, 3)]
 
     fast = run()
@@ -419,10 +394,11 @@ def test_avx2_prompt_tiles(build, built_for):
             planes = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
             for rows in rows_list:
                 x = torch.randn(rows, k, generator=gen)
-                check(q4_kernel.matmul_int8_blocks(x, q.codes, *planes), x, q.dequantize())
+                check(q4_kernel.matmul_int8_blocks(x, q4_kernel.pack_int8(q.codes), *planes), x, q.dequantize())
         q8 = quantize_int8(torch.randn(n, k, generator=gen) * 0.05)
         x = torch.randn(rows_list[-1], k, generator=gen)
-        check(q4_kernel.matmul_int8(x, q8.codes, q8.scale), x, q8.codes.double() * q8.scale.double()[:, None])
+        check(q4_kernel.matmul_int8(x, q4_kernel.pack_int8(q8.codes), q8.scale), x,
+              q8.codes.double() * q8.scale.double()[:, None])
         for group in (32, 64, 128):
             if k % group == 0:
                 q4 = quantize_int4(torch.randn(n, k, generator=gen) * 0.05, group)
@@ -438,17 +414,18 @@ def test_avx2_prompt_tiles(build, built_for):
     q = random_block_weight(37, 576, *LAYOUTS["offsets"], gen)
     planes = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
     x = torch.randn(9, 576, generator=gen).bfloat16()
-    y = q4_kernel.matmul_int8_blocks(x, q.codes, *planes, out_dtype=torch.bfloat16)
+    codes = q4_kernel.pack_int8(q.codes)
+    y = q4_kernel.matmul_int8_blocks(x, codes, *planes, out_dtype=torch.bfloat16)
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, q4_kernel.matmul_int8_blocks(x.float(), q.codes, *planes).bfloat16())
+    assert torch.equal(y, q4_kernel.matmul_int8_blocks(x.float(), codes, *planes).bfloat16())
     threads = torch.get_num_threads()
     try:
         for t in (1, 3):
             torch.set_num_threads(t)
-            assert torch.equal(q4_kernel.matmul_int8_blocks(x, q.codes, *planes, out_dtype=torch.bfloat16), y)
+            assert torch.equal(q4_kernel.matmul_int8_blocks(x, codes, *planes, out_dtype=torch.bfloat16), y)
     finally:
         torch.set_num_threads(threads)
-    extreme = torch.full((6, 256), -128, dtype=torch.int8)
+    extreme = q4_kernel.pack_int8(torch.full((6, 256), -128, dtype=torch.int8))
     for sign in (1.0, -1.0):
         x = torch.full((4, 256), sign * 3.0)
         got = q4_kernel.matmul_int8_blocks(x, extreme, *q4_kernel.pack_block_scales(torch.ones(6, 8)))
@@ -513,6 +490,55 @@ def test_avx2_int4_panels(build, built_for):
             assert torch.equal(q4_kernel.matmul(x, layer.packed, layer.scale_zero, 128, out_dtype=torch.bfloat16), y)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("build", [("x86-64-v3",), ("x86-64-v3", "-mavx512vnni", "-mavx512vl"), ("native",)],
+                         ids=["avx2", "avx2+vpdpbusd", "native"])
+def test_avx2_int8_panels(build, built_for):
+    """On AVX2 without AVX-512 VNNI every row of int8 codes is kept in panels of 8 blocks (`pack_int8`: word w of
+    block i of a panel of L blocks at byte 4 (w L + i)) and 1-3 rows of x take the panel loop (x in bytes per
+    block of 32, vpmaddubsw(|w|, sign(x, w)) or vpdpbusd, a block summed in one lane). Every block layout (scales
+    per 32 or 16 columns, offsets per 32 or 16) and per-row scales, K with last panels of 1-5 blocks or none,
+    N = 13, 1-5 rows of x (4 and 5: the prompt tiles, reading the panels), codes down to -128: equal to the
+    float64 product of x as rounded to 1e-6; the dense weight exact; the layers' dense weights and their tied
+    tables (Int8Embedding) read the rows back in column order. Where AVX-512 VNNI is built, codes stay in order."""
+    built_for(*build)
+    avx2 = build != ("native",) or not q4_kernel.gemm_available()
+    assert q4_kernel.int8_paneled() == avx2
+    gen = torch.Generator().manual_seed(13)
+    codes = torch.randint(-128, 128, (2, 576), dtype=torch.int8, generator=gen)
+    packed = q4_kernel.pack_int8(codes)
+    assert torch.equal(q4_kernel.unpack_int8(packed), codes)
+    for b, w, at in ((17, 7, 572), (9, 5, 420)):  # the last panel (2 blocks, i = 1); a whole one (i = 1)
+        where = at if avx2 else b * 32 + 4 * w
+        assert torch.equal(packed[1, where:where + 4], codes[1, b * 32 + 4 * w: b * 32 + 4 * w + 4])
+    for k in (32, 96, 160, 576, 640):
+        for layout in LAYOUTS.values():
+            q = random_block_weight(13, k, *layout, gen, low=-128)
+            codes = q4_kernel.pack_int8(q.codes)
+            planes = q4_kernel.pack_block_scales(q.scale, q.scale_b, q.offset, q.offset_b)
+            w = q4_kernel.dequantize_int8_blocks(codes, *planes, torch.float32)
+            assert torch.equal(w, q.dequantize())
+            q8 = quantize_int8(torch.randn(13, k, generator=gen))
+            w8 = q8.codes.double() * q8.scale.double()[:, None]
+            for rows in (1, 2, 3, 4, 5):
+                x = torch.randn(rows, k, generator=gen)
+                for got, dense in ((q4_kernel.matmul_int8_blocks(x, codes, *planes), w.double()),
+                                   (q4_kernel.matmul_int8(x, q4_kernel.pack_int8(q8.codes), q8.scale), w8)):
+                    if avx2:
+                        assert _rel(got, as_rounded(x, 127) @ dense.t()) < 1e-6
+                    else:
+                        assert _rel(got, x.double() @ dense.t()) < BOUND
+    ids = torch.tensor([[0, 12, 5]])
+    head = Int8BlockLinear(q, None, torch.float32)
+    assert torch.equal(head.dense_weight(torch.float32, reuse=False), q.dequantize())
+    assert torch.equal(Int8Embedding(head)(ids)[0], q.dequantize()[ids[0]])
+    head = Int8Linear(q8, None, torch.float32)
+    assert torch.equal(head.dense_weight(torch.float32), q8.dequantize())
+    assert torch.equal(Int8Embedding(head)(ids)[0], q8.dequantize()[ids[0]])
+    x = torch.randn(1, q8.codes.shape[1], generator=gen)
+    assert torch.equal(head(x), q4_kernel.matmul_int8(x, head.codes, head.scales_f32))
 
 
 @needs_kernel

@@ -25,8 +25,9 @@ and for `quant.quantize_int4`, which rounds its scales to float16 before computi
 `matmul_int8_blocks` for int8 codes with float16 scales (and offsets) per block (GGUF's Q8_0, Q5_0, ...).
 On AVX2 without AVX-512 VNNI, prompts of all three (from `word_rows()` rows) take tiles of 2 rows of W x 4 of
 x with x in bytes per block of 32, as llama.cpp rounds it (`words_linear`); there rows of 4-bit codes in groups
-of 32, 64 or 128 are kept in panels of 8 blocks (`paneled`), and 1-3 rows of x (decode) read them with x in
-bytes too, each block's sum in one lane of a vector (`panel_linear`).
+of 32, 64 or 128 (`paneled`) and all int8 codes (`pack_int8`) are kept in panels of 8 blocks, and 1-3 rows of x
+(decode) read them with x in bytes too, each block's sum in one lane of a vector (`panel_linear`,
+`panel8_linear`).
 
 Without AVX2 the C code falls back to plain loops (same integer math, compiler-vectorized).
 """
@@ -185,11 +186,12 @@ INLINE int64_t code_pos(int panels, int K, int b, int j) {
     return (int64_t)p0 * 16 + ((j / 4) * n + b - p0) * 4 + j % 4;
 }
 
-/* On AVX2 without AVX-512 VNNI, rows of 4-bit codes (no fifth bits) in groups of 32, 64 or 128 columns are
-   stored in panels of 8 blocks (`pack`'s `paneled`): 128 bytes each (the last panel 16 bytes a block it has),
-   their 4-byte words transposed, word w of block i of L at byte 4 (w L + i), so that a 32-byte read holds one
-   word of 8 blocks (lane i: block i) and the decode loop (panel_tile) sums each block in one lane, with no
-   transpose, as kquant_kernel's AVX2 loop does. Where this is built, `paneled` says whether such rows are. */
+/* On AVX2 without AVX-512 VNNI, rows of 4-bit codes (no fifth bits) in groups of 32, 64 or 128 columns, and
+   every row of int8 codes, are stored in panels of 8 blocks (`pack`'s `paneled`, `pack_int8`): 128 bytes each
+   (int8: 256; a short last panel as many bytes a block as the others), their 4-byte words transposed, word w of
+   block i of L at byte 4 (w L + i), so that a 32-byte read holds one word of 8 blocks (lane i: block i) and the
+   decode loops (panel_tile, panel8_tile) sum each block in one lane, with no transpose, as kquant_kernel's AVX2
+   loop does. Where this is built, `paneled` says whether int4 rows are. */
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
 #define Q4_PANELS 1
 #endif
@@ -202,15 +204,46 @@ INLINE int q4_paneled(int G, const uint8_t *high) {
 #endif
 }
 
+/* Byte j of block b in a paneled row of `words` 4-byte words a block (int4: 4, int8: 8). */
+INLINE int64_t panel_pos(int K, int words, int b, int j) {
+    const int L = K / 32 - b / 8 * 8 < 8 ? K / 32 - b / 8 * 8 : 8;  /* blocks in b's panel */
+    return (int64_t)(b / 8) * 32 * words + ((j / 4) * L + b % 8) * 4 + j % 4;
+}
+
 /* Byte j of block b's codes (column j in the low nibble, 16 + j in the high) in a row of the int4 layout,
    in panels (paneled) or 16 bytes a block in order. */
 INLINE int64_t q4_pos(int paneled, int K, int b, int j) {
-    if (!paneled) return (int64_t)b * 16 + j;
-    const int L = K / 32 - b / 8 * 8 < 8 ? K / 32 - b / 8 * 8 : 8;  /* blocks in b's panel */
-    return (int64_t)(b / 8) * 128 + ((j / 4) * L + b % 8) * 4 + j % 4;
+    return paneled ? panel_pos(K, 4, b, j) : (int64_t)b * 16 + j;
+}
+
+/* Where column c of block b is in a row of int8 codes: in panels where this is built, else in order. */
+INLINE int64_t q8_pos(int K, int b, int c) {
+#ifdef Q4_PANELS
+    return panel_pos(K, 8, b, c);
+#else
+    (void)K;
+    return (int64_t)b * 32 + c;
+#endif
 }
 
 int zen_q4_panels(int G, int five) { return q4_paneled(G, five ? (const uint8_t *)&G : 0); }
+
+int zen_q8_panels(void) {
+#ifdef Q4_PANELS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* int8 codes (N, K) in column order -> dst in the order this build's loops read (q8_pos). */
+void zen_q8_pack(int64_t N, int K, const int8_t *codes, int8_t *dst, int n_threads) {
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int b = 0; b < K / 32; b++)
+            for (int c = 0; c < 32; c += 4)
+                __builtin_memcpy(dst + n * K + q8_pos(K, b, c), codes + n * K + b * 32 + c, 4);
+}
 
 #ifdef __AVX2__
 INLINE float hsum(__m256 v) {
@@ -559,7 +592,8 @@ INLINE void store(void *y, int y_bf16, int64_t i, float v) {
 }
 
 /* Row n of an int8 weight against R rows of xq: out[r] = x_r . w_n, w_n = K codes times one float
-   scale (bs.a NULL) or times float16 block scales (bs: the row's planes, bscale_t). xa, xb: the half-block
+   scale (bs.a NULL) or times float16 block scales (bs: the row's planes, bscale_t). AVX-512 VNNI and plain C
+   (AVX2 builds keep int8 rows in panels: panel8_linear). xa, xb: the half-block
    sums of x (read where bs.zb gives offsets per 16 columns). */
 INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t bs, const int16_t *xq,
                       const float *xd, const float *xs, const float *xa, const float *xb, float *out) {
@@ -605,43 +639,6 @@ INLINE void row_tile8(int R, int K, const int8_t *codes, float scale, bscale_t b
         }
     }
     for (int r = 0; r < R; r++) out[r] = hsum16(acc[r]) * scale;
-#elif defined(__AVX2__)
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int b0 = 0; b0 < nb; b0 += 8) {
-        const int n8 = nb - b0 < 8 ? nb - b0 : 8;
-        __m256i pa[4][8], pb[4][8];  /* per block: the sums of columns 0-15 and of 16-31 */
-        for (int j = 0; j < 8; j++) {
-            const int b = b0 + j;
-            if (j < n8) {
-                if ((b & 1) == 0) __builtin_prefetch(codes + b * 32 + PREFETCH, 0, 2);
-                __m256i c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32)));
-                __m256i c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes + b * 32 + 16)));
-                for (int r = 0; r < R; r++) {
-                    const int16_t *q = xq + (int64_t)r * KP + b * 32;
-                    pa[r][j] = _mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)q));
-                    pb[r][j] = _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 16)));
-                    if (!bs.b) pa[r][j] = _mm256_add_epi32(pa[r][j], pb[r][j]);
-                }
-            } else {
-                for (int r = 0; r < R; r++) pa[r][j] = pb[r][j] = _mm256_setzero_si256();
-            }
-        }
-        const __m256 sa = bs.a ? per_block(bs.a, b0, 32) : _mm256_set1_ps(1.0f);
-        for (int r = 0; r < R; r++) {
-            const __m256 xdv = _mm256_loadu_ps(xd + (int64_t)r * nbx + b0);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(pa[r])), _mm256_mul_ps(sa, xdv), acc[r]);
-            if (bs.b)
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(pb[r])), _mm256_mul_ps(per_block(bs.b, b0, 32), xdv), acc[r]);
-            if (bs.zb) {
-                acc[r] = _mm256_fmadd_ps(per_block(bs.z, b0, 32), _mm256_loadu_ps(xa + (int64_t)r * nbx + b0), acc[r]);
-                acc[r] = _mm256_fmadd_ps(per_block(bs.zb, b0, 32), _mm256_loadu_ps(xb + (int64_t)r * nbx + b0), acc[r]);
-            } else if (bs.z) {
-                acc[r] = _mm256_fmadd_ps(per_block(bs.z, b0, 32), _mm256_loadu_ps(xs + (int64_t)r * nbx + b0), acc[r]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) * scale;
 #else
     for (int r = 0; r < R; r++) {
         float total = 0.0f;
@@ -851,6 +848,17 @@ INLINE void panel_row_bytes(int K, const uint8_t *packed, int8_t *dst) {
         }
 }
 
+/* A row of int8 codes in panels (q8_pos) -> dst in the word order: whole panels are that order already; the
+   short last one is copied word by word into the short group's places (words_at), its padding zero. */
+INLINE void panel8_row_words(int K, const int8_t *codes, int8_t *dst) {
+    const int nb = K / 32, b0 = nb / 8 * 8, KW = words_cols(K);
+    __builtin_memcpy(dst, codes, (size_t)b0 * 32);
+    if (b0 == nb) return;
+    __builtin_memset(dst + (int64_t)b0 * 32, 0, KW - (int64_t)b0 * 32);
+    for (int b = b0; b < nb; b++)
+        for (int c = 0; c < 32; c += 4) __builtin_memcpy(dst + words_at(K, b, c), codes + q8_pos(K, b, c), 4);
+}
+
 /* Where the tiles' rows of W come from: int8 codes (N, K) with `planes` of block scales (`flags`, rows `stride`
    apart; NULL: a float scale per row, `row_scale`), or (G > 0) the int4 layout with its fifth bits (or NULL)
    and scale_zero (rows `stride` apart: the scales of the groups of G columns, then their zeros). */
@@ -875,8 +883,23 @@ INLINE bscale_t words_w_row(const words_w_t *w, int K, int64_t row, int8_t *dst,
         const bscale_t bs = {sz, 0, w->mid ? 0 : sz + w->stride / 2, 0};
         return bs;
     }
-    words_row(K, w->codes + row * K, dst);
+    panel8_row_words(K, w->codes + row * K, dst);
     return block_planes(w->planes ? w->planes + row * w->stride : 0, w->flags, (K / 32 + 7) & ~7);
+}
+
+/* acc[r] += the offset terms of the 8 blocks from b for rows r < RX of x: z (a vector of 8 blocks' offsets) times
+   the blocks' sums of x (xs), or where zb is given (offsets per 16 columns) z and *zb times the sums of their
+   first and last 16 columns (xa, xb); rows of x nbx apart. */
+INLINE void add_offsets(const int RX, __m256 *acc, __m256 z, const __m256 *zb, const float *xs, const float *xa,
+                        const float *xb, int nbx, int b) {
+    for (int r = 0; r < RX; r++) {
+        if (zb) {
+            acc[r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xa + (int64_t)r * nbx + b), acc[r]);
+            acc[r] = _mm256_fmadd_ps(*zb, _mm256_loadu_ps(xb + (int64_t)r * nbx + b), acc[r]);
+        } else {
+            acc[r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbx + b), acc[r]);
+        }
+    }
 }
 
 /* RW (<= 2) rows of W in the word order (w, KW bytes apart; bs[j] their scales, per G columns; all NULL: none)
@@ -956,14 +979,7 @@ INLINE void words_tile(const int RW, const int RX, const int G, const int U, con
             const __m256 z = bs[j].z ? per_block(bs[j].z, b * 32 / G, G)
                                      : _mm256_mul_ps(per_block(bs[j].a, b * 32 / G, G), _mm256_set1_ps(mid));
             const __m256 zb = bs[j].zb ? per_block(bs[j].zb, b, 32) : z;
-            for (int r = 0; r < RX; r++) {
-                if (bs[j].zb) {  /* an offset per 16 columns: each against its half's sum */
-                    acc[j][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xa + (int64_t)r * nbx + b), acc[j][r]);
-                    acc[j][r] = _mm256_fmadd_ps(zb, _mm256_loadu_ps(xb + (int64_t)r * nbx + b), acc[j][r]);
-                } else {
-                    acc[j][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(xs + (int64_t)r * nbx + b), acc[j][r]);
-                }
-            }
+            add_offsets(RX, acc[j], z, bs[j].zb ? &zb : 0, xs, xa, xb, nbx, b);
         }
     }
     for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum(acc[j][r]);
@@ -1132,6 +1148,105 @@ static int panel_linear(int M, int N, int K, int G, const void *x, int x_bf16, c
     free(dsum);
     return 1;
 }
+
+/* RW rows of paneled int8 W (rows K bytes apart; bs[j]: row j's block scales, bscale_t, all NULL: none) against
+   RX rows of x in the full word order (rows words_full(K) apart; xd, xs and the half sums xa, xb rows nbx apart):
+   out[j * RX + r]. Per 32 bytes of codes (a word of 8 blocks) and row of x: vpmaddubsw(|w|, sign(x, w)) (pairs at
+   most 2 x 128 x 127), vpmaddwd against ones and an add (or one vpdpbusd): each block's sum in its lane. H: a
+   scale per 16 columns (words 0-3 of a block are its first 16 columns, 4-7 its last 16), each half summed apart;
+   `side`: values between two rows' block scales (their prefetch). */
+INLINE void panel8_tile(const int RW, const int RX, const int H, int K, int rows_w, const int8_t *codes,
+                        const bscale_t *bs, int64_t side, const int8_t *xw, const float *xd, const float *xs,
+                        const float *xa, const float *xb, float *out) {
+    const int nb = K / 32, nbx = (nb + 15) & ~15, KX = words_full(K);
+    const int64_t ahead = group_ahead(K), rows_ahead = ahead / K;
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#ifndef WORDS_DPBUSD
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    const int8_t *row[4];
+    for (int j = 0; j < RW; j++) row[j] = codes + (int64_t)(j < rows_w ? j : 0) * K;  /* missing rows: row 0's */
+    __m256 acc[4][3];
+    for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) acc[j][r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b += 8) {
+        const int L = nb - b < 8 ? nb - b : 8;
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(L), iota);
+        for (int h = 0; h < (H ? 2 : 1); h++) {
+            __m256i t[4][3];
+            for (int j = 0; j < RW; j++) for (int r = 0; r < RX; r++) t[j][r] = _mm256_setzero_si256();
+            for (int v = H ? 4 * h : 0; v < (H ? 4 * h + 4 : 8); v++) {
+                __m256i xv[3];
+                for (int r = 0; r < RX; r++)
+                    xv[r] = _mm256_loadu_si256((const __m256i *)(xw + (int64_t)r * KX + b * 32 + 32 * v));
+                for (int j = 0; j < RW; j++) {
+                    const int8_t *at = row[j] + (int64_t)b * 32 + 4 * L * v;
+                    if (v % 2 == 0) __builtin_prefetch(at + ahead, 0, 2);
+                    const __m256i w = L == 8 ? _mm256_loadu_si256((const __m256i *)at)
+                                             : _mm256_maskload_epi32((const int *)at, lanes);
+                    const __m256i aw = _mm256_abs_epi8(w);
+                    for (int r = 0; r < RX; r++) {
+#ifdef WORDS_DPBUSD
+                        t[j][r] = WORDS_DPBUSD(t[j][r], aw, _mm256_sign_epi8(xv[r], w));
+#else
+                        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w));
+                        t[j][r] = _mm256_add_epi32(t[j][r], _mm256_madd_epi16(p, ones));
+#endif
+                    }
+                }
+            }
+            for (int j = 0; j < RW; j++) {
+                const uint16_t *plane = h ? bs[j].b : bs[j].a;
+                if (plane && (b & 31) == 0) prefetch_side(plane + b, rows_ahead, 2 * side);
+                const __m256 scale = plane ? per_block(plane, b, 32) : _mm256_set1_ps(1.0f);
+                for (int r = 0; r < RX; r++) {
+                    const __m256 c = _mm256_mul_ps(scale, _mm256_loadu_ps(xd + (int64_t)r * nbx + b));
+                    acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[j][r]), c, acc[j][r]);
+                }
+            }
+        }
+        for (int j = 0; j < RW; j++) {
+            if (!bs[j].z) continue;
+            if ((b & 31) == 0) prefetch_side(bs[j].z + b, rows_ahead, 2 * side);
+            const __m256 z = per_block(bs[j].z, b, 32), zb = bs[j].zb ? per_block(bs[j].zb, b, 32) : z;
+            add_offsets(RX, acc[j], z, bs[j].zb ? &zb : 0, xs, xa, xb, nbx, b);
+        }
+    }
+    for (int j = 0; j < rows_w; j++) for (int r = 0; r < RX; r++) out[j * RX + r] = hsum(acc[j][r]);
+}
+
+/* y (M, N) = x W^T for M < WORDS_MIN_ROWS rows of x (decode) and paneled int8 W (a float scale per row, or block
+   scales `bscale` with `flags`, rows `stride` values apart): tiles of 4 rows of W against one row of x, of 2
+   against two or three. 1, or 0 when memory runs out. */
+static int panel8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
+                         const uint16_t *bscale, int flags, int64_t stride, void *y, int y_bf16, int n_threads) {
+    const int nbx = (K / 32 + 15) & ~15, nbs = (K / 32 + 7) & ~7, RW = M == 1 ? 4 : 2, H = (flags & 1) != 0;
+    int8_t *xw = calloc((size_t)M * words_full(K), 1);
+    float *dsum = calloc((size_t)4 * M * nbx, sizeof(float));
+    if (!xw || !dsum) { free(xw); free(dsum); return 0; }
+    float *xd = dsum, *xs = dsum + (int64_t)M * nbx, *xh = dsum + (int64_t)2 * M * nbx;
+    quantize_words(M, K, x, x_bf16, xw, xd, xs, xh, 1, n_threads);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n += RW) {
+        float out[12];
+        const int rows = N - n < RW ? N - n : RW;
+        bscale_t bs[4];
+        for (int j = 0; j < RW; j++)  /* missing rows repeat the first */
+            bs[j] = block_planes(bscale ? bscale + (int64_t)(n + (j < rows ? j : 0)) * stride : 0, flags, nbs);
+        /* constant tile shapes: unrolled loops, sums in registers */
+        #define PANEL8_TILE(rw_, rx_, h_) panel8_tile(rw_, rx_, h_, K, rows, codes + (int64_t)n * K, bs, stride, xw, \
+                                                      xd, xs, xh, xh + (int64_t)M * nbx, out)
+        #define PANEL8_TILES(h_) \
+            if (M == 1) PANEL8_TILE(4, 1, h_); else if (M == 2) PANEL8_TILE(2, 2, h_); else PANEL8_TILE(2, 3, h_);
+        if (H) { PANEL8_TILES(1) } else { PANEL8_TILES(0) }
+        for (int j = 0; j < rows; j++) {
+            const float sn = scale ? scale[n + j] : 1.0f;
+            for (int r = 0; r < M; r++) store(y, y_bf16, (int64_t)r * N + n + j, out[j * M + r] * sn);
+        }
+    }
+    free(xw);
+    free(dsum);
+    return 1;
+}
 #endif
 
 /* y (M, N) = x (M, K) W^T for int8 W (N, K) with a float scale per row (scale) or float16 block scales
@@ -1145,7 +1260,8 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     if (M >= WORDS_MIN_ROWS) {  /* prompts: x in bytes, W in the word order */
         const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, stride, 0.0f};
         return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
-    }
+    }  /* decode: the panels against x in bytes */
+    return panel8_linear(M, N, K, x, x_bf16, codes, scale, bscale, flags, stride, y, y_bf16, n_threads) ? 0 : -1;
 #endif
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
@@ -1261,8 +1377,8 @@ void zen_q8b_dequant(int N, int K, const int8_t *codes, const uint16_t *bscale, 
             const float zb = bs.zb ? f16(bs.zb[b]) : z;
             float v[32];
             for (int j = 0; j < 16; j++) {
-                v[j] = (float)c[b * 32 + j] * sa + z;
-                v[j + 16] = (float)c[b * 32 + j + 16] * sb + zb;
+                v[j] = (float)c[q8_pos(K, b, j)] * sa + z;
+                v[j + 16] = (float)c[q8_pos(K, b, j + 16)] * sb + zb;
             }
             store32(out, out_bf16, (int64_t)n * K + b * 32, v);
         }
@@ -1413,6 +1529,10 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q4_pack.argtypes = [ctypes.c_int64, i, p, p, i, i]
     lib.zen_q4_panels.restype = i
     lib.zen_q4_panels.argtypes = [i, i]
+    lib.zen_q8_panels.restype = i
+    lib.zen_q8_panels.argtypes = []
+    lib.zen_q8_pack.restype = None
+    lib.zen_q8_pack.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_q4_pack_high.restype = None
     lib.zen_q4_pack_high.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_kq_available.restype = i
@@ -1473,12 +1593,36 @@ def paneled(group: int, bits: int = 4) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _panel_index(k: int) -> torch.Tensor:
-    """index[i]: where byte i of a row in block order (16 bytes a block) sits in a paneled row."""
-    nb = k // BLOCK
-    b, j = torch.arange(nb).repeat_interleave(16), torch.arange(16).repeat(nb)
+def _panel_index(k: int, words: int = 4) -> torch.Tensor:
+    """index[i]: where byte i of a row in block order (4 * words bytes a block: int4 4, int8 8) sits in a row in
+    panels (the C source's panel_pos)."""
+    nb, size = k // BLOCK, 4 * words
+    b, j = torch.arange(nb).repeat_interleave(size), torch.arange(size).repeat(nb)
     lanes = (nb - b // 8 * 8).clamp(max=8)  # blocks in b's panel
-    return b // 8 * 128 + ((j // 4) * lanes + b % 8) * 4 + j % 4
+    return b // 8 * 8 * size + ((j // 4) * lanes + b % 8) * 4 + j % 4
+
+
+def int8_paneled() -> bool:
+    """Whether this build's int8 kernels (`matmul_int8`, `matmul_int8_blocks`) read codes in panels of 8 blocks
+    (AVX2 without AVX-512 VNNI), as `pack_int8` puts them."""
+    lib = library()
+    return lib is not None and bool(lib.zen_q8_panels())
+
+
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 codes in column order -> the order this build's int8 kernels read (the same tensor where that
+    is column order)."""
+    if not int8_paneled():
+        return codes
+    codes = codes.to("cpu", torch.int8).contiguous()
+    out = torch.empty_like(codes)
+    library().zen_q8_pack(codes.shape[0], codes.shape[1], codes.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def unpack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """Rows (..., K) of `pack_int8`'s codes back in column order."""
+    return codes[..., _panel_index(codes.shape[-1], 8)] if int8_paneled() else codes
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -1545,8 +1689,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, grou
 
 
 def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype` for int8 codes (N, K) (K a multiple of 32) and a
-    float32 scale per row: the same int16-activation scheme as `matmul`."""
+    """(M, K) x (CPU) @ W^T -> (M, N) in `out_dtype` for int8 codes (N, K) (K a multiple of 32; as `pack_int8`
+    orders them) and a float32 scale per row: the same int16-activation scheme as `matmul`."""
     if torch.compiler.is_compiling():
         return torch.ops.zen_eco.q8_linear(x, codes, scale, out_dtype)
     return _q8_linear(x, codes, scale, out_dtype)
@@ -1554,7 +1698,7 @@ def matmul_int8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_d
 
 def matmul_int8_blocks(x: torch.Tensor, codes: torch.Tensor, block_scale: torch.Tensor, flags: int = 0,
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(M, K) x (CPU) @ W^T -> (M, N) for int8 codes (N, K) with float16 block scales in
+    """(M, K) x (CPU) @ W^T -> (M, N) for int8 codes (N, K) (as `pack_int8` orders them) with float16 block scales in
     `pack_block_scales`' layout and its `flags`: GGUF's Q8_0 and Q5_0 as stored (a scale per block of 32),
     Q5_1 / Q5_K (and offsets), Q6_K / Q3_K (a scale per 16 columns), Q2_K (a scale and an offset per 16)."""
     if torch.compiler.is_compiling():
@@ -1629,7 +1773,7 @@ def pack_high(codes: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int8_blocks(codes: torch.Tensor, block_scale: torch.Tensor, flags: int, dtype: torch.dtype,
                            reuse: bool = False) -> torch.Tensor:
-    """`pack_block_scales`' buffers with int8 codes (N, K) -> the dense weight in `dtype` (float32 or
+    """`pack_block_scales`' buffers with int8 codes (N, K; `pack_int8`'s) -> the dense weight in `dtype` (float32 or
     bfloat16), code * scale (+ offset) computed in float32 and rounded once. reuse: as `dequantize_int4`."""
     n, k = codes.shape
     out = _weight_buffer(n, k, dtype, reuse)

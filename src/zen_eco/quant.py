@@ -17,6 +17,8 @@ cannot be built, PyTorch's `_weight_int4pack_mm_for_cpu` (fast only with bf16 ac
 - `Int8BlockLinear`: int8 codes with a float16 scale per block of 32 columns (or per 16) and optional
   offsets: GGUF's Q8_0 and Q5_0 (whose 5-bit codes minus 16 are int8) kept as stored, Q5_1 / Q5_K /
   Q6_K / Q3_K with their values as codes, on our kernel (`matmul_int8_blocks`).
+  On AVX2 without AVX-512 VNNI the native int8 layers keep their codes in our kernel's panels of 8 blocks
+  (`q4_kernel.pack_int8`); `column_codes` gives rows back in column order (dense weights, tied tables).
 
 Kernels: CPU `q4_kernel` (else `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`); CUDA `_weight_int4pack_mm`
 (bf16, "tinygemm"; each layer's packing is checked once against the plain math on a test row).
@@ -537,16 +539,15 @@ class Int4Linear(_QuantizedLinear):
 
 class Int8Linear(_QuantizedLinear):
     """y = x W^T (+ b) for an 8-bit `Q8Weight`. For few rows on the CPU: our kernel (`q4_kernel.matmul_int8`,
-    backend "native"; int16 activations, float32 scales) or PyTorch's `_weight_int8pack_mm` ("torch",
-    also what kernel="torch" asks for); else ("dense") (x @ codes^T) * scale with the codes cast to the
-    activation dtype for the call."""
+    backend "native"; activations rounded per block of 32 to int16 (AVX2: int8), float32 scales) or PyTorch's
+    `_weight_int8pack_mm` ("torch", also what kernel="torch" asks for); else ("dense") (x @ codes^T) * scale
+    with the codes cast to the activation dtype for the call."""
 
     def __init__(self, weight: Q8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         device = torch.device(device)
         self.out_features, self.in_features = weight.codes.shape
-        self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
         self.register_buffer("scales", weight.scale.to(device, dtype))  # (N,)
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM
@@ -560,9 +561,15 @@ class Int8Linear(_QuantizedLinear):
             self.backend = "torch"
         else:
             self.backend = "dense"
+        codes = weight.codes.to(device).contiguous()  # (N, K) int8; our kernel's order (q4_kernel.pack_int8)
+        self.register_buffer("codes", q4_kernel.pack_int8(codes) if self.backend == "native" else codes)
+
+    def column_codes(self, rows=slice(None)) -> torch.Tensor:
+        """Rows `rows` of the codes in column order."""
+        return q4_kernel.unpack_int8(self.codes[rows]) if self.backend == "native" else self.codes[rows]
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.codes.to(dtype) * self.scales.to(dtype)[:, None]
+        return self.column_codes().to(dtype) * self.scales.to(dtype)[:, None]
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native" and x2.shape[0] < self.native_rows:
@@ -570,7 +577,7 @@ class Int8Linear(_QuantizedLinear):
         x2 = x2.to(self.scales.dtype)
         if self.backend == "torch" and x2.shape[0] < _dense_min_rows(x2.dtype):
             return torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
-        return F.linear(x2, self.codes.to(x2.dtype)) * self.scales  # the per-row scale can wait until after
+        return F.linear(x2, self.column_codes().to(x2.dtype)) * self.scales  # the per-row scale can wait until after
 
 
 class Int8BlockLinear(_QuantizedLinear):
@@ -586,20 +593,25 @@ class Int8BlockLinear(_QuantizedLinear):
         device = torch.device(device)
         self.out_features, self.in_features = weight.codes.shape
         self.dtype = dtype
-        self.register_buffer("codes", weight.codes.to(device).contiguous())  # (N, K) int8
+        native = kernel is True and device.type == "cpu" and q4_kernel.available()
+        codes = weight.codes.to(device).contiguous()  # (N, K) int8; our kernel's order (q4_kernel.pack_int8)
+        self.register_buffer("codes", q4_kernel.pack_int8(codes) if native else codes)
         scales, self.block_flags = q4_kernel.pack_block_scales(weight.scale, weight.scale_b, weight.offset,
                                                                weight.offset_b)
         self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
-        native = kernel is True and device.type == "cpu" and q4_kernel.available()
         self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM
         self.backend = "native" if native else "dense"
+
+    def column_codes(self, rows=slice(None)) -> torch.Tensor:
+        """Rows `rows` of the codes in column order."""
+        return q4_kernel.unpack_int8(self.codes[rows]) if self.backend == "native" else self.codes[rows]
 
     def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
         """(N, K) weight in `dtype`; reuse: as `Int4Linear.dense_weight`."""
         if self.backend == "native" and dtype in (torch.float32, torch.bfloat16):  # one C pass, rounded once
             return q4_kernel.dequantize_int8_blocks(self.codes, self.block_scales, self.block_flags, dtype, reuse)
-        return _block_rows(self.codes, self.block_scales, self.block_flags, slice(None), dtype)
+        return _block_rows(self.column_codes(), self.block_scales, self.block_flags, dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.backend == "native" and x2.shape[0] < self.native_rows:
@@ -694,6 +706,7 @@ class Int8Embedding(nn.Module):
             self.dtype = head.dtype
             return
         self.register_buffer("codes", head.codes)  # the same tensors, not copies
+        self.column_codes = head.column_codes  # its rows in column order (the kernel's may differ: pack_int8)
         self.blocks = isinstance(head, Int8BlockLinear)
         self.block_flags = head.block_flags if self.blocks else 0
         self.register_buffer("scales", head.block_scales if self.blocks else head.scales)
@@ -703,15 +716,15 @@ class Int8Embedding(nn.Module):
         if self.kquant is not None:  # computed in float32, rounded once
             return self.kquant.dense_rows(ids, torch.float32).view(*ids.shape, -1).to(self.dtype)
         if self.blocks:  # few rows: computed in float32, rounded once
-            return _block_rows(self.codes, self.scales, self.block_flags, ids, torch.float32).to(self.dtype)
-        return self.codes[ids].to(self.dtype) * self.scales[ids].unsqueeze(-1)
+            return _block_rows(self.column_codes(ids), self.scales[ids], self.block_flags, torch.float32).to(self.dtype)
+        return self.column_codes(ids).to(self.dtype) * self.scales[ids].unsqueeze(-1)
 
 
-def _block_rows(codes: torch.Tensor, block_scales: torch.Tensor, flags: int, rows, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `rows` of an int8 weight with block scales (`Int8BlockLinear`'s buffers and flags), in `dtype`."""
-    picked = codes[rows]
-    nb = codes.shape[1] // 32
-    planes = block_scales[rows][..., :nb].to(dtype)  # (..., planes, nb)
+def _block_rows(picked: torch.Tensor, block_scales: torch.Tensor, flags: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows (..., K) of an int8 weight with block scales in column order, and their block scales (`Int8BlockLinear`'s
+    rows and flags), in `dtype`."""
+    nb = picked.shape[-1] // 32
+    planes = block_scales[..., :nb].to(dtype)  # (..., planes, nb)
     halves = planes[..., : 1 + (flags & q4_kernel.HALVES), :]  # first and (where stored) last 16 columns' scale
     w = picked.view(*picked.shape[:-1], nb, 2, 16).to(dtype) * halves.movedim(-2, -1)[..., None]
     if flags & q4_kernel.OFFSET_HALVES:  # the last two planes: each half's offset
