@@ -537,7 +537,19 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
 
 
-class Int8Linear(_QuantizedLinear):
+class _Int8Codes(_QuantizedLinear):
+    """What Int8Linear and Int8BlockLinear share: `codes` (N, K) int8, in our kernel's order on backend "native"
+    (q4_kernel.pack_int8: panels of 8 blocks on AVX2), else in column order."""
+
+    codes: torch.Tensor
+    backend: str
+
+    def column_codes(self, rows=slice(None)) -> torch.Tensor:
+        """Rows `rows` of the codes in column order."""
+        return q4_kernel.unpack_int8(self.codes[rows]) if self.backend == "native" else self.codes[rows]
+
+
+class Int8Linear(_Int8Codes):
     """y = x W^T (+ b) for an 8-bit `Q8Weight`. For few rows on the CPU: our kernel (`q4_kernel.matmul_int8`,
     backend "native"; activations rounded per block of 32 to int16 (AVX2: int8), float32 scales) or PyTorch's
     `_weight_int8pack_mm` ("torch", also what kernel="torch" asks for); else ("dense") (x @ codes^T) * scale
@@ -564,10 +576,6 @@ class Int8Linear(_QuantizedLinear):
         codes = weight.codes.to(device).contiguous()  # (N, K) int8; our kernel's order (q4_kernel.pack_int8)
         self.register_buffer("codes", q4_kernel.pack_int8(codes) if self.backend == "native" else codes)
 
-    def column_codes(self, rows=slice(None)) -> torch.Tensor:
-        """Rows `rows` of the codes in column order."""
-        return q4_kernel.unpack_int8(self.codes[rows]) if self.backend == "native" else self.codes[rows]
-
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.column_codes().to(dtype) * self.scales.to(dtype)[:, None]
 
@@ -580,7 +588,7 @@ class Int8Linear(_QuantizedLinear):
         return F.linear(x2, self.column_codes().to(x2.dtype)) * self.scales  # the per-row scale can wait until after
 
 
-class Int8BlockLinear(_QuantizedLinear):
+class Int8BlockLinear(_Int8Codes):
     """y = x W^T (+ b) for a `Q8BlockWeight` (int8 codes, float16 scales per block of 32 columns or per 16,
     optional offsets: a GGUF file's Q8_0 / Q5_0 kept as stored, 1.06 bytes a weight instead of bf16's 2;
     Q5_1 / Q5_K / Q6_K / Q3_K 1.09-1.13 bytes, their scale products rounded to float16, at most 2^-11
@@ -602,10 +610,6 @@ class Int8BlockLinear(_QuantizedLinear):
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM
         self.backend = "native" if native else "dense"
-
-    def column_codes(self, rows=slice(None)) -> torch.Tensor:
-        """Rows `rows` of the codes in column order."""
-        return q4_kernel.unpack_int8(self.codes[rows]) if self.backend == "native" else self.codes[rows]
 
     def dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
         """(N, K) weight in `dtype`; reuse: as `Int4Linear.dense_weight`."""
