@@ -124,6 +124,24 @@ def as_rounded(x, levels: int):
     return (torch.round(b * inv).double() * d.double()).view_as(x)
 
 
+def rounds_x_to_bytes(rows: int, bits: int = 4) -> bool:
+    """Whether our int8 / int4 kernels round `rows` rows of x to bytes per block of 32 in this build (AVX2 without
+    AVX-512 VNNI: q4_kernel.word_rows() > 0; 5-bit codes' decode rows excepted, 16 bits) rather than to 15-16 bits."""
+    from zen_eco import q4_kernel
+
+    return bool(q4_kernel.word_rows()) and (rows >= q4_kernel.word_rows() or bits != 5)
+
+
+def kernel_reference(x, w, bits: int = 4):
+    """(reference, tolerance) for our kernels' x W^T (x (..., K), w (N, K)): the float64 product of x as this build
+    rounds it within 1e-6 where that is bytes (rounds_x_to_bytes), else of x itself within 2e-4 (15-16 bits:
+    measured 3e-5 to 6e-5)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if rounds_x_to_bytes(x2.shape[0], bits):
+        return (as_rounded(x2, 127) @ w.double().t()).view(*x.shape[:-1], -1), 1e-6
+    return x.double() @ w.double().t(), 2e-4
+
+
 @pytest.fixture
 def built_for(monkeypatch):
     """built_for(march, *extra): our C kernels rebuilt as ZEN_ECO_MARCH=march asks (e.g. "x86-64-v3": AVX2

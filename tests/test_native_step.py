@@ -19,6 +19,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import rounds_x_to_bytes
 
 from zen_eco import decode_kernel, kquant_kernel, kv_quant
 from zen_eco.config import preset
@@ -151,6 +152,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _steps_agree(errors: torch.Tensor, tol: float, bytes_x: bool) -> None:
+    """The C step's logits against the forward's, step by step (errors: relative distances): within tol, or where
+    the quantized layers round x to bytes per block of 32 (AVX2, a step of max |x| / 127: conftest.rounds_x_to_bytes)
+    most within 1e-4 (a wrong layout or scale is off everywhere) and every one within 2e-2: where the C step's
+    norm and the forward's differ in the last bit, a value on a rounding boundary moves a whole step (at hidden 64,
+    2 blocks a row, up to ~1e-2 of a step's logits)."""
+    if bytes_x:
+        assert errors.median() < 1e-4 and errors.max() < 2e-2, errors
+    else:
+        assert (errors < tol).all(), errors
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "llama-bias", "gemma3"])
 @pytest.mark.parametrize("quant", ["none", "int4", "int8-kinds", "stacked"])
 def test_float32_step_equals_the_forward(kind, quant):
@@ -167,13 +180,13 @@ def test_float32_step_equals_the_forward(kind, quant):
     ref = _run(model, False, prompt, tokens, ref_cache)
     got = _run(model, True, prompt, tokens, cache)
     assert native_step.applies(model, cache)
-    tol = 2e-5 if quant == "none" else 1e-3
-    for step, (a, b) in enumerate(zip(got, ref)):
-        assert a.shape == b.shape == (1, 1, model.config.vocab_size)
-        assert _rel(a, b) < tol, f"step {step}: {_rel(a, b):.2e}"
+    assert all(a.shape == b.shape == (1, 1, model.config.vocab_size) for a, b in zip(got, ref))
+    errors = torch.tensor([_rel(a, b) for a, b in zip(got, ref)])
+    bytes_x = quant != "none" and rounds_x_to_bytes(1)  # an AVX2 host: see _steps_agree
+    _steps_agree(errors, 2e-5 if quant == "none" else 1e-3, bytes_x)
     assert cache.length == ref_cache.length == 19 and cache.capacity == ref_cache.capacity
     for a, b in zip(cache.keys + cache.values, ref_cache.keys + ref_cache.values):
-        assert _rel(a[:, :, :19], b[:, :, :19]) < tol
+        assert _rel(a[:, :, :19], b[:, :, :19]) < (2e-2 if bytes_x else 2e-5 if quant == "none" else 1e-3)
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3"])
@@ -274,18 +287,15 @@ def test_avx2_build_step_equals_the_forward(built_for):
     plain C loops, the AVX2 matmul loops), held to the forward of the same build as above: int4 llama and
     Gemma (GELU, windows), Qwen3 with the int8 kinds, 5-bit codes and Q4_0 / Q5_0 codes (_int8_layers),
     and a 300-token cache of 4 queries per KV head at head_dim 128 in float32 and
-    bf16 (the forward's bf16 distance from float32 plus the margin). The AVX2 decode loops round x to bytes per
-    block of 32 (a step of max |x| / 127): where the C step's norm and the forward's differ in the last bit, a
-    value on a rounding boundary moves a step, at hidden 64 (2 blocks a row) up to ~1e-2 of a step's logits;
-    so most steps agree to 1e-4 (a wrong layout or scale is off everywhere) and every one to 2e-2."""
+    bf16 (the forward's bf16 distance from float32 plus the margin). The AVX2 decode loops round x to bytes
+    (_steps_agree)."""
     built_for("x86-64-v3")
     for kind in ("llama", "gemma3", "int8-kinds"):
         model = _int8_layers(_model("qwen3")) if kind == "int8-kinds" else _model(kind, "int4")
         prompt, tokens = _inputs(model)
         ref = _run(model, False, prompt, tokens, _cache(model))
         got = _run(model, True, prompt, tokens, _cache(model))
-        errors = torch.tensor([_rel(a, b) for a, b in zip(got, ref)])
-        assert errors.median() < 1e-4 and errors.max() < 2e-2, (kind, errors)
+        _steps_agree(torch.tensor([_rel(a, b) for a, b in zip(got, ref)]), 1e-3, True)
     cfg = dataclasses.replace(preset("llama-tiny"), num_attention_heads=8, num_key_value_heads=2, head_dim=128)
     model = random_model(cfg, dtype=torch.float32, seed=5)
     prompt, tokens = _inputs(model, prompt_len=300, steps=3)

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import rounds_x_to_bytes
 
 from zen_eco import q4_kernel
 from zen_eco.checkpoint import load_weights, open_checkpoint
@@ -123,8 +124,8 @@ def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(
     the file's blocks packed there (packed_float32), while an explicit float32 stays the dense reference.
 
     Bound: the packed model with float32 activations (x rounded to 15-16 bits per block of 32 on our
-    kernel: relative error ~5e-5 per matmul) against the dense float32 model on the same codes: logits
-    within 1e-3 relative and the same next token at every position."""
+    kernel: relative error ~5e-5 per matmul; AVX2 hosts: to bytes, ~5e-3) against the dense float32 model on the
+    same codes: logits within 1e-3 relative (AVX2: 8e-2, measured 4e-2) and the same next token at every position."""
     if not q4_kernel.available():
         pytest.skip("no C compiler here")
     ckpt = open_checkpoint(smollm2_gguf_path)
@@ -138,7 +139,7 @@ def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(
     with torch.no_grad():
         a, b = packed(ids), dense(ids)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    assert _rel(a, b) < 1e-3
+    assert _rel(a, b) < (8e-2 if rounds_x_to_bytes(ids.shape[1]) else 1e-3)
 
 
 @needs_int4

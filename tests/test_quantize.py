@@ -22,6 +22,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import rounds_x_to_bytes
 from safetensors import safe_open
 
 from zen_eco.checkpoint import load_weights, open_checkpoint
@@ -124,8 +125,10 @@ def test_layer_outputs_within_bounds_on_every_path(dtype):
                 # our int4 kernel (few rows) rounds float32 activations to int16 per group of 32
                 # (2^-15 of the group's largest |x|: measured ~5e-5 relative), and so does its prompt GEMM
                 # where it takes the many rows (native_rows: infinite where it is built)
+                # (AVX2 hosts: to bytes, ~5e-3, conftest.rounds_x_to_bytes)
                 native = getattr(layer, "backend", None) == "native" and x.shape[0] < layer.native_rows
-                assert _rel(layer(x.to(dtype)), ref) < (0.01 if dtype == torch.bfloat16 else 2e-4 if native else 1e-5)
+                fine = 2e-2 if rounds_x_to_bytes(x.shape[0]) else 2e-4
+                assert _rel(layer(x.to(dtype)), ref) < (0.01 if dtype == torch.bfloat16 else fine if native else 1e-5)
         assert _rel(exact[1], many @ w.t() + bias) < bound  # quantization error itself
 
 
