@@ -91,6 +91,23 @@ def test_real_q4_1_tensors_against_gguf_py(smollm2_gguf_path):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_q4_blocks_pack_straight_into_the_buffers(kind):
+    """`pack_blocks`: a Q4_0 / Q4_1 matrix's blocks (random values quantized by gguf-py; K = 576: 18 blocks, a
+    panel of 2 at the end) into `pack`'s buffers: their weight equals gguf-py's dequantization bit for bit, and a
+    wrong byte count is refused."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    rng = np.random.default_rng(2)
+    blocks = gguf.quants.quantize((rng.standard_normal((37, 576)) * 0.05).astype(np.float32), qtype)
+    packed, sz = q4_kernel.pack_blocks(int(qtype), blocks, 37, 576)
+    assert sz.shape == (37, 1 if kind == "Q4_0" else 2, 24)
+    ref = torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).reshape(37, 576)
+    assert torch.equal(q4_kernel.dequantize_int4(packed, sz, 32, torch.float32), ref)
+    with pytest.raises(ValueError, match="blocks of a Q4"):
+        q4_kernel.pack_blocks(int(qtype), blocks[:, 1:], 37, 576)
+
+
+@needs_kernel
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("k", [256, 640, 1152])  # 8, 20 and 36 groups of 32: tails of 0 to 7 groups
 def test_groups_and_tails(group, k):

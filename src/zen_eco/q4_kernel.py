@@ -39,6 +39,7 @@ import os
 import threading
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from . import native, prompt_gemm
@@ -1469,6 +1470,28 @@ void zen_q4_pack(int64_t N, int K, const uint8_t *codes, uint8_t *packed, int pa
     }
 }
 
+/* GGUF Q4_0 (ggml type 2: 18 bytes a block, d then 16 bytes of nibbles; w = d (q - 8)) or Q4_1 (type 3: 20 bytes,
+   d, m, the nibbles; w = d q + m) blocks of an (N, K) matrix -> `pack`'s buffers for groups of 32 with no codes in
+   between: ggml's nibbles are our layout already (byte j: column j low, 16 + j high), copied to q4_pos; d (and
+   Q4_1's m) copied as float16 bits into scale_zero (N, planes, ngp: Q4_0 one plane, its zeros derived,
+   Q4_MID_ZERO); the padding is left as the caller has it. */
+void zen_q4_pack_blocks(int type, const uint8_t *blocks, int64_t N, int K, uint8_t *packed, uint16_t *scale_zero,
+                        int n_threads) {
+    const int nb = K / 32, q41 = type == 3, size = q41 ? 20 : 18, planes = q41 ? 2 : 1, ngp = (nb + 7) & ~7;
+    const int paneled = q4_paneled(32, 0);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        uint8_t *row = packed + n * (K / 2);
+        uint16_t *sz = scale_zero + n * planes * ngp;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *x = blocks + (n * nb + b) * size, *qs = x + (q41 ? 4 : 2);
+            __builtin_memcpy(sz + b, x, 2);
+            if (q41) __builtin_memcpy(sz + ngp + b, x + 2, 2);
+            for (int w = 0; w < 4; w++) __builtin_memcpy(row + q4_pos(paneled, K, b, 4 * w), qs + 4 * w, 4);
+        }
+    }
+}
+
 /* codes (N, K) in [0, 31] -> their fifth bits, high_stride(K) bytes a row (see `pack_high`): per four blocks
    128 bits, bit 64 h + 16 j + c = column 16 h + c of block j of the four; missing blocks' bits 0. */
 void zen_q4_pack_high(int64_t N, int K, const uint8_t *codes, uint8_t *high, int n_threads) {
@@ -1531,6 +1554,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q4_panels.argtypes = [i, i]
     lib.zen_q8_panels.restype = i
     lib.zen_q8_panels.argtypes = []
+    lib.zen_q4_pack_blocks.restype = None
+    lib.zen_q4_pack_blocks.argtypes = [i, p, ctypes.c_int64, i, p, p, i]
     lib.zen_q8_pack.restype = None
     lib.zen_q8_pack.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_q4_pack_high.restype = None
@@ -1648,6 +1673,30 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
 
 
 MID_ZERO = 0x10000  # or'd into the group size for scale_zero without zeros (the C source's Q4_MID_ZERO)
+GGUF_Q4 = {2: 18, 3: 20}  # ggml types Q4_0, Q4_1 -> bytes a block of 32: what `pack_blocks` takes
+
+
+def empty_packed(n: int, k: int, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack`'s buffers for an (n, k) weight in groups of 32 to fill (scale_zero's padding zeros): packed (n, k / 2),
+    scale_zero (n, planes, k / 32 rounded up to eights); planes 1: the scales only (Q4_0)."""
+    scale_zero = torch.zeros(n, planes, (k // BLOCK + 7) // 8 * 8, dtype=torch.float16)
+    return torch.empty(n, k // 2, dtype=torch.uint8), scale_zero
+
+
+def pack_blocks(ggml_type: int, blocks: np.ndarray, n: int, k: int,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q4_0 / Q4_1 (n, k) matrix's blocks (bytes, row after row: a file's mapping) -> `pack`'s buffers (group
+    32; Q4_0: the scales only), in one C pass with no (n, k) codes in between. out: buffers to fill
+    (`empty_packed`'s shapes, or rows of them)."""
+    data = np.ascontiguousarray(blocks).view(np.uint8)  # a view of a contiguous mapping, never a copy
+    if data.nbytes != n * k // BLOCK * GGUF_Q4[ggml_type]:
+        raise ValueError(f"{data.nbytes} bytes are not the blocks of a Q4 ({n}, {k}) matrix")
+    packed, sz = out if out is not None else empty_packed(n, k, 1 if ggml_type == 2 else 2)
+    if not (packed.is_contiguous() and sz.is_contiguous()):
+        raise ValueError("pack_blocks writes into contiguous buffers only")
+    library().zen_q4_pack_blocks(ggml_type, data.ctypes.data, n, k, packed.data_ptr(), sz.data_ptr(),
+                                 torch.get_num_threads())
+    return packed, sz
 
 
 def group_arg(group: int, scale_zero: torch.Tensor) -> int:

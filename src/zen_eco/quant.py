@@ -228,6 +228,31 @@ class KQuantPacked:
         return kquant_kernel.dequantize(self.kind, *self.buffers, torch.float32)
 
 
+@dataclass
+class Q4Packed:
+    """A 4-bit weight in groups of 32 in our kernel's buffers already (`q4_kernel.pack`'s packed and scale_zero), as
+    loading decodes GGUF's Q4_0 / Q4_1 blocks (`q4_kernel.pack_blocks`): no (N, K) codes in between."""
+
+    packed: torch.Tensor  # (N, K / 2) uint8
+    scale_zero: torch.Tensor  # (N, 1 or 2, K / 32 rounded up to eights) float16
+    group_size = 32
+    bits = 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    def weight(self) -> Q4Weight:
+        """The same weight as codes, scales and offsets (for a layer off our kernel)."""
+        groups = self.shape[1] // self.group_size
+        scale = self.scale_zero[:, 0, :groups].float()
+        offset = self.scale_zero[:, 1, :groups].float() if self.scale_zero.shape[1] == 2 else -8 * scale
+        return Q4Weight(q4_kernel.unpack(self.packed, self.group_size), scale, offset)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight().dequantize()
+
+
 def _stored(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to the stored scale precision, back in float32."""
     out = x.to(SCALE_DTYPE).float()
@@ -332,15 +357,15 @@ def parse_quant(mode: str, group_size: int | None = None) -> "str | QuantSpec":
     return QuantSpec(4, size)
 
 
-def quantized_linear(weight: "Q4Weight | Q8Weight | Q8BlockWeight | list", bias: torch.Tensor | None, dtype: torch.dtype,
-                     device: torch.device | str, kernel: bool | str = True) -> nn.Module:
+def quantized_linear(weight: "Q4Weight | Q4Packed | Q8Weight | Q8BlockWeight | list", bias: torch.Tensor | None,
+                     dtype: torch.dtype, device: torch.device | str, kernel: bool | str = True) -> nn.Module:
     """The layer for `weight`; a list of weights (consecutive row ranges of one matrix) makes a
     `StackedLinear` of one layer each, the bias split to match."""
     if isinstance(weight, list):
-        rows = [w.shape[0] if isinstance(w, KQuantPacked) else w.codes.shape[0] for w in weight]
+        rows = [w.shape[0] if isinstance(w, (KQuantPacked, Q4Packed)) else w.codes.shape[0] for w in weight]
         biases = bias.split(rows) if bias is not None else [None] * len(weight)
         return StackedLinear([quantized_linear(w, b, dtype, device, kernel) for w, b in zip(weight, biases)])
-    cls = {Q4Weight: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear,
+    cls = {Q4Weight: Int4Linear, Q4Packed: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear,
            KQuantWeight: KQuantLinear, KQuantPacked: KQuantLinear}[type(weight)]
     return cls(weight, bias, dtype, device, kernel)
 
@@ -464,11 +489,11 @@ class Int4Linear(_QuantizedLinear):
     "cpu" / "cuda" (PyTorch's packed kernels) or "dense" (portable nibble codes, dequantized per
     call). kernel: True = the best available, "torch" = PyTorch's kernels only, False = "dense"."""
 
-    def __init__(self, weight: Q4Weight, bias: torch.Tensor | None, dtype: torch.dtype,
+    def __init__(self, weight: "Q4Weight | Q4Packed", bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         device = torch.device(device)
-        n, k = weight.codes.shape
+        n, k = weight.shape if isinstance(weight, Q4Packed) else weight.codes.shape
         self.in_features, self.out_features, self.group_size = k, n, weight.group_size
         self.dtype = dtype  # of activations and outputs
         self.backend = _int4_backend(device, dtype, n, k, weight.group_size, kernel)
@@ -477,6 +502,14 @@ class Int4Linear(_QuantizedLinear):
         if self.bits != 4 and self.backend != "native":
             raise ValueError(f"{self.bits}-bit codes run on our CPU kernel only (here: {self.backend})")
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        if isinstance(weight, Q4Packed):
+            if self.backend == "native":  # in our kernel's buffers already
+                self.register_buffer("packed", weight.packed)
+                self.register_buffer("scale_zero", weight.scale_zero)
+                self.register_buffer("high", None)
+                self.can_unpack = True
+                return
+            weight = weight.weight()
         if self.backend == "native":  # our kernel's layout: codes by blocks of 32, float16 scale and zero
             # pack keeps the low four bits; 5-bit codes' fifth bits go to `high`. Zeros that are all -8 (5-bit:
             # -16) times the scale (GGUF's Q4_0 / Q5_0) are not stored: the kernel derives them

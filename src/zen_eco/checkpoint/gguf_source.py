@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import kquant_kernel
+from .. import kquant_kernel, q4_kernel
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..quant import KQuantPacked, Q4Weight, Q8BlockWeight
@@ -205,6 +205,27 @@ class GGUFSource:
             codes_out.copy_(q.codes)
             q = replace(q, codes=codes_out)
         return q
+
+    def q4_type(self, name: str) -> int | None:
+        """The ggml type of matrix `name` where it is Q4_0 (2) or Q4_1 (3), whose blocks `get_q4_packed` takes."""
+        _, info = self._lookup(name)
+        return info.ggml_type if info.ggml_type in q4_kernel.GGUF_Q4 and len(info.shape) == 2 else None
+
+    def get_q4_packed(self, name: str, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A Q4_0 / Q4_1 matrix straight into our kernel's buffers (`q4_kernel.pack_blocks`, one C pass over the
+        file's blocks): `out` (packed, scale_zero) rows to fill, of `q4_kernel.empty_packed`'s shapes."""
+        gname, info = self._lookup(name)
+        n, k = (int(d) for d in info.shape)
+        order = self._row_order(gname, n)
+        try:
+            bufs = q4_kernel.pack_blocks(info.ggml_type, self.file.tensor_bytes(gname), n, k,
+                                         out if order is None else None)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {gname}: {exc}") from None
+        self.file.drop_pages(gname)
+        if order is not None:  # a row permutation: both buffers are one row per weight row
+            for o, b in zip(out, bufs):
+                o.copy_(b[order])
 
     def get_kquant(self, kind: str, name: str, out: tuple[torch.Tensor, ...] | None = None) -> KQuantPacked | None:
         """The tensor as stored in our K-quant kernel's buffers (`kquant_kernel.pack_blocks`, one C pass over
