@@ -236,37 +236,44 @@ def test_fused_matrix_of_mixed_types_keeps_each_part_packed(tmp_path, contents):
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3"])
-def test_q4_blocks_load_straight_into_the_kernels_buffers(files, smollm2_gguf_path, tmp_path, march, built_for,
-                                                         monkeypatch):
-    """Q4_0 and Q4_1 matrices load with no (N, K) byte codes in between (q4_kernel.pack_blocks, Q4Packed): every
-    Int4Linear's buffers equal, bit for bit, decoding the codes and packing them (the path before, still taken
-    where a fused matrix's parts differ in type), and so do the logits. The tiny q4_0 file (zeros derived),
-    SmolLM2's Q4_1 (llama: q and k rows permuted back; fused q|k|v and gate|up), a tiny file whose q|k|v mixes Q4_0
-    and Q4_1 parts; in this machine's build and an AVX2 one (rows in panels)."""
+def test_q4_and_q8_0_blocks_load_straight_into_the_kernels_buffers(files, smollm2_gguf_path, tmp_path, march,
+                                                                  built_for, monkeypatch):
+    """Q4_0, Q4_1 and Q8_0 matrices load with no (N, K) codes in between (q4_kernel.pack_blocks: Q4Packed,
+    Q8Packed): every Int4Linear's and Int8BlockLinear's buffers equal, bit for bit, decoding the codes and packing
+    them (the path before, still taken where a fused matrix's parts differ in type), and so do the logits. The tiny
+    q4_0 file (zeros derived; its tied table Q8_0) and q8_0 file, SmolLM2's Q4_1 (llama: q and k rows permuted
+    back; fused q|k|v and gate|up; a Q8_0 table), a tiny file whose q|k|v mixes Q4_0 and Q4_1 parts; in this
+    machine's build and an AVX2 one (rows in panels)."""
     built_for(march)
     if not int4_supported(torch.device("cpu"), torch.bfloat16):
         pytest.skip("no packed GGUF kernels on this CPU")
     mixed = make_gguf.write_gguf(preset(PRESET), tmp_path / "tiny-q4-mix.gguf", "q4_0", seed=0, name=PRESET,
                                  overrides={"attn_k": gguf.GGMLQuantizationType.Q4_1})
     direct = {}
-    for path in (files["q4_0"], smollm2_gguf_path, mixed):
+    for path in (files["q4_0"], files["q8_0"], smollm2_gguf_path, mixed):
         with monkeypatch.context() as m:
-            straight = load_module._packed_q4_blocks
-            m.setattr(load_module, "_packed_q4_blocks", lambda *a: direct.setdefault(path, []).append(straight(*a))
+            straight = load_module._packed_direct
+            m.setattr(load_module, "_packed_direct", lambda *a: direct.setdefault(path, []).append(straight(*a))
                       or direct[path][-1])
             fast = load_weights(open_checkpoint(path), torch.bfloat16, quant="auto")
-            m.setattr(load_module, "_packed_q4_blocks", lambda *a: None)
+            m.setattr(load_module, "_packed_direct", lambda *a: None)
             slow = load_weights(open_checkpoint(path), torch.bfloat16, quant="auto")
-        pairs = [(a, b) for a, b in zip(fast.modules(), slow.modules()) if isinstance(a, Int4Linear)]
-        assert pairs and all(torch.equal(a.packed, b.packed) and torch.equal(a.scale_zero, b.scale_zero)
-                             for a, b in pairs)
+        buffers = {Int4Linear: ("packed", "scale_zero"), Int8BlockLinear: ("codes", "block_scales", "block_flags")}
+        pairs = [(a, b) for a, b in zip(fast.modules(), slow.modules()) if type(a) in buffers]
+        assert pairs and all(type(a) is type(b) for a, b in pairs)
+        for a, b in pairs:
+            for name in buffers[type(a)]:
+                x, y = getattr(a, name), getattr(b, name)
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
         ids = torch.tensor([[1, 2, 3, 4, 5]])
         with torch.no_grad():
             assert torch.equal(fast(ids), slow(ids))
-    taken = {p: sum(w is not None for w in ws) for p, ws in direct.items()}
+    taken = {p: sorted(type(w).__name__ for w in ws if w is not None) for p, ws in direct.items()}
     layers = preset(PRESET).num_hidden_layers
-    assert taken[files["q4_0"]] == 4 * layers and taken[smollm2_gguf_path] == 120
-    assert taken[mixed] == 3 * layers  # q|k|v of Q4_0 and Q4_1 parts: decoded and packed as before
+    assert taken[files["q4_0"]] == ["Q4Packed"] * 4 * layers + ["Q8Packed"]
+    assert taken[files["q8_0"]] == ["Q8Packed"] * (4 * layers + 1)
+    assert taken[smollm2_gguf_path] == ["Q4Packed"] * 120 + ["Q8Packed"]
+    assert taken[mixed] == ["Q4Packed"] * 3 * layers + ["Q8Packed"]  # q|k|v of Q4_0 and Q4_1: as before
 
 
 @pytest.mark.parametrize("mix, q_type", [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q2_k", "Q2_K")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,35 @@ def test_load_builds_the_decode_step_before_the_first_token(smollm2_gguf_path):
     decode_kernel.library.cache_clear()
     zen_eco.load(smollm2_gguf_path, threads=1)
     assert decode_kernel.library.cache_info().currsize == 1
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    flags, inside = None, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(p, 16) for p in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            flags = line.split()[1:]
+    assert flags is not None
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_packed_weights_ask_for_huge_pages_unless_turned_off(monkeypatch):
+    """The loaders' large weight buffers (q4_kernel.empty_packed, pack, pack_int8, kquant_kernel.empty_buffers) go
+    through native.huge_pages: their memory is madvised MADV_HUGEPAGE (VmFlags "hg"), so that Linux backs it with
+    2 MB pages where THP is "madvise"; ZEN_ECO_HUGE_PAGES=0 leaves it alone. (64 MB: beyond glibc's largest mmap
+    threshold, a fresh mapping that no earlier buffer's advice can reach.)"""
+    from zen_eco import q4_kernel
+
+    monkeypatch.delenv("ZEN_ECO_HUGE_PAGES", raising=False)  # the default
+    packed = q4_kernel.empty_packed(2, 16384, 1024)[0]  # 8 MB
+    assert "hg" in _vm_flags(packed.data_ptr() + packed.numel() // 2)
+    codes = q4_kernel.empty_packed(8, 65536, 1024)[0]  # int8: 64 MB
+    assert "hg" in _vm_flags(codes.data_ptr() + codes.numel() // 2)
+    monkeypatch.setenv("ZEN_ECO_HUGE_PAGES", "0")
+    plain = q4_kernel.empty_packed(8, 65536, 1024)[0]
+    assert "hg" not in _vm_flags(plain.data_ptr() + plain.numel() // 2)

@@ -17,7 +17,7 @@ from zen_eco import native, q4_kernel
 from zen_eco.checkpoint.gguf_file import GGUFFile
 from zen_eco.checkpoint.gguf_quants import q4_codes, q5_codes, q8_block_codes
 from zen_eco.quant import (AVX2_DENSE_ROWS, NATIVE_MAX_ROWS, Int4Linear, Int8BlockLinear, Int8Embedding, Int8Linear,
-                           Q4Weight, Q8BlockWeight, quantize_int4, quantize_int8)
+                           Q4Packed, Q4Weight, Q8BlockWeight, Q8Packed, quantize_int4, quantize_int8)
 
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(not q4_kernel.available(), reason="no C compiler for the native kernel")
@@ -91,19 +91,26 @@ def test_real_q4_1_tensors_against_gguf_py(smollm2_gguf_path):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_gguf_q4_blocks_pack_straight_into_the_buffers(kind):
-    """`pack_blocks`: a Q4_0 / Q4_1 matrix's blocks (random values quantized by gguf-py; K = 576: 18 blocks, a
-    panel of 2 at the end) into `pack`'s buffers: their weight equals gguf-py's dequantization bit for bit, and a
-    wrong byte count is refused."""
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_pack_straight_into_the_buffers(kind):
+    """`pack_blocks`: a Q4_0 / Q4_1 / Q8_0 matrix's blocks (random values quantized by gguf-py; K = 576: 18 blocks,
+    a panel of 2 at the end) into the kernel's buffers: their weight equals gguf-py's dequantization bit for bit,
+    and a wrong byte count is refused."""
     qtype = gguf.GGMLQuantizationType[kind]
     rng = np.random.default_rng(2)
     blocks = gguf.quants.quantize((rng.standard_normal((37, 576)) * 0.05).astype(np.float32), qtype)
-    packed, sz = q4_kernel.pack_blocks(int(qtype), blocks, 37, 576)
-    assert sz.shape == (37, 1 if kind == "Q4_0" else 2, 24)
+    codes, scales = q4_kernel.pack_blocks(int(qtype), blocks, 37, 576)
+    assert scales.shape == (37, 2 if kind == "Q4_1" else 1, 24)
     ref = torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).reshape(37, 576)
-    assert torch.equal(q4_kernel.dequantize_int4(packed, sz, 32, torch.float32), ref)
-    with pytest.raises(ValueError, match="blocks of a Q4"):
+    got = (q4_kernel.dequantize_int8_blocks(codes, scales, 0, torch.float32) if kind == "Q8_0"
+           else q4_kernel.dequantize_int4(codes, scales, 32, torch.float32))
+    assert torch.equal(got, ref)
+    for kernel in (True, False):  # on our kernel as they are; off it, through codes in column order
+        layer = (Int8BlockLinear(Q8Packed(codes, scales), None, torch.float32, kernel=kernel) if kind == "Q8_0"
+                 else Int4Linear(Q4Packed(codes, scales), None, torch.float32, kernel=kernel))
+        assert layer.backend == ("native" if kernel else "dense")
+        assert torch.equal(layer.dense_weight(torch.float32), ref)
+    with pytest.raises(ValueError, match="are not the blocks"):
         q4_kernel.pack_blocks(int(qtype), blocks[:, 1:], 37, 576)
 
 

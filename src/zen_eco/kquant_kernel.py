@@ -44,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import q4_kernel
+from . import native, q4_kernel
 
 KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the C side's KQ_*: also the number of bit planes above the nibbles
 SUPER = 256  # columns per d (a K-quant block)
@@ -699,7 +699,7 @@ def empty_buffers(kind: str, n: int, k: int) -> tuple[torch.Tensor, ...]:
     """Uninitialised buffers of `pack`'s shapes for an (n, k) weight of `kind`."""
     if k % SUPER:
         raise ValueError(f"K-quant rows are whole blocks of {SUPER} columns, not {k}")
-    return (torch.empty(n, k // 2, dtype=torch.uint8),
+    return (native.huge_pages(torch.empty(n, k // 2, dtype=torch.uint8)),  # the codes: see native.huge_pages
             torch.empty(n, KINDS[kind], (k // 32 + 3) // 4 * 16, dtype=torch.uint8),
             torch.empty(n, 2, (k // 32 + 15) // 16 * 16, dtype=torch.uint8),
             torch.empty(n, k // SUPER, 1 if kind == "q6_k" else 2, dtype=torch.float16))

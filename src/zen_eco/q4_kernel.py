@@ -1492,6 +1492,20 @@ void zen_q4_pack_blocks(int type, const uint8_t *blocks, int64_t N, int K, uint8
     }
 }
 
+/* GGUF Q8_0 blocks (ggml type 8: 34 bytes, d then 32 int8 codes) of an (N, K) matrix -> int8 codes in the order this
+   build's loops read (q8_pos) and d's float16 bits as the block scales (N, K / 32 rounded up to eights: one plane,
+   flags 0, as zen_q8b_linear reads them), in one pass; the padding is left as the caller has it. */
+void zen_q8_pack_blocks(const uint8_t *blocks, int64_t N, int K, int8_t *codes, uint16_t *scales, int n_threads) {
+    const int nb = K / 32, nbs = (nb + 7) & ~7;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *x = blocks + (n * nb + b) * 34;
+            __builtin_memcpy(scales + n * nbs + b, x, 2);
+            for (int c = 0; c < 32; c += 4) __builtin_memcpy(codes + n * K + q8_pos(K, b, c), x + 2 + c, 4);
+        }
+}
+
 /* codes (N, K) in [0, 31] -> their fifth bits, high_stride(K) bytes a row (see `pack_high`): per four blocks
    128 bits, bit 64 h + 16 j + c = column 16 h + c of block j of the four; missing blocks' bits 0. */
 void zen_q4_pack_high(int64_t N, int K, const uint8_t *codes, uint8_t *high, int n_threads) {
@@ -1556,6 +1570,8 @@ def library() -> ctypes.CDLL | None:
     lib.zen_q8_panels.argtypes = []
     lib.zen_q4_pack_blocks.restype = None
     lib.zen_q4_pack_blocks.argtypes = [i, p, ctypes.c_int64, i, p, p, i]
+    lib.zen_q8_pack_blocks.restype = None
+    lib.zen_q8_pack_blocks.argtypes = [p, ctypes.c_int64, i, p, p, i]
     lib.zen_q8_pack.restype = None
     lib.zen_q8_pack.argtypes = [ctypes.c_int64, i, p, p, i]
     lib.zen_q4_pack_high.restype = None
@@ -1640,7 +1656,7 @@ def pack_int8(codes: torch.Tensor) -> torch.Tensor:
     if not int8_paneled():
         return codes
     codes = codes.to("cpu", torch.int8).contiguous()
-    out = torch.empty_like(codes)
+    out = native.huge_pages(torch.empty_like(codes))
     library().zen_q8_pack(codes.shape[0], codes.shape[1], codes.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -1662,7 +1678,7 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     lib = library() if in_panels else _packer(codes)  # panels: always in C
     if lib is not None:
         codes = codes.to("cpu", torch.uint8).contiguous()
-        packed = torch.empty(n, k // 2, dtype=torch.uint8)  # one pass in C: loading a 4B model packs ~3B codes
+        packed = native.huge_pages(torch.empty(n, k // 2, dtype=torch.uint8))  # one C pass: a 4B model, ~3B codes
         lib.zen_q4_pack(n, k, codes.data_ptr(), packed.data_ptr(), in_panels, torch.get_num_threads())
     else:
         blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
@@ -1673,30 +1689,38 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
 
 
 MID_ZERO = 0x10000  # or'd into the group size for scale_zero without zeros (the C source's Q4_MID_ZERO)
-GGUF_Q4 = {2: 18, 3: 20}  # ggml types Q4_0, Q4_1 -> bytes a block of 32: what `pack_blocks` takes
+GGUF_BLOCKS = {2: 18, 3: 20, 8: 34}  # ggml types Q4_0, Q4_1, Q8_0 -> bytes a block of 32: what `pack_blocks` takes
 
 
-def empty_packed(n: int, k: int, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pack`'s buffers for an (n, k) weight in groups of 32 to fill (scale_zero's padding zeros): packed (n, k / 2),
-    scale_zero (n, planes, k / 32 rounded up to eights); planes 1: the scales only (Q4_0)."""
-    scale_zero = torch.zeros(n, planes, (k // BLOCK + 7) // 8 * 8, dtype=torch.float16)
-    return torch.empty(n, k // 2, dtype=torch.uint8), scale_zero
+def empty_packed(ggml_type: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's buffers for an (n, k) Q4_0 / Q4_1 / Q8_0 weight, to fill (the scales' padding zeros): Q4_0 / Q4_1
+    `pack`'s packed (n, k / 2) and scale_zero (n, 1 (Q4_0: the scales only) or 2, k / 32 rounded up to eights);
+    Q8_0 `pack_int8`'s codes (n, k) and `pack_block_scales`' one plane (n, 1, k / 32 rounded up to eights)."""
+    groups = (k // BLOCK + 7) // 8 * 8
+    if ggml_type == 8:
+        return native.huge_pages(torch.empty(n, k, dtype=torch.int8)), torch.zeros(n, 1, groups, dtype=torch.float16)
+    return (native.huge_pages(torch.empty(n, k // 2, dtype=torch.uint8)),
+            torch.zeros(n, 1 if ggml_type == 2 else 2, groups, dtype=torch.float16))
 
 
 def pack_blocks(ggml_type: int, blocks: np.ndarray, n: int, k: int,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A GGUF Q4_0 / Q4_1 (n, k) matrix's blocks (bytes, row after row: a file's mapping) -> `pack`'s buffers (group
-    32; Q4_0: the scales only), in one C pass with no (n, k) codes in between. out: buffers to fill
-    (`empty_packed`'s shapes, or rows of them)."""
+    """A GGUF Q4_0 / Q4_1 / Q8_0 (n, k) matrix's blocks (bytes, row after row: a file's mapping) -> the kernel's
+    buffers (`empty_packed`'s), in one C pass with no (n, k) codes in between: the nibbles or codes copied to
+    where this build reads them, d (Q4_1: m too) as its float16 bits. out: buffers to fill (rows of larger ones)."""
     data = np.ascontiguousarray(blocks).view(np.uint8)  # a view of a contiguous mapping, never a copy
-    if data.nbytes != n * k // BLOCK * GGUF_Q4[ggml_type]:
-        raise ValueError(f"{data.nbytes} bytes are not the blocks of a Q4 ({n}, {k}) matrix")
-    packed, sz = out if out is not None else empty_packed(n, k, 1 if ggml_type == 2 else 2)
-    if not (packed.is_contiguous() and sz.is_contiguous()):
+    if data.nbytes != n * k // BLOCK * GGUF_BLOCKS[ggml_type]:
+        raise ValueError(f"{data.nbytes} bytes are not the blocks of a type-{ggml_type} ({n}, {k}) matrix")
+    codes, scales = out if out is not None else empty_packed(ggml_type, n, k)
+    if not (codes.is_contiguous() and scales.is_contiguous()):
         raise ValueError("pack_blocks writes into contiguous buffers only")
-    library().zen_q4_pack_blocks(ggml_type, data.ctypes.data, n, k, packed.data_ptr(), sz.data_ptr(),
-                                 torch.get_num_threads())
-    return packed, sz
+    if ggml_type == 8:
+        library().zen_q8_pack_blocks(data.ctypes.data, n, k, codes.data_ptr(), scales.data_ptr(),
+                                     torch.get_num_threads())
+    else:
+        library().zen_q4_pack_blocks(ggml_type, data.ctypes.data, n, k, codes.data_ptr(), scales.data_ptr(),
+                                     torch.get_num_threads())
+    return codes, scales
 
 
 def group_arg(group: int, scale_zero: torch.Tensor) -> int:

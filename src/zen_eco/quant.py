@@ -253,6 +253,26 @@ class Q4Packed:
         return self.weight().dequantize()
 
 
+@dataclass
+class Q8Packed:
+    """A Q8_0 weight in our kernel's buffers already (`q4_kernel.pack_int8`'s codes, `pack_block_scales`' one plane
+    of float16 scales), as loading decodes GGUF's Q8_0 blocks (`q4_kernel.pack_blocks`): no copy in between."""
+
+    codes: torch.Tensor  # (N, K) int8 in the kernel's order
+    block_scales: torch.Tensor  # (N, 1, K / 32 rounded up to eights) float16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def weight(self) -> Q8BlockWeight:
+        """The same weight with codes in column order and float32 scales (for a layer off our kernel)."""
+        return Q8BlockWeight(q4_kernel.unpack_int8(self.codes), self.block_scales[:, 0, : self.shape[1] // 32].float())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight().dequantize()
+
+
 def _stored(x: torch.Tensor) -> torch.Tensor:
     """`x` rounded to the stored scale precision, back in float32."""
     out = x.to(SCALE_DTYPE).float()
@@ -357,16 +377,17 @@ def parse_quant(mode: str, group_size: int | None = None) -> "str | QuantSpec":
     return QuantSpec(4, size)
 
 
-def quantized_linear(weight: "Q4Weight | Q4Packed | Q8Weight | Q8BlockWeight | list", bias: torch.Tensor | None,
-                     dtype: torch.dtype, device: torch.device | str, kernel: bool | str = True) -> nn.Module:
+def quantized_linear(weight: "Q4Weight | Q4Packed | Q8Weight | Q8BlockWeight | Q8Packed | list",
+                     bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str,
+                     kernel: bool | str = True) -> nn.Module:
     """The layer for `weight`; a list of weights (consecutive row ranges of one matrix) makes a
     `StackedLinear` of one layer each, the bias split to match."""
     if isinstance(weight, list):
-        rows = [w.shape[0] if isinstance(w, (KQuantPacked, Q4Packed)) else w.codes.shape[0] for w in weight]
+        rows = [w.shape[0] if isinstance(w, (KQuantPacked, Q4Packed, Q8Packed)) else w.codes.shape[0] for w in weight]
         biases = bias.split(rows) if bias is not None else [None] * len(weight)
         return StackedLinear([quantized_linear(w, b, dtype, device, kernel) for w, b in zip(weight, biases)])
     cls = {Q4Weight: Int4Linear, Q4Packed: Int4Linear, Q8Weight: Int8Linear, Q8BlockWeight: Int8BlockLinear,
-           KQuantWeight: KQuantLinear, KQuantPacked: KQuantLinear}[type(weight)]
+           Q8Packed: Int8BlockLinear, KQuantWeight: KQuantLinear, KQuantPacked: KQuantLinear}[type(weight)]
     return cls(weight, bias, dtype, device, kernel)
 
 
@@ -628,17 +649,22 @@ class Int8BlockLinear(_Int8Codes):
     relative). On the CPU our kernel (`q4_kernel.matmul_int8_blocks`) below native_max_rows() rows; else
     the weight is dequantized for the call (prompts: the dense GEMM; other devices: correct, no speed-up)."""
 
-    def __init__(self, weight: Q8BlockWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+    def __init__(self, weight: "Q8BlockWeight | Q8Packed", bias: torch.Tensor | None, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kernel: bool | str = True) -> None:
         super().__init__()
         device = torch.device(device)
         self.out_features, self.in_features = weight.codes.shape
         self.dtype = dtype
         native = kernel is True and device.type == "cpu" and q4_kernel.available()
-        codes = weight.codes.to(device).contiguous()  # (N, K) int8; our kernel's order (q4_kernel.pack_int8)
-        self.register_buffer("codes", q4_kernel.pack_int8(codes) if native else codes)
-        scales, self.block_flags = q4_kernel.pack_block_scales(weight.scale, weight.scale_b, weight.offset,
-                                                               weight.offset_b)
+        if isinstance(weight, Q8Packed) and native:  # in our kernel's buffers already
+            codes, (scales, self.block_flags) = weight.codes, (weight.block_scales, 0)
+        else:
+            weight = weight.weight() if isinstance(weight, Q8Packed) else weight
+            codes = weight.codes.to(device).contiguous()  # (N, K) int8; our kernel's order (q4_kernel.pack_int8)
+            codes = q4_kernel.pack_int8(codes) if native else codes
+            scales, self.block_flags = q4_kernel.pack_block_scales(weight.scale, weight.scale_b, weight.offset,
+                                                                   weight.offset_b)
+        self.register_buffer("codes", codes)
         self.register_buffer("block_scales", scales.to(device))  # (N, planes, nb padded) f16
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.native_rows = _int_native_rows()  # a prompt from this many rows on: the dense GEMM

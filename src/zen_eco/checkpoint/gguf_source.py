@@ -206,14 +206,14 @@ class GGUFSource:
             q = replace(q, codes=codes_out)
         return q
 
-    def q4_type(self, name: str) -> int | None:
-        """The ggml type of matrix `name` where it is Q4_0 (2) or Q4_1 (3), whose blocks `get_q4_packed` takes."""
+    def direct_type(self, name: str) -> int | None:
+        """The ggml type of matrix `name` where it is Q4_0 (2), Q4_1 (3) or Q8_0 (8): blocks `get_direct` packs."""
         _, info = self._lookup(name)
-        return info.ggml_type if info.ggml_type in q4_kernel.GGUF_Q4 and len(info.shape) == 2 else None
+        return info.ggml_type if info.ggml_type in q4_kernel.GGUF_BLOCKS and len(info.shape) == 2 else None
 
-    def get_q4_packed(self, name: str, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """A Q4_0 / Q4_1 matrix straight into our kernel's buffers (`q4_kernel.pack_blocks`, one C pass over the
-        file's blocks): `out` (packed, scale_zero) rows to fill, of `q4_kernel.empty_packed`'s shapes."""
+    def get_direct(self, name: str, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A Q4_0 / Q4_1 / Q8_0 matrix straight into our kernel's buffers (`q4_kernel.pack_blocks`, one C pass over
+        the file's blocks): `out` rows to fill, of `q4_kernel.empty_packed`'s shapes."""
         gname, info = self._lookup(name)
         n, k = (int(d) for d in info.shape)
         order = self._row_order(gname, n)

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..quant import (Int8Embedding, KQuantPacked, Q4Packed, Q4Weight, Q8BlockWeight, Q8Weight, QuantSpec,
+from ..quant import (Int8Embedding, KQuantPacked, Q4Packed, Q4Weight, Q8BlockWeight, Q8Packed, Q8Weight, QuantSpec,
                      int4_supported, parse_quant, quantized_linear)
 from .. import kquant_kernel, q4_kernel
 from .gguf_file import GGUF_MAGIC
@@ -311,12 +311,13 @@ def _packed(source, layout: str, cat, hf_names, shape, available):
     return cat(parts, codes)
 
 
-def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | None:
+def _packed_q8_blocks(source, hf_names, shape, available) -> Q8BlockWeight | Q8Packed | None:
     """The fused weight as int8 blocks if every part's type maps onto them (`q8_block_codes`) and our
-    kernel is built."""
+    kernel is built; all Q8_0: straight into its buffers (`_packed_direct`)."""
     if not q4_kernel.available():
         return None
-    return _packed(source, "int8 blocks", Q8BlockWeight.cat, hf_names, shape, available)
+    return (_packed_direct(source, hf_names, shape, available, (8,))
+            or _packed(source, "int8 blocks", Q8BlockWeight.cat, hf_names, shape, available))
 
 
 def _packed_stacked(source, hf_names, shape, available) -> list | None:
@@ -381,29 +382,31 @@ def _packed_q5(source, hf_names, shape, available) -> Q4Weight | None:
 
 def _packed_q4(source, hf_names, shape, available) -> Q4Weight | Q4Packed | None:
     """The fused 4-bit weight if every part is stored as Q4_0/Q4_1/Q4_K in groups of one size: where every part
-    is Q4_0, or every part Q4_1, and our kernel is built, straight into its buffers (`_packed_q4_blocks`)."""
-    direct = _packed_q4_blocks(source, hf_names, shape, available)
+    is Q4_0, or every part Q4_1, and our kernel is built, straight into its buffers (`_packed_direct`)."""
+    direct = _packed_direct(source, hf_names, shape, available, (2, 3))
     if direct is not None:
         return direct
     cat = lambda parts, codes: Q4Weight.cat(parts, codes) if len({p.group_size for p in parts}) == 1 else None  # noqa: E731
     return _packed(source, "int4", cat, hf_names, shape, available)
 
 
-def _packed_q4_blocks(source, hf_names, shape, available) -> Q4Packed | None:
-    """The fused weight in our kernel's buffers, each part's Q4_0 (or each part's Q4_1) blocks packed straight
-    into its rows: no (N, K) byte codes in between (decoding them and packing them again took ~5 of a 4B Q4_0
-    file's 8 s of loading)."""
+def _packed_direct(source, hf_names, shape, available, types) -> Q4Packed | Q8Packed | None:
+    """The fused weight in our kernel's buffers where every part is stored as one of `types` (ggml Q4_0 2, Q4_1 3,
+    Q8_0 8), the same for all, and the kernel is built: each part's blocks packed straight into its rows, with no
+    (N, K) codes in between (decoding a 4B Q4_0 file's codes to bytes and packing them again took ~5 of its 8 s
+    of loading)."""
     if not q4_kernel.available() or any(h not in available for h in hf_names):
         return None
-    types = {source.q4_type(h) for h in hf_names}
-    shapes = _part_shapes_fit(source, hf_names, shape) if len(types) == 1 and None not in types else None
+    kinds = {source.direct_type(h) for h in hf_names}
+    shapes = _part_shapes_fit(source, hf_names, shape) if len(kinds) == 1 and kinds <= set(types) else None
     if shapes is None or shape[1] % q4_kernel.BLOCK:
         return None
-    bufs, at = q4_kernel.empty_packed(shape[0], shape[1], 1 if types == {2} else 2), 0
+    kind = kinds.pop()
+    bufs, at = q4_kernel.empty_packed(kind, shape[0], shape[1]), 0
     for h, s in zip(hf_names, shapes):
-        source.get_q4_packed(h, out=tuple(b[at : at + s[0]] for b in bufs))
+        source.get_direct(h, out=tuple(b[at : at + s[0]] for b in bufs))
         at += s[0]
-    return Q4Packed(*bufs)
+    return Q8Packed(*bufs) if kind == 8 else Q4Packed(*bufs)
 
 
 class _progress:
