@@ -18,6 +18,7 @@ dot products vectorize; infinities and NaNs keep their meaning (no -ffinite-math
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -104,12 +105,19 @@ def huge_pages(t):
         return t
     start = t.data_ptr()
     first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass  # advice only
+    madvise = _libc_madvise()
+    if madvise is not None:  # advice only: its result does not matter
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_HUGEPAGE)
     return t
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_madvise():
+    """libc's madvise, looked up once (None where it cannot be)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
 
 
 def on_build(notice) -> None:

@@ -1254,16 +1254,17 @@ static int panel8_linear(int M, int N, int K, const void *x, int x_bf16, const i
    (bscale, `planes` (N, planes, K / 32 rounded up to eights): see zen_q8b_linear); dtypes as zen_q4_linear. */
 static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_t *codes, const float *scale,
                      const uint16_t *bscale, int flags, void *y, int y_bf16, int n_threads) {
-    const int nbs = (K / 32 + 7) & ~7, nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
+    const int nbs = (K / 32 + 7) & ~7;
     const int64_t stride = block_stride(flags, nbs);  /* one row's block scales */
-    qx_t qx;
 #if defined(__AVX2__) && !defined(ZEN_VNNI)
     if (M >= WORDS_MIN_ROWS) {  /* prompts: x in bytes, W in the word order */
         const words_w_t w = {codes, 0, 0, bscale, scale, flags, 0, stride, 0.0f};
         return words_linear(M, N, K, x, x_bf16, &w, y, y_bf16, n_threads) ? 0 : -1;
     }  /* decode: the panels against x in bytes */
     return panel8_linear(M, N, K, x, x_bf16, codes, scale, bscale, flags, stride, y, y_bf16, n_threads) ? 0 : -1;
-#endif
+#else  /* AVX-512 VNNI and plain C: x in 15-16 bits, W as stored */
+    const int nbx = (K / 32 + 15) & ~15, KP = x_stride(K);
+    qx_t qx;
 #ifdef ZEN_VNNI
     if (M == 1) {  /* decode: four rows of W at a time */
         if (!prepare_x(1, K, x, x_bf16, X_EVEN_ODD, flags & 4, &qx)) return -1;
@@ -1305,6 +1306,7 @@ static int q8_linear(int M, int N, int K, const void *x, int x_bf16, const int8_
     }
     free_x(&qx);
     return 0;
+#endif
 }
 
 /* Rows of x from which the int8 and int4 loops take the AVX2 prompt tiles (words_linear); 0 where they are not
