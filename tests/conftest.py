@@ -125,14 +125,18 @@ def as_rounded(x, levels: int):
 
 
 def rounds_x_to_bytes(rows: int, bits: int = 4) -> bool:
-    """Whether our int8 / int4 kernels round `rows` rows of x to bytes per block of 32 in this build (AVX2 without
-    AVX-512 VNNI: q4_kernel.word_rows() > 0; 5-bit codes' decode rows excepted, 16 bits) rather than to 15-16 bits."""
+    """Whether our int8 / int4 kernels round `rows` rows of x to bytes per block of 32 in this build rather than
+    to 15-16 bits, for weights of `bits` (4, 5, or 8: int8 with a scale per row, `--quant int8`): the prompt GEMM
+    (AVX-512 VNNI, from q4_kernel.GEMM_MIN_ROWS rows; per-row int8 excepted, 16 bits); AVX2 without AVX-512 VNNI
+    (q4_kernel.word_rows() > 0; 5-bit codes' decode rows excepted, 16 bits)."""
     from zen_eco import q4_kernel
 
+    if q4_kernel.gemm_available():
+        return rows >= q4_kernel.GEMM_MIN_ROWS and bits != 8
     return bool(q4_kernel.word_rows()) and (rows >= q4_kernel.word_rows() or bits != 5)
 
 
-def kernel_reference(x, w, bits: int = 4):
+def kernel_reference(x, w, bits: int = 4):  # bits: as rounds_x_to_bytes
     """(reference, tolerance) for our kernels' x W^T (x (..., K), w (N, K)): the float64 product of x as this build
     rounds it within 1e-6 where that is bytes (rounds_x_to_bytes), else of x itself within 2e-4 (15-16 bits:
     measured 3e-5 to 6e-5)."""

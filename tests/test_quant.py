@@ -124,8 +124,10 @@ def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(
     the file's blocks packed there (packed_float32), while an explicit float32 stays the dense reference.
 
     Bound: the packed model with float32 activations (x rounded to 15-16 bits per block of 32 on our
-    kernel: relative error ~5e-5 per matmul; AVX2 hosts: to bytes, ~5e-3) against the dense float32 model on the
-    same codes: logits within 1e-3 relative (AVX2: 8e-2, measured 4e-2) and the same next token at every position."""
+    kernel: relative error ~5e-5 per matmul; bytes where it rounds x to bytes (a prompt on the GEMM, AVX2 hosts):
+    ~5e-3) against the dense float32 model on the same codes: logits within 1e-3 relative (bytes: 8e-2, measured
+    4e-2, logits moving by up to 1.6) and the same next token wherever the dense model's top two logits are
+    more than 2 apart (15-16 bits: everywhere; bytes flip position 1's near tie, 0.06 apart)."""
     if not q4_kernel.available():
         pytest.skip("no C compiler here")
     ckpt = open_checkpoint(smollm2_gguf_path)
@@ -138,7 +140,9 @@ def test_float32_activations_keep_the_packed_weights_only_when_auto_picked_them(
     ids = torch.tensor([ckpt.tokenizer().encode(text)])
     with torch.no_grad():
         a, b = packed(ids), dense(ids)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    top = b.topk(2, -1).values
+    clear = top[..., 0] - top[..., 1] > (2.0 if rounds_x_to_bytes(ids.shape[1]) else 0.0)
+    assert int(clear.sum()) >= 5 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
     assert _rel(a, b) < (8e-2 if rounds_x_to_bytes(ids.shape[1]) else 1e-3)
 
 

@@ -45,8 +45,9 @@ import torch
 from . import native, prompt_gemm
 
 BLOCK = 32  # columns per quantized block of x and per unpacked block of codes
-GEMM_MIN_ROWS = 12  # rows of x from which a call takes the prompt GEMM (prompt_gemm) where it is built: the row kernel's
-# time grows per row, the GEMM's per 16 rows (benchmarks/prompt_rows.py: level at ~12 for int4 and int8)
+GEMM_MIN_ROWS = 8  # rows of x from which a call takes the prompt GEMM (prompt_gemm) where it is built: the row kernel's
+# time grows per row, the GEMM's per 16 rows (benchmarks/prompt_rows.py, 2 threads: level at ~8 for int4, int8
+# and Q4_K, ~12 for Q6_K)
 
 C_SOURCE = r"""
 #include <stdint.h>

@@ -29,7 +29,7 @@ so on CUDA the output head stays float under --quant). The CUDA paths ran on an 
 `gpu`, benchmarks/gpu.py).
 
 The packed kernels are made for few rows (decode). For a prompt, our kernel switches to its prompt
-GEMM (`prompt_gemm`: the same integer sums, 2-3x faster per row) where the CPU has AVX-512 VNNI, up to
+GEMM (`prompt_gemm`: x in bytes, 16 bits for per-row int8; 2-4x faster per row) where the CPU has AVX-512 VNNI, up to
 `native_max_rows()` rows (GEMM_MAX_ROWS; NATIVE_MAX_ROWS for the row kernel alone or a CPU with AMX
 tiles, whose bf16 GEMM is faster still), and PyTorch's packed kernels up to `DENSE_MIN_ROWS` (bf16;
 2 rows for other dtypes, whose kernels are far slower per row). From there a CPU layer dequantizes its
@@ -62,10 +62,11 @@ from .errors import CheckpointError
 # but it reads bf16-rounded weights: at 32, SmolLM2's greedy answer to a 37-token prompt
 # (tests/test_cli.py) stopped being "Paris". Kept where whole prompts go dense.
 NATIVE_MAX_ROWS = 112
-# ... and where it is built: 1.3-2x faster than the dense GEMM below ~128 rows, level at 128, ~1.5x slower at
-# 512 (benchmarks/prompt_rows.py, AVX-512 VNNI without AMX): its two byte planes take one instruction per 32
-# multiply-adds, as the bf16 GEMM does, plus the per-block scaling. Below this its sums are the row kernel's.
-GEMM_MAX_ROWS = 128
+# ... and where it is built: with x in bytes (one instruction per 64 multiply-adds) 2.5x faster than the dense
+# GEMM at 64 rows, 1.2-1.3x at 256, level at 512 (benchmarks/prompt_rows.py, AVX-512 VNNI without AMX, 2 threads;
+# Q6_K 0.8-1.0x there). So a prefill chunk (generate.PREFILL_CHUNK, 512) stays on it: no bf16-rounded weights and
+# no dense copy (a 512-token prompt of zen-eco-4b Q4_0 runs at the same speed either way, 60 MB less peak RSS).
+GEMM_MAX_ROWS = 1024
 # ... and where the kernel has AVX2 prompt tiles (x in bytes per block of 32; no prompt GEMM; the dense GEMM
 # float32 where the CPU has no bf16): K-quants (kquant_kernel.loop() "avx2" / "avx-vnni"), int8 and int4
 # (q4_kernel.word_rows()). The AVX2 build on an AMD EPYC, 2 threads, tiles against dequantize + float32 GEMM:
