@@ -75,15 +75,15 @@ static int gemm_prepare_x(int M, int K, const void *x, int x_bf16, int sb, int w
                 for (int h = 0; h < 2; h++) {  /* columns 16 h ..: lrintf's rounding (to nearest even) */
                     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(a[h], _mm512_set1_ps(id)));
                     const __m512i hi = _mm512_srai_epi32(q, 8);  /* wide: x = 256 h + l, h = floor(q / 256) */
-                    int32_t words[4], low[4];
+                    int32_t words[4], low[4];  /* vpmovdb keeps each lane's low byte: q itself, h, or l */
                     _mm_storeu_si128((__m128i *)words, _mm512_cvtepi32_epi8(wide ? hi : q));
-                    _mm_storeu_si128((__m128i *)low, _mm512_cvtepi32_epi8(q));  /* l: q's low byte */
+                    if (wide) _mm_storeu_si128((__m128i *)low, _mm512_cvtepi32_epi8(q));
                     for (int w = 0; w < 4; w++) {
                         const int64_t quad = (int64_t)(b * 8 + h * 4 + w) * (wide ? 128 : 64);
                         __builtin_memcpy(pv + quad, words + w, 4);
                         if (wide) __builtin_memcpy(pv + quad + 64, low + w, 4);
                     }
-                    sum[h] = _mm512_reduce_add_epi32(q), hsum[h] = _mm512_reduce_add_epi32(hi);
+                    sum[h] = _mm512_reduce_add_epi32(q), hsum[h] = wide ? _mm512_reduce_add_epi32(hi) : 0;
                 }
                 for (int s = 0; s < 32 / sb; s++) {
                     const int32_t total = sb == 32 ? sum[0] + sum[1] : sum[s];
