@@ -193,6 +193,21 @@ INLINE __m512 kq_scales16(const int KIND, const uint8_t *at) {
     return _mm512_cvtepi32_ps(KIND == KQ_Q6K ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
 }
 
+/* kq_block_scales of the blocks b0 .. b0 + n16 - 1 of row r, a lane each: the scale and offset of each block's
+   first 16 columns (sa, za) and of its last 16 (sb, zb; Q4_K / Q5_K: the same). */
+INLINE void kq_scale_vectors(const int KIND, const kq_t *r, int nbp, int b0, int n16, __m512 *sa, __m512 *sb,
+                             __m512 *za, __m512 *zb) {
+    __m512 dv, mv;
+    kq_supers(KIND, r->d, b0, n16, &dv, &mv);
+    *sa = _mm512_mul_ps(dv, kq_scales16(KIND, r->sc + b0));
+    *sb = KIND == KQ_Q6K ? _mm512_mul_ps(dv, kq_scales16(KIND, r->sc + nbp + b0)) : *sa;
+    /* offsets: Q6_K -32 * scale per half; Q4_K / Q5_K -dmin * m per block */
+    *za = KIND == KQ_Q6K ? _mm512_mul_ps(*sa, _mm512_set1_ps(-32.0f))
+                         : _mm512_mul_ps(_mm512_mul_ps(mv, _mm512_set1_ps(-1.0f)),
+                                         kq_scales16(KIND, r->sc + nbp + b0));
+    *zb = KIND == KQ_Q6K ? _mm512_mul_ps(*sb, _mm512_set1_ps(-32.0f)) : *za;
+}
+
 /* out[j * RX + r] = x_r . w_j for RW rows of W (rows_w <= RW real; the others repeat row 0, dropped) and RX
    rows of x. Constant KIND, RW, RX (always inlined): accumulators in registers. Per 64 bytes of codes (a word
    of each block of a panel: lane i = block i): the nibbles as unsigned bytes, bits 4 (and 5) added by masked
@@ -217,15 +232,8 @@ INLINE void kq_tile(const int KIND, const int RW, const int RX, int K, int rows_
                 prefetch_side(row[j].d + b0 / 8 * kq_nd(KIND), rows_ahead, 2 * kq_nd(KIND) * nsb);
             }
             for (int i = 0; i < KIND; i++) prefetch_side(row[j].high + i * hs + b0 * 4, rows_ahead, KIND * hs);
-            __m512 dv, mv;
-            kq_supers(KIND, row[j].d, b0, n16, &dv, &mv);
-            const __m512 sa = _mm512_mul_ps(dv, kq_scales16(KIND, row[j].sc + b0));
-            const __m512 sb = KIND == KQ_Q6K ? _mm512_mul_ps(dv, kq_scales16(KIND, row[j].sc + nbp + b0)) : sa;
-            /* offsets: Q6_K -32 * scale per half; Q4_K / Q5_K -dmin * m per block */
-            const __m512 za = KIND == KQ_Q6K ? _mm512_mul_ps(sa, _mm512_set1_ps(-32.0f))
-                                             : _mm512_mul_ps(_mm512_mul_ps(mv, _mm512_set1_ps(-1.0f)),
-                                                             kq_scales16(KIND, row[j].sc + nbp + b0));
-            const __m512 zb = KIND == KQ_Q6K ? _mm512_mul_ps(sb, _mm512_set1_ps(-32.0f)) : za;
+            __m512 sa, sb, za, zb;
+            kq_scale_vectors(KIND, row + j, nbp, b0, n16, &sa, &sb, &za, &zb);
             for (int r = 0; r < RX; r++) {
                 const __m512 xdv = _mm512_loadu_ps(x[r].xd + b0);
                 ca[j][r] = _mm512_mul_ps(sa, xdv), cb[j][r] = _mm512_mul_ps(sb, xdv);

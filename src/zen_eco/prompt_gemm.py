@@ -125,32 +125,22 @@ INLINE void kq_panel_scales(int kind, const float *scale, const float *offset, i
     }
 }
 
-/* kq_block_scales of the 16 blocks of a whole panel (from block bk) in vectors, into the panel's slots from
-   block b (the same float products). */
+/* kq_block_scales of the 16 blocks of a whole panel (from block bk; kq_scale_vectors, as kq_tile takes them) into
+   the panel's slots from block b. */
 INLINE void kq_panel_scales16(const kq_t *r, int K, int bk, int b, float *s, float *z) {
-    const int nbp = kq_nbp(K), nd = kq_nd(r->kind);
-    const __mmask16 second = 0xFF00;  /* blocks 8-15: the next 256 columns' d */
-    const __m512 d = _mm512_mask_blend_ps(second, _mm512_set1_ps(f16(r->d[bk / 8 * nd])),
-                                          _mm512_set1_ps(f16(r->d[(bk / 8 + 1) * nd])));
+    __m512 v[4];  /* sa, sb, za, zb */
+    if (r->kind == KQ_Q6K) kq_scale_vectors(KQ_Q6K, r, kq_nbp(K), bk, 16, v, v + 1, v + 2, v + 3);
+    else kq_scale_vectors(KQ_Q4K, r, kq_nbp(K), bk, 16, v, v + 1, v + 2, v + 3);  /* Q5_K's scales are Q4_K's */
     float t[4][16];
-    if (r->kind == KQ_Q6K) {
-        const __m512 a = _mm512_mul_ps(d, kq_scales16(KQ_Q6K, r->sc + bk));
-        const __m512 c = _mm512_mul_ps(d, kq_scales16(KQ_Q6K, r->sc + nbp + bk));
-        _mm512_storeu_ps(t[0], a), _mm512_storeu_ps(t[1], c);
-        _mm512_storeu_ps(t[2], _mm512_mul_ps(_mm512_set1_ps(-32.0f), a));
-        _mm512_storeu_ps(t[3], _mm512_mul_ps(_mm512_set1_ps(-32.0f), c));
-        for (int i = 0; i < 16; i++) {
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(t[i], v[i]);
+    for (int i = 0; i < 16; i++) {
+        if (r->kind == KQ_Q6K) {
             s[2 * (b + i) * GM_NR] = t[0][i], s[(2 * (b + i) + 1) * GM_NR] = t[1][i];
             z[2 * (b + i) * GM_NR] = t[2][i], z[(2 * (b + i) + 1) * GM_NR] = t[3][i];
+        } else {
+            s[(b + i) * GM_NR] = t[0][i], z[(b + i) * GM_NR] = t[2][i];
         }
-        return;
     }
-    const __m512 dmin = _mm512_mask_blend_ps(second, _mm512_set1_ps(f16(r->d[bk / 8 * 2 + 1])),
-                                             _mm512_set1_ps(f16(r->d[(bk / 8 + 1) * 2 + 1])));
-    _mm512_storeu_ps(t[0], _mm512_mul_ps(d, kq_scales16(KQ_Q4K, r->sc + bk)));
-    const __m512 m = kq_scales16(KQ_Q4K, r->sc + nbp + bk);
-    _mm512_storeu_ps(t[1], _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, m)));
-    for (int i = 0; i < 16; i++) s[(b + i) * GM_NR] = t[0][i], z[(b + i) * GM_NR] = t[1][i];
 }
 
 static void gemm_panel(const gw_t *w, int N, int K, int n0, int c0, int kc, int sb, int wide, uint8_t *wp,
