@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,27 @@ def test_a_compile_is_announced_once_and_then_cached(tmp_path, monkeypatch):
 
 
 @needs_cc
+def test_a_failed_compile_warns_with_the_compilers_words(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEN_ECO_CACHE", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match=r"(?s)broken_probe kernel did not compile.*zen_broken"):
+        assert native.build("broken_probe", "int zen_broken(int x) { return x + ; }\n") is None
+    assert not list((tmp_path / "kernels").glob("broken_probe-*.so"))
+
+
+@needs_cc
+@pytest.mark.skipif(os.environ.get("ZEN_ECO_NATIVE", "1") == "0", reason="ZEN_ECO_NATIVE=0 turns the kernels off")
+def test_every_kernel_compiles_where_there_is_a_compiler():
+    """The kernels' tests skip where a library is None; with a compiler here, None means our C failed to
+    compile (a flag, an intrinsic, a typo) and those skips would hide it. This test does not skip then."""
+    from zen_eco import kv_kernel, q4_kernel
+
+    for kernel in (q4_kernel, decode_kernel, kv_kernel):
+        kernel.library.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the compiler's words as the failure's message
+            assert kernel.library() is not None, kernel.__name__
+
+@needs_cc
 def test_load_builds_the_decode_step_before_the_first_token(smollm2_gguf_path):
     import zen_eco
 
@@ -59,8 +82,13 @@ def _vm_flags(address: int) -> list[str]:
 def test_packed_weights_ask_for_huge_pages_unless_turned_off(monkeypatch):
     """The loaders' large weight buffers (q4_kernel.empty_packed, pack, pack_int8, kquant_kernel.empty_buffers) go
     through native.huge_pages: their memory is madvised MADV_HUGEPAGE (VmFlags "hg"), so that Linux backs it with
-    2 MB pages where THP is "madvise"; ZEN_ECO_HUGE_PAGES=0 leaves it alone. (64 MB: beyond glibc's largest mmap
-    threshold, a fresh mapping that no earlier buffer's advice can reach.)"""
+    2 MB pages where THP is "madvise"; ZEN_ECO_HUGE_PAGES=0 leaves it alone. The "left alone" half advises a fresh
+    anonymous mapping of its own: memory from malloc may be a reused heap chunk that an earlier buffer of this
+    process had advised already (that made this test flaky)."""
+    import mmap
+
+    import torch
+
     from zen_eco import q4_kernel
 
     monkeypatch.delenv("ZEN_ECO_HUGE_PAGES", raising=False)  # the default
@@ -68,6 +96,18 @@ def test_packed_weights_ask_for_huge_pages_unless_turned_off(monkeypatch):
     assert "hg" in _vm_flags(packed.data_ptr() + packed.numel() // 2)
     codes = q4_kernel.empty_packed(8, 65536, 1024)[0]  # int8: 64 MB
     assert "hg" in _vm_flags(codes.data_ptr() + codes.numel() // 2)
+
+    def fresh_mapping(size=16 * native.HUGE_PAGE):
+        region = mmap.mmap(-1, size)
+        return region, torch.frombuffer(region, dtype=torch.uint8)
+
+    region, advised = fresh_mapping()
+    assert "hg" not in _vm_flags(advised.data_ptr() + advised.numel() // 2)  # fresh: no advice yet
+    native.huge_pages(advised)
+    assert "hg" in _vm_flags(advised.data_ptr() + advised.numel() // 2)
     monkeypatch.setenv("ZEN_ECO_HUGE_PAGES", "0")
-    plain = q4_kernel.empty_packed(8, 65536, 1024)[0]
+    other_region, plain = fresh_mapping()
+    native.huge_pages(plain)
     assert "hg" not in _vm_flags(plain.data_ptr() + plain.numel() // 2)
+    del advised, plain
+    region.close(), other_region.close()

@@ -4,7 +4,8 @@
 Each kernel is one C source string compiled with the system C compiler (`cc`, override with $CC)
 into $ZEN_ECO_CACHE/kernels (default ~/.cache/zen-eco/kernels), named by a hash of the source, the
 compiler and its flags, and loaded with ctypes. Without a compiler, or with ZEN_ECO_NATIVE=0, `build`
-gives None and the callers use PyTorch ops instead (the same numbers within rounding, slower).
+gives None and the callers use PyTorch ops instead (the same numbers within rounding, slower); a compiler
+that is there but fails says so in a warning (with its last words), since the fallback is many times slower.
 
 The flags: -O3, OpenMP (the threads follow torch.get_num_threads(); the process shares PyTorch's
 libgomp, loaded first under the same soname), and on x86-64 `-march=native` without AMX and
@@ -25,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 
@@ -155,5 +157,10 @@ def build(name: str, source: str) -> ctypes.CDLL | None:
                                timeout=120)
                 os.replace(out, target)  # atomic: a concurrent build never loads half a file
         return ctypes.CDLL(str(target))
+    except subprocess.CalledProcessError as failed:
+        said = failed.stderr.decode(errors="replace").strip().splitlines()[-6:]
+        warnings.warn(f"zen-eco: the {name} kernel did not compile ({cc} {' '.join(opts)}); falling back to "
+                      f"PyTorch's slower ops. The compiler said:\n" + "\n".join(said), RuntimeWarning, stacklevel=2)
+        return None
     except (OSError, subprocess.SubprocessError):
         return None
