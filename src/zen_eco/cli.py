@@ -17,7 +17,8 @@ app = typer.Typer(
     help="Run Zen-Eco and other small decoder LLMs (GGUF or Hugging Face safetensors) on your own hardware.",
 )
 
-ModelOpt = typer.Option("default", "-m", "--model", help="GGUF file, Hugging Face directory, Hub id, or 'default' (bundled SmolLM2-135M-Instruct).")
+ModelOpt = typer.Option("default", "-m", "--model", help="GGUF file, Hugging Face directory, Hub id, 'default' "
+                        "(bundled SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma-3-270M Q4_K_M, its part packages).")
 MaxTokensOpt = typer.Option(256, "-n", "--max-tokens", help="Most tokens to generate.")
 # Not given: 0.8 / 40 / 0.95 / 0.05, or for models with thinking tokens Qwen3's per-mode values
 # (thinking 0.6 / 20 / 0.95 / 0; non-thinking 0.7 / 20 / 0.8 / 0), see engine.sampling.mode_defaults.

