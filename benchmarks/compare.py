@@ -138,46 +138,30 @@ def _run(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", default="default")
-    ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
-    ap.add_argument("-n", "--gen-tokens", type=int, default=128)
-    ap.add_argument("-r", "--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16", help="dtype for both engines")
-    ap.add_argument("--engines", default="zen-eco,transformers,llama.cpp",
-                    help="comma-separated; llama.cpp is skipped when llama-cpp-python is not installed")
-    ap.add_argument("--worker", choices=["transformers", "llama.cpp"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    sizes = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--repeats", str(args.repeats)]
-    if args.worker == "transformers":
-        print(json.dumps(hf_worker(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.dtype, args.repeats)))
-        return
-    if args.worker == "llama.cpp":
-        print(json.dumps(llamacpp_worker(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.repeats)))
-        return
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
-        print("llama.cpp skipped: pip install llama-cpp-python to include it", file=sys.stderr)
-        engines.remove("llama.cpp")
+def measure(model: str, engines: list[str], threads: int, prompt_tokens: int, gen_tokens: int, repeats: int,
+            dtype: str) -> tuple[list[dict], float]:
+    """Each engine's results on `model`, one subprocess after another, then this machine's read bandwidth at
+    `threads` (bytes/s, by the wall clock, after the engines, in the same run)."""
+    sizes = ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--repeats", str(repeats)]
     results = []
     for engine in engines:
         if engine == "zen-eco":
-            results.append(_run([sys.executable, "-m", "zen_eco.cli", "bench", args.model, "-t", str(args.threads),
-                                 "--dtype", args.dtype, "--json", "-p", str(args.prompt_tokens),
-                                 "-n", str(args.gen_tokens), "-r", str(args.repeats)]))
+            results.append(_run([sys.executable, "-m", "zen_eco.cli", "bench", model, "-t", str(threads),
+                                 "--dtype", dtype, "--json", "-p", str(prompt_tokens),
+                                 "-n", str(gen_tokens), "-r", str(repeats)]))
         elif engine in ("transformers", "llama.cpp"):
-            results.append(_run([sys.executable, __file__, args.model, "-t", str(args.threads), "--dtype", args.dtype,
+            results.append(_run([sys.executable, __file__, model, "-t", str(threads), "--dtype", dtype,
                                  "--worker", engine, *sizes]))
         else:
             sys.exit(f"unknown engine {engine!r}; use zen-eco, transformers, llama.cpp")
-    from zen_eco.bench import read_bandwidth
+    # In a process of its own: a caller that forks later engines (benchmarks/suite.py) must stay small, since
+    # Linux counts the parent's peak RSS into a child's ru_maxrss when the child execs.
+    probe = f"import json; from zen_eco.bench import read_bandwidth; print(json.dumps(read_bandwidth({threads})[0]))"
+    return results, _run([sys.executable, "-c", probe])
 
-    bandwidth = read_bandwidth(args.threads)[0]  # by the wall clock, after the engines, in the same run
-    kernels = next((r.get("cpu_kernels") for r in results if r["engine"] == "zen-eco"), None)
-    print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}  "
-          f"read bandwidth: {bandwidth / 1e9:.1f} GB/s" + (f"  zen-eco kernels: {kernels}" if kernels else ""))
+
+def print_table(results: list[dict], bandwidth: float) -> None:
+    """The markdown table: one row per engine, then zen-eco's ratio to each other engine."""
     print("| engine | weights | prefill tok/s | decode tok/s | decode GB/s (of bandwidth) | first token ms | peak RSS MB | load s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -191,6 +175,41 @@ def main() -> None:
                 print(f"| **zen-eco / {r['engine'].split(' ')[0]}** | | {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x | "
                       f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x | | {r['ttft_ms'] / ours['ttft_ms']:.2f}x faster | "
                       f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x | |")
+
+
+def available_engines(engines: list[str]) -> list[str]:
+    """`engines` less llama.cpp where llama-cpp-python is not installed (said on stderr)."""
+    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp skipped: pip install llama-cpp-python to include it", file=sys.stderr)
+        return [e for e in engines if e != "llama.cpp"]
+    return engines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="default")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    ap.add_argument("-n", "--gen-tokens", type=int, default=128)
+    ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", help="dtype for both engines")
+    ap.add_argument("--engines", default="zen-eco,transformers,llama.cpp",
+                    help="comma-separated; llama.cpp is skipped when llama-cpp-python is not installed")
+    ap.add_argument("--worker", choices=["transformers", "llama.cpp"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "transformers":
+        print(json.dumps(hf_worker(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.dtype, args.repeats)))
+        return
+    if args.worker == "llama.cpp":
+        print(json.dumps(llamacpp_worker(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.repeats)))
+        return
+    engines = available_engines([e.strip() for e in args.engines.split(",") if e.strip()])
+    results, bandwidth = measure(args.model, engines, args.threads, args.prompt_tokens, args.gen_tokens,
+                                 args.repeats, args.dtype)
+    kernels = next((r.get("cpu_kernels") for r in results if r["engine"] == "zen-eco"), None)
+    print(f"model: {args.model}  threads: {args.threads}  prompt: {args.prompt_tokens}  decode: {args.gen_tokens}  "
+          f"read bandwidth: {bandwidth / 1e9:.1f} GB/s" + (f"  zen-eco kernels: {kernels}" if kernels else ""))
+    print_table(results, bandwidth)
 
 
 if __name__ == "__main__":
