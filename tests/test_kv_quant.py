@@ -128,6 +128,28 @@ def _filled(fmt, n, heads=2, dim=64, layers=1, max_tokens=None, seed=0):
     return cache
 
 
+@pytest.mark.parametrize("fmt", kv_quant.KV_FORMATS)
+def test_a_prefill_view_from_a_first_position_is_the_whole_views_tail(fmt, monkeypatch):
+    # A sliding layer's prefill asks update() only for its window (`first`): the sinks, the quantized
+    # pages (cut anywhere, inside a key group too) and the residual window must come back as in the view
+    # of every position, bit for bit.
+    monkeypatch.setattr(kv_quant, "PAGE_TOKENS", 512)
+    monkeypatch.setattr(kv_quant, "ATTEND_CHUNK", 128)
+    n, new = 1300, 40
+    k1, v1 = torch.randn(1, 2, new, 64), torch.randn(1, 2, new, 64)
+
+    def view(first):
+        cache = _filled(fmt, n, layers=1, max_tokens=n + new)
+        cache.reserve(new)
+        return cache.update(0, k1, v1, first)
+
+    whole_k, whole_v = view(0)
+    assert whole_k.shape[2] == n + new
+    for first in (5, kv_quant.SINK_TOKENS, 300, 511, 512, 1030, n - 3, n + 7):
+        part_k, part_v = view(first)
+        assert torch.equal(part_k, whole_k[:, :, first:]) and torch.equal(part_v, whole_v[:, :, first:]), first
+
+
 @pytest.fixture(params=["kernel", "portable", "torch"])
 def path(request, monkeypatch):
     """Run attention through the C kernel, through the kernel built for any x86-64 (its plain-vector

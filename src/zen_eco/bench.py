@@ -31,6 +31,7 @@ def peak_rss_mb() -> float:
 @torch.inference_mode()
 def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, float]:
     from .engine import native_step
+    from .engine.generate import PREFILL_CHUNK
     from .engine.graphs import decode_one, graphs_apply
 
     device = model.device
@@ -49,7 +50,8 @@ def measure(model, ids: list[int], gen_tokens: int, repeats: int) -> dict[str, f
         cache.trim(0)
         sync()
         t0 = time.perf_counter()
-        logits = model(prompt, cache, last_only=True)
+        for at in range(0, len(ids), PREFILL_CHUNK):  # in the chunks `zen-eco run`, chat and serve prefill in
+            logits = model(prompt[:, at : at + PREFILL_CHUNK], cache, last_only=True)
         token = int(logits[0, -1].argmax())
         sync()
         t1 = time.perf_counter()

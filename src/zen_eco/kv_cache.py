@@ -69,12 +69,13 @@ class KVCache:
         """The positions of the next `new_tokens` tokens, (T,) int64 on the cache's device."""
         return torch.arange(self.length, self.length + new_tokens, device=self.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at positions [length, length+T); return the valid K, V views."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at positions [length, length+T); return views of the valid K, V from
+        position `first` on (a sliding layer's prefill needs only its window)."""
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer][:, :, first:end], self.values[layer][:, :, first:end]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                window: int | None) -> torch.Tensor:

@@ -435,24 +435,28 @@ class QuantizedKVCache(KVCache):
         rk[:, :, : end - q1] = tail_k[:, :, q1 - q0 :]
         rv[:, :, : end - q1] = tail_v[:, :, q1 - q0 :]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v and return every valid position's K, V (B, H_kv, length + T, D), dequantized
-        into the model's dtype for one prefill call (transient: the cache keeps only codes)."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v and return the K, V of valid positions [first, length + T) (B, H_kv, length + T - first, D),
+        dequantized into the model's dtype for one prefill call (transient: the cache keeps only codes; a
+        sliding layer asks only for its window)."""
         self.write(layer, k, v)
         end = self.length + k.shape[2]
         q1 = self._qlen_for(end)
         B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
-        keys = torch.empty(B, H, end, D, dtype=self.dtype, device=self.device)
+        keys = torch.empty(B, H, end - first, D, dtype=self.dtype, device=self.device)
         values = torch.empty_like(keys)
         S = min(self.sink, end)
-        for p, a, b in self._segments(S, q1, ATTEND_CHUNK):
+        for p, a, b in self._segments(max(S, first), q1, ATTEND_CHUNK):
             pos = p * PAGE_TOKENS
-            keys[:, :, pos + a : pos + b], values[:, :, pos + a : pos + b] = self._load(layer, pos + a, pos + b)
-        if self.res_k:
-            keys[:, :, q1:] = self.res_k[layer][:, :, : end - q1]
-            values[:, :, q1:] = self.res_v[layer][:, :, : end - q1]
-        if S:
-            keys[:, :, :S], values[:, :, :S] = self.sink_k[layer][:, :, :S], self.sink_v[layer][:, :, :S]
+            keys[:, :, pos + a - first : pos + b - first], values[:, :, pos + a - first : pos + b - first] = \
+                self._load(layer, pos + a, pos + b)
+        if self.res_k and end > max(q1, first):
+            lo = max(q1, first)
+            keys[:, :, lo - first :] = self.res_k[layer][:, :, lo - q1 : end - q1]
+            values[:, :, lo - first :] = self.res_v[layer][:, :, lo - q1 : end - q1]
+        if S > first:
+            keys[:, :, : S - first] = self.sink_k[layer][:, :, first:S]
+            values[:, :, : S - first] = self.sink_v[layer][:, :, first:S]
         return keys, values
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
