@@ -135,19 +135,20 @@ def test_a_prefill_view_from_a_first_position_is_the_whole_views_tail(fmt, monke
     # of every position, bit for bit.
     monkeypatch.setattr(kv_quant, "PAGE_TOKENS", 512)
     monkeypatch.setattr(kv_quant, "ATTEND_CHUNK", 128)
-    n, new = 1300, 40
+    new = 40
     k1, v1 = torch.randn(1, 2, new, 64), torch.randn(1, 2, new, 64)
 
-    def view(first):
+    def view(n, first):
         cache = _filled(fmt, n, layers=1, max_tokens=n + new)
         cache.reserve(new)
         return cache.update(0, k1, v1, first)
 
-    whole_k, whole_v = view(0)
-    assert whole_k.shape[2] == n + new
-    for first in (5, kv_quant.SINK_TOKENS, 300, 511, 512, 1030, n - 3, n + 7):
-        part_k, part_v = view(first)
-        assert torch.equal(part_k, whole_k[:, :, first:]) and torch.equal(part_v, whole_v[:, :, first:]), first
+    for n, firsts in ((1300, (5, kv_quant.SINK_TOKENS, 300, 511, 512, 1030, 1297, 1307)), (60, (1, 59, 70))):
+        whole_k, whole_v = view(n, 0)  # n = 60: every position still among the sinks
+        assert whole_k.shape[2] == n + new
+        for first in firsts:
+            part_k, part_v = view(n, first)
+            assert torch.equal(part_k, whole_k[:, :, first:]) and torch.equal(part_v, whole_v[:, :, first:]), (n, first)
 
 
 @pytest.fixture(params=["kernel", "portable", "torch"])
