@@ -13,6 +13,9 @@ Cases (each a model file both engines read, or for 4b-int4 our own INT4 checkpoi
   4b-int4    zen-eco-4b as `zen-eco quantize --to int4` writes it (`WORK/zen-eco-4b-int4`, made from a random
              bf16 checkpoint when missing). No other engine reads it: its llama.cpp column is llama.cpp on
              4b-q4_0's file (the same shape and bits per weight), and its target is the bandwidth one.
+Long prompts, only when named in --cases (their own prompt and decode lengths; the same targets):
+  smollm2-4k SmolLM2 with a 4,096-token prompt, 16 tokens decoded at that depth
+  gemma3-8k  Gemma-3 with an 8,000-token prompt (past its 512-token sliding window), 16 tokens decoded
 
 Each (case, threads) runs compare.py's engines one after the other in their own processes, then measures
 the read bandwidth; the table gives zen-eco's ratios to each and the verdicts against issue 3's targets:
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (benchmarks/compare.py: the engines' workers)
 
 CASES = ("smollm2", "gemma3", "4b-q8_0", "4b-q4_0", "4b-q4_k_m", "4b-int4")
-SMALL = {"smollm2": "default", "gemma3": "gemma3-270m"}
+LONG = {"smollm2-4k": (4096, 16), "gemma3-8k": (8000, 16)}  # (prompt tokens, decoded tokens)
+SMALL = {"smollm2": "default", "gemma3": "gemma3-270m", "smollm2-4k": "default", "gemma3-8k": "gemma3-270m"}
 TARGETS = {"decode_vs_llama": 1.0, "prefill_vs_llama": 0.8, "decode_vs_transformers": 5.0, "roofline": 0.75}
 
 
@@ -75,12 +79,13 @@ def run_case(case: str, threads: int, args, work: Path) -> dict:
     engines = ["zen-eco", "llama.cpp"] + (["transformers"] if case in SMALL and not args.no_transformers else [])
     engines = compare.available_engines(engines)
     peer = case_model("4b-q4_0", work) if case == "4b-int4" else model
-    ours, bandwidth = compare.measure(model, ["zen-eco"], threads, args.prompt_tokens, args.gen_tokens,
-                                      args.repeats, args.dtype)
-    others, _ = compare.measure(peer, [e for e in engines if e != "zen-eco"], threads, args.prompt_tokens,
-                                args.gen_tokens, args.repeats, args.dtype)
+    prompt, gen = LONG.get(case, (args.prompt_tokens, args.gen_tokens))
+    ours, bandwidth = compare.measure(model, ["zen-eco"], threads, prompt, gen, args.repeats, args.dtype)
+    others, _ = compare.measure(peer, [e for e in engines if e != "zen-eco"], threads, prompt, gen, args.repeats,
+                                args.dtype)
     results = ours + others
-    print(f"\n{case}  threads: {threads}  read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    print(f"\n{case}  threads: {threads}  prompt: {prompt}  decode: {gen}  read bandwidth: {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
     compare.print_table(results, bandwidth)
     return {"case": case, "model": model, "peer_model": peer, "threads": threads, "bandwidth": bandwidth,
             "results": results}
@@ -127,7 +132,7 @@ def summary(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join((*CASES, *LONG))}")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
     ap.add_argument("-n", "--gen-tokens", type=int, default=128)
@@ -139,9 +144,9 @@ def main() -> None:
     ap.add_argument("--json", help="write every engine's results here")
     args = ap.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted(set(cases) - set(CASES))
+    unknown = sorted(set(cases) - set(CASES) - set(LONG))
     if unknown:
-        sys.exit(f"unknown case(s) {', '.join(unknown)}; use {', '.join(CASES)}")
+        sys.exit(f"unknown case(s) {', '.join(unknown)}; use {', '.join((*CASES, *LONG))}")
     threads = [int(t) for t in args.threads.split(",")]
     work = Path(args.work).expanduser()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}  "

