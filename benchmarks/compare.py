@@ -80,7 +80,9 @@ def _hf_decode_bytes(model, context: float) -> float:
 
 def _gguf_decode_bytes(path, context: float) -> float:
     """What llama.cpp reads per decode step of a GGUF file: every tensor as stored (token_embd only
-    where no separate output head exists) plus its default f16 K/V at `context` positions."""
+    where no separate output head exists) plus its default f16 K/V at `context` positions (a sliding layer's
+    window only: llama.cpp keeps just that for them)."""
+    from zen_eco.checkpoint import open_checkpoint
     from zen_eco.checkpoint.gguf_file import GGUFFile
 
     with GGUFFile(path) as f:
@@ -91,8 +93,10 @@ def _gguf_decode_bytes(path, context: float) -> float:
         meta = lambda key, default=None: f.metadata.get(f"{arch}.{key}", default)  # noqa: E731
         head_dim = meta("embedding_length") // meta("attention.head_count")
         kv_dims = meta("attention.key_length", head_dim) + meta("attention.value_length", head_dim)
-        kv = meta("block_count") * meta("attention.head_count_kv") * kv_dims * 2
-    return sum(sizes.values()) + context * kv
+        kv = meta("attention.head_count_kv") * kv_dims * 2
+    cfg = open_checkpoint(path).config
+    return sum(sizes.values()) + kv * sum(min(context, cfg.layer_window(i) or context)
+                                          for i in range(cfg.num_hidden_layers))
 
 
 def llamacpp_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:

@@ -151,6 +151,17 @@ def test_chunked_prefill_over_cache_matches_one_shot(tmp_path):
     assert (tail - full[:, 11:]).abs().max().item() < TOL
 
 
+def test_bench_counts_only_a_sliding_layers_window_as_read(tmp_path):
+    # decode bandwidth figures (zen-eco bench, compare.py): a step reads a sliding layer's last WINDOW
+    # positions, the full layer's all of them. Layers: sliding, sliding, full, sliding; 2 KV heads of 32.
+    from zen_eco.bench import kv_bytes_read
+
+    _, ours = _make(tmp_path)
+    per_position = 2 * 2 * 32 * 4  # K and V, 2 heads, 32 dims, float32
+    assert kv_bytes_read(ours, "bf16", 100) == per_position * (3 * WINDOW + 100)
+    assert kv_bytes_read(ours, "bf16", 4) == per_position * 4 * 4  # inside the window every layer reads all
+
+
 def test_config_errors_and_round_trip():
     with pytest.raises(ConfigError, match="multimodal"):
         ModelConfig.from_dict({"model_type": "gemma3", "text_config": {}})

@@ -88,12 +88,13 @@ def weight_bytes_per_token(model) -> int:
 
 
 def kv_bytes_read(model, kv_format: str, context: float) -> float:
-    """Bytes of K/V one decode step reads at `context` cached positions (every layer over all of them)."""
+    """Bytes of K/V one decode step reads at `context` cached positions: every layer over all of them, a
+    sliding layer over its window."""
     from .kv_quant import bytes_per_token
 
     cfg = model.config
-    return context * bytes_per_token(kv_format, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                     model.kv_dtype or model.dtype)
+    per_layer = bytes_per_token(kv_format, 1, cfg.num_key_value_heads, cfg.head_dim, model.kv_dtype or model.dtype)
+    return per_layer * sum(min(context, cfg.layer_window(i) or context) for i in range(cfg.num_hidden_layers))
 
 
 READ_PROBE = r"""
