@@ -87,16 +87,11 @@ def _gguf_decode_bytes(path, context: float) -> float:
 
     with GGUFFile(path) as f:
         sizes = {name: info.nbytes for name, info in f.tensors.items()}
-        if "output.weight" in sizes:
-            sizes.pop("token_embd.weight", None)
-        arch = f.metadata["general.architecture"]
-        meta = lambda key, default=None: f.metadata.get(f"{arch}.{key}", default)  # noqa: E731
-        head_dim = meta("embedding_length") // meta("attention.head_count")
-        kv_dims = meta("attention.key_length", head_dim) + meta("attention.value_length", head_dim)
-        kv = meta("attention.head_count_kv") * kv_dims * 2
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight", None)
     cfg = open_checkpoint(path).config
-    return sum(sizes.values()) + kv * sum(min(context, cfg.layer_window(i) or context)
-                                          for i in range(cfg.num_hidden_layers))
+    kv = cfg.num_key_value_heads * cfg.head_dim * 2 * 2  # K and V in f16
+    return sum(sizes.values()) + kv * cfg.attended_positions(context)
 
 
 def llamacpp_worker(model_ref: str, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:

@@ -91,10 +91,14 @@ def run_case(case: str, threads: int, args, work: Path) -> dict:
             "results": results}
 
 
+def _engines(row: dict) -> tuple[dict, dict[str, dict]]:
+    """zen-eco's results and the other engines' by name ("llama.cpp", "transformers")."""
+    return row["results"][0], {r["engine"].split(" ")[0]: r for r in row["results"][1:]}
+
+
 def verdicts(row: dict) -> dict[str, float]:
     """Each applicable target's ratio (met where >= TARGETS[name])."""
-    ours = row["results"][0]
-    by_engine = {r["engine"].split(" ")[0]: r for r in row["results"][1:]}
+    ours, by_engine = _engines(row)
     out = {}
     if "llama.cpp" in by_engine and row["case"] != "4b-int4":
         out["decode_vs_llama"] = ours["decode_tok_s"] / by_engine["llama.cpp"]["decode_tok_s"]
@@ -112,19 +116,21 @@ def summary(rows: list[dict]) -> None:
           "peak RSS MB zen-eco / llama.cpp |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        ours = row["results"][0]
-        by_engine = {r["engine"].split(" ")[0]: r for r in row["results"][1:]}
+        ours, by_engine = _engines(row)
         speeds = lambda r: f"{r['prefill_tok_s']:.1f} / {r['decode_tok_s']:.1f}" if r else "—"  # noqa: E731
         v = verdicts(row)
-        cell = lambda name: (f"**{v[name]:.2f}x**" if v[name] >= TARGETS[name] else f"{v[name]:.2f}x (missed)") \
-            if name in v else "—"  # noqa: E731
-        roof = (f"**{v['roofline']:.0%}**" if v["roofline"] >= TARGETS["roofline"] else f"{v['roofline']:.0%} (missed)") \
-            if "roofline" in v else "—"
+
+        def cell(name: str) -> str:  # bold where met; the roofline as a share, the others as ratios
+            if name not in v:
+                return "—"
+            text = f"{v[name]:.0%}" if name == "roofline" else f"{v[name]:.2f}x"
+            return f"**{text}**" if v[name] >= TARGETS[name] else f"{text} (missed)"
+
         llama = by_engine.get("llama.cpp")
         rss = f"{ours['peak_rss_mb']:.0f} / {llama['peak_rss_mb']:.0f}" if llama else f"{ours['peak_rss_mb']:.0f}"
         print(f"| {row['case']} | {row['threads']} | {speeds(ours)} | {speeds(llama)} | "
               f"{speeds(by_engine.get('transformers'))} | {cell('decode_vs_llama')} | {cell('prefill_vs_llama')} | "
-              f"{cell('decode_vs_transformers')} | {roof} | {rss} |")
+              f"{cell('decode_vs_transformers')} | {cell('roofline')} | {rss} |")
     missed = [(row["case"], row["threads"], name) for row in rows for name, x in verdicts(row).items()
               if x < TARGETS[name]]
     print(f"\ntargets missed: {len(missed)}" + "".join(f"\n  {c} at {t} thread(s): {n}" for c, t, n in missed))

@@ -94,7 +94,7 @@ def kv_bytes_read(model, kv_format: str, context: float) -> float:
 
     cfg = model.config
     per_layer = bytes_per_token(kv_format, 1, cfg.num_key_value_heads, cfg.head_dim, model.kv_dtype or model.dtype)
-    return per_layer * sum(min(context, cfg.layer_window(i) or context) for i in range(cfg.num_hidden_layers))
+    return per_layer * cfg.attended_positions(context)
 
 
 READ_PROBE = r"""

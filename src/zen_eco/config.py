@@ -151,6 +151,11 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def attended_positions(self, context: float) -> float:
+        """Positions a decode step at `context` cached ones attends, summed over the layers (a sliding layer's
+        window at most): what it reads of a KV cache, in positions."""
+        return sum(min(context, self.layer_window(i) or context) for i in range(self.num_hidden_layers))
+
     @property
     def qkv_bias(self) -> bool:
         return self.model_type == "qwen2" or self.attention_bias

@@ -134,12 +134,8 @@ INLINE void kq_panel_scales16(const kq_t *r, int K, int bk, int b, float *s, flo
     float t[4][16];
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(t[i], v[i]);
     for (int i = 0; i < 16; i++) {
-        if (r->kind == KQ_Q6K) {
-            s[2 * (b + i) * GM_NR] = t[0][i], s[(2 * (b + i) + 1) * GM_NR] = t[1][i];
-            z[2 * (b + i) * GM_NR] = t[2][i], z[(2 * (b + i) + 1) * GM_NR] = t[3][i];
-        } else {
-            s[(b + i) * GM_NR] = t[0][i], z[(b + i) * GM_NR] = t[2][i];
-        }
+        const float scale[2] = {t[0][i], t[1][i]}, offset[2] = {t[2][i], t[3][i]};
+        kq_panel_scales(r->kind, scale, offset, b + i, s, z);
     }
 }
 
